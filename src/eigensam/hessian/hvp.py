@@ -1,0 +1,299 @@
+"""Hessian-vector products of a training loss, with the operator held fixed.
+
+The loss is given the way ``torch.optim`` gives it: a *closure* that computes the loss, calls
+``backward()`` and returns the loss. Three backends compute ``H v`` for ``H = ∇²L(w)``:
+
+``"autograd"``
+    exact: the closure runs once with ``create_graph=True`` (its ``backward`` call is made to build
+    the graph of the gradient), then each product is a second backward pass ``∇(∇L·v)``.
+``"fd-central"``
+    ``H v ≈ (∇L(w + h v) − ∇L(w − h v)) / 2h``: two gradient evaluations, error O(h²).
+``"fd-forward"``
+    ``H v ≈ (∇L(w + h v) − ∇L(w)) / h``: one gradient evaluation (``∇L(w)`` is computed once, or
+    passed in), error O(h).
+
+The finite-difference backends need only gradients, so they work with any model (kernels without
+double backward, mixed precision, DDP where the gradient all-reduce makes the product global).
+Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting to
+``FD_SCALE[backend]``, chosen in ``benchmarks/bench_hvp.py`` (cosine to the exact product ≥ 0.99
+on the benchmark models).
+
+While an operator is open (``with HessianOperator(...) as op:``) every product sees the same loss:
+the RNG is reset to the state it had on entry before each closure call (same dropout masks), all
+module buffers (BatchNorm running statistics, ``num_batches_tracked``) are restored after each call,
+and the model is put in the requested mode. On exit the buffers, RNG state, per-module training
+flags and the parameters' ``.grad`` are exactly as they were on entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Closure = Callable[[], Tensor]
+BACKENDS = ("autograd", "fd-central", "fd-forward")
+MODES = ("train", "eval", None)
+# Default finite-difference scales; see the module docstring and benchmarks/bench_hvp.py.
+FD_SCALE = {"fd-central": 1e-3, "fd-forward": 1e-4}
+
+
+def flatten(tensors: Iterable[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """Concatenate ``tensors`` into one flat vector; ``None`` entries become zeros shaped as
+    the matching entry of ``like``."""
+    return torch.cat(
+        [
+            (t if t is not None else torch.zeros_like(p)).reshape(-1)
+            for t, p in zip(tensors, like, strict=True)
+        ]
+    )
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat vector into views shaped as the tensors of ``like``."""
+    sizes = [p.numel() for p in like]
+    if vector.numel() != sum(sizes):
+        raise ValueError(f"vector has {vector.numel()} entries, parameters have {sum(sizes)}")
+    return [chunk.view_as(p) for chunk, p in zip(vector.split(sizes), like, strict=True)]
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it names an HVP backend, else raise listing the valid ones."""
+    if backend not in BACKENDS:
+        raise ValueError(f"hvp backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_mode(mode: str | None) -> str | None:
+    """Return ``mode`` if it is 'train', 'eval' or None (leave the model as it is)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def call_closure(closure: Closure) -> Tensor:
+    """Run a torch.optim-style closure with gradients enabled; refuse one that returns no loss."""
+    with torch.enable_grad():
+        loss = closure()
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            "closure must compute the loss, call loss.backward() and return the loss tensor; "
+            f"it returned {type(loss).__name__}"
+        )
+    return loss
+
+
+_backward_signature = inspect.signature(torch.Tensor.backward)
+
+
+@contextlib.contextmanager
+def graph_building_backward() -> Iterator[None]:
+    """Within this block, ``Tensor.backward`` builds the graph of the gradient
+    (``create_graph=True``), so a closure's gradient can be differentiated again."""
+    original = torch.Tensor.backward
+
+    def backward(self: Tensor, *args: object, **kwargs: object) -> None:
+        bound = _backward_signature.bind(self, *args, **kwargs)
+        bound.arguments["create_graph"] = True
+        original(*bound.args, **bound.kwargs)
+
+    torch.Tensor.backward = backward  # type: ignore[method-assign]
+    try:
+        with warnings.catch_warnings():
+            # The .grad reference cycle it warns about is broken: the operator resets .grad.
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            yield
+    finally:
+        torch.Tensor.backward = original  # type: ignore[method-assign]
+
+
+class BufferSnapshot:
+    """Copies of every buffer of ``model`` (BatchNorm running statistics, ``num_batches_tracked``
+    and any other registered buffer); ``restore()`` writes them back in place."""
+
+    def __init__(self, model: nn.Module | None):
+        self.saved = [] if model is None else [(b, b.detach().clone()) for b in model.buffers()]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for buffer, saved in self.saved:
+            buffer.copy_(saved)
+
+
+class RNGSnapshot:
+    """The CPU RNG state and the CUDA RNG state of each device in ``devices``."""
+
+    def __init__(self, devices: Iterable[torch.device] = ()):
+        self.cpu = torch.get_rng_state()
+        self.cuda = {
+            d.index or 0: torch.cuda.get_rng_state(d.index or 0)
+            for d in set(devices)
+            if d.type == "cuda"
+        }
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for index, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, index)
+
+
+class FrozenState:
+    """What a loss evaluation may change, saved: RNG streams, module buffers, module modes and
+    parameter gradients; ``restore`` puts everything back."""
+
+    def __init__(self, params: Sequence[Tensor], model: nn.Module | None, mode: str | None):
+        self.params = params
+        self.grads = [p.grad for p in params]
+        self.rng = RNGSnapshot(p.device for p in params)
+        self.buffers = BufferSnapshot(model)
+        self.modes = [] if model is None else [(m, m.training) for m in model.modules()]
+        if model is not None and mode is not None:
+            model.train(mode == "train")
+
+    def restore(self) -> None:
+        self.rng.restore()
+        self.buffers.restore()
+        for module, training in self.modes:
+            module.training = training
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
+
+
+class HessianOperator:
+    """``H = ∇²L(w)`` of a closure's loss at the current parameters, as ``v ↦ H v`` on flat
+    vectors (see the module docstring for backends and the guarantees while it is open).
+
+    ``base_grad`` (flat ``∇L(w)``, optional) saves one gradient evaluation for ``"fd-forward"``;
+    it must come from the same batch, RNG state and mode. ``num_matvecs`` counts products and
+    ``num_closure_calls`` counts loss evaluations.
+    """
+
+    def __init__(
+        self,
+        closure: Closure,
+        params: Iterable[Tensor],
+        *,
+        backend: str = "fd-central",
+        model: nn.Module | None = None,
+        mode: str | None = "train",
+        fd_scale: float | None = None,
+        base_grad: Tensor | None = None,
+    ):
+        self.closure = closure
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("params must contain at least one tensor with requires_grad=True")
+        self.backend = check_backend(backend)
+        self.model = model
+        self.mode = check_mode(mode)
+        if mode is not None and model is None:
+            raise ValueError(f"mode={mode!r} needs model=, the module whose mode is set")
+        self.fd_scale = FD_SCALE.get(backend) if fd_scale is None else fd_scale
+        if self.fd_scale is not None and not self.fd_scale > 0:
+            raise ValueError(f"fd_scale must be > 0, got {fd_scale}")
+        self.dim = sum(p.numel() for p in self.params)
+        if base_grad is not None and base_grad.shape != (self.dim,):
+            raise ValueError(f"base_grad must have shape ({self.dim},), got {tuple(base_grad.shape)}")
+        self._base_grad = base_grad
+        self._graph_grads: list[Tensor] | None = None
+        self._frozen: FrozenState | None = None
+        self.num_matvecs = 0
+        self.num_closure_calls = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def __enter__(self) -> HessianOperator:
+        self._frozen = FrozenState(self.params, self.model, self.mode)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._frozen is not None
+        self._graph_grads = None
+        self._frozen.restore()
+        self._frozen = None
+
+    def _evaluate(self, build_graph: bool = False) -> list[Tensor | None]:
+        """Gradients of the closure's loss at the current parameters, side effects undone."""
+        if self._frozen is None:
+            raise RuntimeError("HessianOperator must be used inside `with HessianOperator(...)`")
+        self._frozen.rng.restore()
+        for p in self.params:
+            p.grad = None
+        context = graph_building_backward() if build_graph else contextlib.nullcontext()
+        with context:
+            call_closure(self.closure)
+        self.num_closure_calls += 1
+        self._frozen.buffers.restore()
+        grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        if all(g is None for g in grads):
+            raise ValueError("the closure's backward() gave no parameter a gradient")
+        return grads
+
+    def gradient(self) -> Tensor:
+        """Flat ``∇L(w)`` (computed once and cached)."""
+        if self._base_grad is None:
+            with torch.no_grad():
+                self._base_grad = flatten(self._evaluate(), self.params).detach()
+        return self._base_grad
+
+    @torch.no_grad()
+    def _shifted_gradient(self, v: Tensor, h: float) -> Tensor:
+        """Flat ``∇L(w + h v)``; parameters are restored to ``w`` bit for bit."""
+        saved = [p.detach().clone() for p in self.params]
+        torch._foreach_add_(self.params, unflatten(v, self.params), alpha=h)
+        try:
+            grads = self._evaluate()
+        finally:
+            torch._foreach_copy_(self.params, saved)
+        return flatten(grads, self.params)
+
+    def step_size(self, v: Tensor) -> float:
+        """Finite-difference step ``h = fd_scale · (1 + ‖w‖) / ‖v‖``."""
+        with torch.no_grad():
+            w_norm = torch.linalg.vector_norm(torch.stack([p.norm() for p in self.params]))
+        return float(self.fd_scale * (1.0 + w_norm) / v.norm())
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat vector ``v`` of length ``dim``."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"v must have shape ({self.dim},), got {tuple(v.shape)}")
+        self.num_matvecs += 1
+        if self.backend == "autograd":
+            return self._exact_matvec(v)
+        h = self.step_size(v)
+        plus = self._shifted_gradient(v, h)
+        if self.backend == "fd-forward":
+            return (plus - self.gradient()) / h
+        return (plus - self._shifted_gradient(v, -h)) / (2 * h)
+
+    def _exact_matvec(self, v: Tensor) -> Tensor:
+        if self._graph_grads is None:
+            grads = self._evaluate(build_graph=True)
+            pairs = [(g, p) for g, p in zip(grads, self.params, strict=True) if g is not None]
+            if any(g.grad_fn is None for g, _ in pairs):
+                raise RuntimeError("the gradient has no graph: does the loss depend on params?")
+            self._graph_grads = [g for g, _ in pairs]
+            self._graph_params = [p for _, p in pairs]
+            self._base_grad = flatten(grads, self.params).detach()
+        chunks = dict(zip(map(id, self.params), unflatten(v, self.params), strict=True))
+        dot = sum(
+            (g * chunks[id(p)]).sum()
+            for g, p in zip(self._graph_grads, self._graph_params, strict=True)
+        )
+        hv = torch.autograd.grad(dot, self._graph_params, retain_graph=True, allow_unused=True)
+        by_param = dict(zip(map(id, self._graph_params), hv, strict=True))
+        return flatten([by_param.get(id(p)) for p in self.params], self.params).detach()
+
+    __call__ = matvec

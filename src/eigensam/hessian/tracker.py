@@ -1,0 +1,100 @@
+"""The top-eigenvector estimate that Eigen-SAM and X-SAM refresh every few steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from eigensam.hessian.eigen import EigenResult, check_positive_int, lanczos, power_iteration
+from eigensam.hessian.hvp import Closure, HessianOperator, check_backend, check_mode
+
+METHODS = ("power", "lanczos")
+
+
+class EigenTracker:
+    """Warm-started estimate ``v̂`` of the top Hessian eigenvector (paper Algorithm 2, line 3-4).
+
+    Every ``interval`` optimizer steps, ``update`` runs ``iters`` Hessian-vector products on the
+    current mini-batch, starting from the previous ``v̂`` (a random unit vector the first time,
+    drawn from a private generator seeded with ``seed``, so the global RNG is not touched):
+
+    - ``method="power"``: power iteration (paper Algorithm 1); finds the eigenvalue of largest
+      magnitude, which can be negative early in training; ``eigenvalue`` keeps the sign.
+    - ``method="lanczos"``: Lanczos with the same number of products; finds the algebraically
+      largest eigenvalue.
+
+    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate.
+    """
+
+    def __init__(
+        self,
+        interval: int = 100,
+        iters: int = 5,
+        *,
+        method: str = "power",
+        backend: str = "fd-forward",
+        mode: str | None = "train",
+        seed: int = 0,
+    ):
+        self.interval = check_positive_int("eig_interval", interval)
+        self.iters = check_positive_int("eig_iters", iters)
+        if method not in METHODS:
+            raise ValueError(f"eig_method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.backend = check_backend(backend)
+        self.mode = check_mode(mode)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vector: Tensor | None = None
+        self.eigenvalue: float | None = None
+        self.residual: float | None = None
+        self.num_updates = 0
+
+    def due(self, step: int) -> bool:
+        """Whether the estimate is refreshed at optimizer step ``step`` (0-based)."""
+        return step % self.interval == 0
+
+    def update(
+        self,
+        closure: Closure,
+        params: Sequence[Tensor],
+        model: nn.Module | None = None,
+        loss_scale: float = 1.0,
+    ) -> EigenResult:
+        """Refresh ``v̂`` on the closure's loss; ``loss_scale`` divides out a GradScaler scale."""
+        dim = sum(p.numel() for p in params)
+        if self.vector is None or self.vector.numel() != dim:
+            v0 = torch.randn(dim, generator=self.generator, dtype=torch.float32)
+        else:
+            v0 = self.vector
+        v0 = v0.to(device=params[0].device, dtype=params[0].dtype)
+        mode = self.mode if model is not None else None
+        with HessianOperator(closure, params, backend=self.backend, model=model, mode=mode) as op:
+            if self.method == "power":
+                result = power_iteration(op.matvec, v0, self.iters)
+            else:
+                result = lanczos(op.matvec, v0, self.iters, k=1, which="LA")[0]
+        self.vector = result.eigenvector.detach()
+        self.eigenvalue = result.eigenvalue / loss_scale
+        self.residual = result.residual / loss_scale
+        self.num_updates += 1
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "vector": None if self.vector is None else self.vector.clone(),
+            "eigenvalue": self.eigenvalue,
+            "residual": self.residual,
+            "num_updates": self.num_updates,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vector = state["vector"]
+        self.vector = None if vector is None else vector.clone()
+        self.eigenvalue = state["eigenvalue"]
+        self.residual = state["residual"]
+        self.num_updates = state["num_updates"]
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,61 @@
+"""The paper's Appendix A counterexamples: Reverse-SAM and explicit gradient regularization."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from eigensam.hessian.hvp import HessianOperator, call_closure, check_backend, unflatten
+from eigensam.optim.sam import SAM
+
+
+class ReverseSAM(SAM):
+    """SAM with the ascent reversed: ``ε = −ρ·ĝ`` (paper Appendix A, Reverse-SAM)."""
+
+    def _ascent_direction(self, grad: Tensor) -> list[Tensor]:
+        return [-d for d in super()._ascent_direction(grad)]
+
+
+class EGR(SAM):
+    """Explicit gradient regularization: descends ``f(w) + ρ‖∇f(w)‖`` (paper Appendix A).
+
+    Its gradient is ``∇f + ρ·H ĝ`` with ``ĝ = ∇f/‖∇f‖`` and ``H = ∇²f``; the Hessian-vector
+    product uses the ``hvp`` backend (default exact double backward) on the same batch.
+    """
+
+    def __init__(self, *args: Any, hvp: str = "autograd", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if any(group["adaptive"] for group in self.param_groups):
+            raise ValueError("adaptive=True is not defined for EGR")
+        self.hvp = check_backend(hvp)
+
+    def step(self, closure: Callable[[], Tensor] | None = None, scaler: Any = None) -> Tensor:
+        """Gradient of ``f + ρ‖∇f‖`` on the closure's batch, then the base step."""
+        if closure is None:
+            raise TypeError("EGR.step() needs a closure that computes the loss and calls backward()")
+        if scaler is not None:
+            raise ValueError("EGR does not support a GradScaler")
+        self.zero_grad(set_to_none=True)
+        loss = call_closure(closure)
+        if not self._finite(loss):
+            self._nonfinite("gradient", None)
+            return loss
+        params = self._params()
+        grad = self._flat_grad()
+        norm = grad.norm()
+        if float(norm) > 0:
+            with HessianOperator(closure, params, backend=self.hvp, model=self.model,
+                                 mode=None, base_grad=grad) as op:
+                hg = op.matvec(grad / norm)
+            rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
+            with torch.no_grad():
+                for p, h, rho in zip(params, unflatten(hg, params), rhos, strict=True):
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.add_(h, alpha=rho)
+        self.base_optimizer.step()
+        self.sam_steps += 1
+        return loss

@@ -1,0 +1,258 @@
+"""SAM and ASAM: the two-pass machinery every sharpness-aware variant in eigensam reuses."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from eigensam.hessian.hvp import BufferSnapshot, call_closure, flatten, unflatten
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def check_nonnegative(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite real ≥ 0, else raise naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+class SAM(Optimizer):
+    """Sharpness-Aware Minimization (Foret et al., 2021) wrapped around any base optimizer.
+
+    Each step takes the gradient ``g`` at ``w``, moves to ``w + ε`` with ``ε = ρ·g/‖g‖``, takes
+    the gradient there, restores ``w`` and lets the base optimizer step with that second gradient
+    (paper Eq. 1). With ``adaptive=True`` (ASAM, Kwon et al., 2021) ``ε = ρ·T²g/‖Tg‖`` with
+    ``T = |w| + eta`` elementwise. ``ρ = 0`` is exactly the base optimizer.
+
+    ``params`` is an iterable of tensors or parameter groups (each group may set its own ``rho``),
+    or an ``nn.Module``, which also sets ``model``. ``base_optimizer`` is an optimizer class
+    (built here on the same parameter groups with ``**base_kwargs``) or an instance (then
+    ``params`` must be None). ``param_groups`` are shared with the base optimizer, so learning-rate
+    schedulers work on either object.
+
+    ``model``, when given, has all its buffers (BatchNorm running statistics and
+    ``num_batches_tracked``) restored after the second pass, so only the first pass updates them.
+
+    ``on_nonfinite``: what to do when the loss or a gradient is NaN/inf without a GradScaler:
+    ``"raise"`` (``FloatingPointError``) or ``"skip"`` (warn, leave weights and base state
+    untouched). With a GradScaler, overflow skips the step as ``GradScaler.step`` does.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any] | nn.Module | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        *,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        model: nn.Module | None = None,
+        on_nonfinite: str = "raise",
+        **base_kwargs: Any,
+    ):
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise ValueError("params is a module and model= names a different module")
+            model, params = params, params.parameters()
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
+        defaults = dict(
+            rho=check_nonnegative("rho", rho),
+            adaptive=adaptive,
+            eta=check_nonnegative("eta", eta),
+            **self._extra_defaults(),
+        )
+        if isinstance(base_optimizer, Optimizer):
+            if params is not None:
+                raise ValueError("pass params=None when base_optimizer is an optimizer instance")
+            if base_kwargs:
+                raise ValueError(
+                    f"base optimizer keyword arguments {sorted(base_kwargs)} need an optimizer "
+                    "class, not an instance"
+                )
+            super().__init__(base_optimizer.param_groups, defaults)
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if params is None:
+                raise ValueError("params is None: give the parameters to optimize")
+            super().__init__(params, defaults)
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass or instance, "
+                f"got {base_optimizer!r}"
+            )
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            self._check_group(group)
+        self.defaults.update(self.base_optimizer.defaults)
+        self.model = model
+        self.on_nonfinite = on_nonfinite
+        self.sam_steps = 0
+        self._saved_params: list[Tensor] | None = None
+
+    # -- hooks for the variants -------------------------------------------------------------
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Per-group hyperparameters a variant adds to ``rho``, ``adaptive`` and ``eta``."""
+        return {}
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("rho", group["rho"])
+        check_nonnegative("eta", group["eta"])
+
+    def _ascent_direction(self, grad: Tensor) -> list[Tensor]:
+        """Per-parameter ``ε/ρ`` from the flat gradient ``g ≠ 0``: ``ĝ``, or ``T²g/‖Tg‖``."""
+        params = self._params()
+        if not any(group["adaptive"] for group in self.param_groups):
+            return unflatten(grad / grad.norm(), params)
+        scale = flatten(
+            [
+                p.detach().abs() + group["eta"] if group["adaptive"] else torch.ones_like(p)
+                for group in self.param_groups
+                for p in group["params"]
+            ],
+            params,
+        )
+        scaled = scale * grad
+        return unflatten(scale * scaled / scaled.norm(), params)
+
+    def _correct_descent_gradient(self) -> None:
+        """Change the second-pass gradient in ``p.grad`` before the base step (none for SAM)."""
+
+    def _before_first_pass(self, closure: Callable[[], Tensor], scaler: Any) -> None:
+        """Work done at the start of ``step`` before the first pass (none for SAM)."""
+
+    # -- the two passes -----------------------------------------------------------------------
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _grads(self) -> list[Tensor]:
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        if not grads:
+            raise ValueError(
+                "no parameter has a gradient: the closure (or your loop) must call "
+                "loss.backward() before first_step()/second_step()"
+            )
+        return grads
+
+    def _flat_grad(self) -> Tensor:
+        self._grads()
+        params = self._params()
+        return flatten([p.grad for p in params], params)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to ``w + ε`` using the gradients now in ``p.grad`` (saving ``w``)."""
+        params = self._params()
+        grad = self._flat_grad()
+        self._saved_params = [p.detach().clone() for p in params]
+        if float(grad.norm()) > 0:
+            directions = self._ascent_direction(grad)
+            rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
+            for p, d, rho in zip(params, directions, rhos, strict=True):
+                p.add_(d, alpha=rho)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, scaler: Any = None) -> None:
+        """Restore ``w`` and let the base optimizer step with the gradients now in ``p.grad``."""
+        if self._saved_params is None:
+            raise RuntimeError("second_step() called without a first_step() before it")
+        self._restore_params()
+        self._grads()
+        self._correct_descent_gradient()
+        if scaler is not None:
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        self.sam_steps += 1
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _restore_params(self) -> None:
+        if self._saved_params is not None:
+            torch._foreach_copy_(self._params(), self._saved_params)
+            self._saved_params = None
+
+    def _finite(self, loss: Tensor | None = None) -> bool:
+        norms = torch._foreach_norm(self._grads())
+        grad_ok = math.isfinite(float(torch.linalg.vector_norm(torch.stack(norms))))
+        return grad_ok and (loss is None or bool(torch.isfinite(loss.detach()).all()))
+
+    def _nonfinite(self, where: str, scaler: Any) -> None:
+        """Handle a NaN/inf in ``where``: the whole step is skipped (or raises)."""
+        self._restore_params()
+        if scaler is not None:
+            # GradScaler sees the non-finite gradients, skips the base step and backs off.
+            scaler.step(self.base_optimizer)
+            self.zero_grad(set_to_none=True)
+            return
+        self.zero_grad(set_to_none=True)
+        message = f"non-finite loss or gradient in the {where}"
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(f"{message}; weights were left unchanged")
+        warnings.warn(f"{message}; step skipped, weights unchanged", RuntimeWarning, stacklevel=3)
+
+    def step(self, closure: Callable[[], Tensor] | None = None, scaler: Any = None) -> Tensor:
+        """Run both passes and the base step; return the first-pass loss.
+
+        ``closure`` computes the loss, calls ``backward()`` on it (``scaler.scale(loss)`` when
+        a ``torch.amp.GradScaler`` is passed as ``scaler``; then call ``scaler.update()`` after
+        the step) and returns the (unscaled) loss. Gradients are zeroed before each pass.
+        """
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step() needs a closure that computes the loss, calls "
+                "backward() and returns the loss; in a manual loop use first_step()/second_step()"
+            )
+        self._before_first_pass(closure, scaler)
+        self.zero_grad(set_to_none=True)
+        loss = call_closure(closure)
+        if not self._finite(loss):
+            self._nonfinite("first pass", scaler)
+            return loss
+        self.first_step(zero_grad=True)
+        buffers = BufferSnapshot(self.model)
+        call_closure(closure)
+        buffers.restore()
+        if scaler is None and not self._finite():
+            self._nonfinite("second pass", scaler)
+            return loss
+        self.second_step(scaler=scaler)
+        return loss
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to this optimizer and to the base optimizer (they share the list)."""
+        if not hasattr(self, "base_optimizer"):
+            super().add_param_group(param_group)
+            return
+        for name in ("rho", "adaptive", "eta", *self._extra_defaults()):
+            param_group.setdefault(name, self.defaults[name])
+        self.base_optimizer.add_param_group(param_group)
+        self._check_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (momentum, Adam moments, param groups) and the step count."""
+        return {"base": self.base_optimizer.state_dict(), "sam_steps": self.sam_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups
+        self.sam_steps = state_dict["sam_steps"]

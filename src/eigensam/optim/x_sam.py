@@ -1,0 +1,47 @@
+"""X-SAM: SAM whose descent gradient is corrected along the top Hessian eigenvector (seed 003)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from eigensam.hessian.hvp import flatten, unflatten
+from eigensam.optim.eigen_sam import TrackedSAM
+
+
+class XSAM(TrackedSAM):
+    """X-SAM: plain SAM ascent; the gradient ``g'`` taken at ``w + ε`` is corrected to
+    ``g̃ = g' − α·⟨g', v̂⟩·v̂`` before the base step (``v̂`` unit top-eigenvector estimate).
+
+    ``α`` in [0, 2] (default 1): 0 is SAM, 1 removes the component of ``g'`` along ``v̂``, 2
+    reflects it. The correction is invariant to the arbitrary sign of ``v̂``. The public X-SAM
+    script instead normalizes ``g'`` and multiplies the correction by a sign that depends on the
+    sign of ``v̂`` returned by power iteration, which makes the update depend on an arbitrary
+    choice; eigensam implements the sign-invariant form above. Until the first estimate exists
+    the step is SAM's.
+    """
+
+    def __init__(self, *args: Any, alpha: float = 1.0, **kwargs: Any):
+        super().__init__(*args, alpha=alpha, **kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if not 0 <= group["alpha"] <= 2:
+            raise ValueError(f"alpha must be in [0, 2] for XSAM, got {group['alpha']}")
+
+    @torch.no_grad()
+    def _correct_descent_gradient(self) -> None:
+        v = self.tracker.vector
+        if v is None:
+            return
+        params = self._params()
+        grad = flatten([p.grad for p in params], params)
+        along = float(torch.dot(grad, v))
+        for group, part in self._group_slices():
+            grad[part].add_(v[part], alpha=-group["alpha"] * along)
+        for p, g in zip(params, unflatten(grad, params), strict=True):
+            if p.grad is not None:
+                p.grad.copy_(g)
+            else:
+                p.grad = g.clone()
