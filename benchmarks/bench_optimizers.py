@@ -92,7 +92,7 @@ def time_steps(args) -> dict[str, float]:
 def hvp_table(args) -> list[dict[str, float | str]]:
     torch.manual_seed(0)
     model = build_model("simplecnn", num_classes=10, in_channels=1, image_size=28)
-    (x, y), = batches(args.batch_size, 1)
+    ((x, y),) = batches(args.batch_size, 1)
 
     def closure():
         loss = nn.functional.cross_entropy(model(x), y)
@@ -120,16 +120,28 @@ def hvp_table(args) -> list[dict[str, float | str]]:
             float(nn.functional.cosine_similarity(p, e, dim=0))
             for p, e in zip(products, exact, strict=True)
         )
-        rows.append({"backend": backend, "hvp_over_grad": elapsed / grad_time, "min_cosine": cosine})
+        rows.append(
+            {"backend": backend, "hvp_over_grad": elapsed / grad_time, "min_cosine": cosine}
+        )
     return rows
 
 
 def peak_memory(method: str, args) -> float:
     """Peak RSS growth (MiB) of ``--steps`` steps of ``method``, measured in a fresh process."""
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", method, "--batch-size", str(args.batch_size),
-         "--steps", str(args.steps)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            method,
+            "--batch-size",
+            str(args.batch_size),
+            "--steps",
+            str(args.steps),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_growth_mib"]
 

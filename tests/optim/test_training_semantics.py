@@ -23,7 +23,9 @@ def test_rho_zero_reproduces_base_optimizer_exactly(cls, batch):
     torch.manual_seed(0)
     model = SmallNet()
     reference = copy.deepcopy(model)
-    opt = cls(model, torch.optim.SGD, rho=0.0, **sgd_kwargs())
+    # X-SAM's descent correction does not depend on ρ: it is the base optimizer at ρ = α = 0.
+    extra = dict(alpha=0.0, eig_interval=2) if cls is XSAM else {}
+    opt = cls(model, torch.optim.SGD, rho=0.0, **extra, **sgd_kwargs())
     base = torch.optim.SGD(reference.parameters(), **sgd_kwargs())
     for _ in range(6):
         opt.step(make_closure(model, x, y))
@@ -42,7 +44,9 @@ def train(model, opt, batches, start=0, stop=None):
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.Adam])
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(cls, base):
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(9)]
+    batches = [
+        (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(9)
+    ]
     kwargs = sgd_kwargs() if base is torch.optim.SGD else dict(lr=1e-2)
     extra = {} if cls is SAM else dict(eig_interval=2, eig_iters=3)
 
@@ -60,7 +64,9 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit(cls, base):
     torch.manual_seed(11)
     train(model, opt, batches, stop=5)
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, buffer
+    )
     del model, opt
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=False)
@@ -300,7 +306,11 @@ def test_non_finite_loss_raises_or_skips_without_touching_weights(cls):
         return loss
 
     before = w.detach().clone()
-    opt = cls([w], torch.optim.SGD, rho=0.05, lr=0.1, eig_interval=1000) if cls is not SAM else cls([w], torch.optim.SGD, rho=0.05, lr=0.1)
+    opt = (
+        cls([w], torch.optim.SGD, rho=0.05, lr=0.1, eig_interval=1000)
+        if cls is not SAM
+        else cls([w], torch.optim.SGD, rho=0.05, lr=0.1)
+    )
     opt.sam_steps = 1  # past the eigenvector refresh
     with pytest.raises(FloatingPointError, match="non-finite"):
         opt.step(nan_closure)
@@ -320,4 +330,6 @@ def test_reverse_sam_and_egr_closed_form():
     a, b, w, closure, _ = quadratic([5.0, 2.0, 1.0, -0.5])
     EGR([w], torch.optim.SGD, rho=0.05, lr=0.1).step(closure)
     # ∇(f + ρ‖∇f‖) = g + ρ A g/‖g‖
-    torch.testing.assert_close(w.detach(), w0 - 0.1 * (g + 0.05 * a @ g / g.norm()), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        w.detach(), w0 - 0.1 * (g + 0.05 * a @ g / g.norm()), rtol=0, atol=1e-12
+    )

@@ -6,8 +6,11 @@ symmetric ``H`` (a Hessian operator from :mod:`eigensam.hessian.hvp`, or a plain
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -89,3 +92,292 @@ def power_iteration(
         if converged:
             return EigenResult(eigenvalue, v, residual, i, True)
     return EigenResult(eigenvalue, v, residual, num_iters, converged)
+
+
+# --------------------------------------------------------------------------------------------
+# Lanczos and deflation
+# --------------------------------------------------------------------------------------------
+
+WHICH = ("LA", "SA", "LM")
+
+
+class Tridiagonal(NamedTuple):
+    """The Lanczos tridiagonal ``T_m = Q_mᵀ H Q_m``: diagonal ``alphas`` (length m), off-diagonal
+    ``betas`` (length m − 1), both float64 on the CPU, and the ``num_matvecs`` (= m) products used.
+    """
+
+    alphas: Tensor
+    betas: Tensor
+    num_matvecs: int
+
+
+@dataclass
+class _LanczosState:
+    """The Lanczos process after m products: ``basis[:m]`` holds q_1..q_m (rows), ``alphas`` and
+    ``betas`` hold α_1..α_m and β_1..β_m, where β_m = ‖r_m‖ couples q_m to the next (not yet
+    formed) vector; ``breakdown`` says β_m ≈ 0, i.e. span(q_1..q_m) is an invariant subspace."""
+
+    basis: Tensor
+    alphas: list[float] = field(default_factory=list)
+    betas: list[float] = field(default_factory=list)
+    breakdown: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.alphas)
+
+    def tridiagonal(self) -> Tensor:
+        """``T_m`` as a dense float64 matrix."""
+        alphas = torch.tensor(self.alphas, dtype=torch.float64)
+        betas = torch.tensor(self.betas[:-1], dtype=torch.float64)
+        return torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
+
+
+def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    """``w − B Bᵀ w`` for a basis with orthonormal rows, applied twice (twice is enough: Kahan,
+    Parlett), so the result is orthogonal to the rows to working precision."""
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    return w
+
+
+def _checked_matvec(matvec: MatVec, v: Tensor, step: int) -> Tensor:
+    hv = matvec(v.clone())
+    if not isinstance(hv, Tensor) or hv.shape != v.shape:
+        shape = tuple(hv.shape) if isinstance(hv, Tensor) else type(hv).__name__
+        raise ValueError(f"matvec must return a tensor of shape {tuple(v.shape)}, got {shape}")
+    if not torch.isfinite(hv).all():
+        raise FloatingPointError(f"Hessian-vector product is not finite at iteration {step}")
+    return hv.to(v.dtype)
+
+
+def _lanczos_steps(
+    matvec: MatVec,
+    q1: Tensor,
+    num_iters: int,
+    *,
+    restart_below: int = 0,
+    generator: torch.Generator | None = None,
+) -> Iterator[_LanczosState]:
+    """The one Lanczos loop of the package, with full reorthogonalization (Paige 1972; Parlett,
+    *The Symmetric Eigenvalue Problem*, §13): ``r_j = H q_j − α_j q_j − β_{j−1} q_{j−1}``, then
+    ``r_j`` is Gram–Schmidt-orthogonalized twice against all of ``q_1..q_j``, ``β_j = ‖r_j‖`` and
+    ``q_{j+1} = r_j / β_j``. Yields the state after every product.
+
+    ``q1`` must be a unit 1-D vector. When ``β_j ≈ 0`` (invariant subspace) the process stops,
+    unless fewer than ``restart_below`` vectors were built: then it continues from a random vector
+    (``generator``) orthogonal to the basis, with ``β_j`` set to 0 (``T`` becomes block diagonal,
+    still ``QᵀHQ``). Breakdown is declared when ``β_j ≤ 10 · eps · ‖T‖`` (row-sum estimate).
+    """
+    dtype = q1.dtype
+    eps = torch.finfo(dtype).eps
+    state = _LanczosState(basis=torch.empty(num_iters, q1.numel(), dtype=dtype, device=q1.device))
+    state.basis[0] = q1
+    norm_estimate = 0.0  # max row sum of |T| so far, a lower bound on ‖H‖
+    for j in range(num_iters):
+        q = state.basis[j]
+        w = _checked_matvec(matvec, q, j + 1)
+        alpha = float(torch.dot(q.double(), w.double()))  # float64 sum: α sets the Ritz values
+        w = w - alpha * q
+        if j > 0:
+            w = w - state.betas[-1] * state.basis[j - 1]
+        w = _orthogonalize(w, state.basis[: j + 1])
+        beta = float(w.double().norm())  # float64: a float32 sum loses ~√dim·eps
+        previous_beta = state.betas[-1] if j > 0 else 0.0
+        norm_estimate = max(norm_estimate, abs(alpha) + beta + previous_beta)
+        state.alphas.append(alpha)
+        state.betas.append(beta)
+        state.breakdown = beta <= 10 * eps * norm_estimate
+        yield state
+        if j + 1 == num_iters:
+            return
+        if state.breakdown:
+            if j + 1 >= restart_below:
+                return
+            w = torch.randn(q1.numel(), generator=generator, dtype=dtype, device="cpu")
+            w = _orthogonalize(w.to(q1.device), state.basis[: j + 1])
+            state.betas[-1] = 0.0
+            state.breakdown = False
+            beta = float(w.double().norm())
+        state.basis[j + 1] = w / beta
+
+
+def _check_num_iters_vector(v0: Tensor, num_iters: int) -> tuple[Tensor, int]:
+    """Validate a start vector; return it normalized and ``num_iters`` capped at its dimension."""
+    check_positive_int("num_iters", num_iters)
+    if not isinstance(v0, Tensor):
+        raise TypeError(f"v0 must be a torch.Tensor, got {type(v0).__name__}")
+    if v0.dim() != 1 or not v0.is_floating_point():
+        raise ValueError(
+            f"v0 must be a 1-D floating-point tensor, got shape {tuple(v0.shape)} and {v0.dtype}"
+        )
+    norm = float(v0.double().norm())
+    if not math.isfinite(norm) or norm == 0:
+        raise ValueError(f"v0 must be a finite nonzero vector, got norm {norm}")
+    return v0 / norm, min(num_iters, v0.numel())
+
+
+def _start_vector(
+    v0: Tensor | int,
+    generator: torch.Generator | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+) -> Tensor:
+    """``v0`` (cast to ``dtype``/``device`` when given), or a random unit vector of dimension
+    ``v0`` (default float32) drawn from ``generator``."""
+    if isinstance(v0, Tensor):
+        return v0.to(dtype=dtype or v0.dtype, device=device or v0.device)
+    if isinstance(v0, bool) or not isinstance(v0, int):
+        raise TypeError(f"v0 must be a torch.Tensor or an int dimension >= 1, got {v0!r}")
+    check_positive_int("v0", v0)
+    return random_unit_vector(v0, generator=generator, dtype=dtype or torch.float32, device=device)
+
+
+def lanczos_tridiagonal(matvec: MatVec, v0: Tensor, num_iters: int) -> Tridiagonal:
+    """Run ``m = min(num_iters, dim)`` Lanczos steps from ``v0`` (normalized) and return the
+    tridiagonal ``T_m = Q_mᵀ H Q_m`` (Lanczos 1950, with full reorthogonalization).
+
+    Stops earlier, with ``m`` smaller, if the Krylov space becomes invariant (``β_m ≈ 0``); then the
+    eigenvalues of ``T_m`` are exact eigenvalues of ``H``. Used by stochastic Lanczos quadrature.
+    """
+    q1, num_iters = _check_num_iters_vector(v0, num_iters)
+    state = deque(_lanczos_steps(matvec, q1, num_iters), maxlen=1)[0]
+    alphas = torch.tensor(state.alphas, dtype=torch.float64)
+    betas = torch.tensor(state.betas[:-1], dtype=torch.float64)
+    return Tridiagonal(alphas, betas, state.size)
+
+
+def _wanted(ritz_values: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the ``k`` wanted Ritz values, in the order they are returned."""
+    if which == "LA":
+        key, descending = ritz_values, True
+    elif which == "SA":
+        key, descending = ritz_values, False
+    else:
+        key, descending = ritz_values.abs(), True
+    return torch.argsort(key, descending=descending, stable=True)[:k]
+
+
+def lanczos(
+    matvec: MatVec,
+    v0: Tensor | int,
+    num_iters: int,
+    k: int = 1,
+    which: str = "LA",
+    tol: float | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> list[EigenResult]:
+    """``k`` Ritz pairs of ``H`` from ``m ≤ min(num_iters, dim)`` Lanczos steps started at ``v0``.
+
+    The Ritz pairs ``(θ_i, y_i = Q_m s_i)`` come from the eigendecomposition ``T_m s_i = θ_i s_i``
+    (float64) of the Lanczos tridiagonal. ``which`` selects them: ``"LA"`` algebraically largest
+    (returned in descending order), ``"SA"`` smallest (ascending), ``"LM"`` largest magnitude
+    (by ``|θ|`` descending). Unlike power iteration, ``"LA"`` finds the largest eigenvalue even
+    when a negative eigenvalue is larger in magnitude.
+
+    ``residual`` is ``|β_m · s_i[m]|`` (``β_m`` the last Lanczos coefficient, ``s_i[m]`` the last
+    component of ``s_i``), which equals ``‖H y_i − θ_i y_i‖`` for an orthonormal basis and costs no
+    product. ``converged`` means ``residual ≤ tol · |θ_i|``; with ``tol`` set the iteration stops
+    as soon as all ``k`` wanted pairs satisfy it. If the Krylov space becomes invariant
+    (``β ≈ 0``) the iteration stops and the pairs are exact (``converged=True``); if that happens
+    before ``k`` vectors exist, it continues from a random vector drawn from ``generator``
+    orthogonal to the basis. ``v0`` may be an int dimension: a random start from ``generator``
+    (``dtype`` default float32). ``num_matvecs`` is the number of products used (shared by all
+    pairs). Eigenvectors are unit-norm in ``v0``'s dtype.
+    """
+    v0 = _start_vector(v0, generator, dtype, device)
+    q1, num_iters = _check_num_iters_vector(v0, num_iters)
+    check_positive_int("k", k)
+    if k > num_iters:
+        raise ValueError(f"k must be <= min(num_iters, dim) = {num_iters}, got {k}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0 or None, got {tol}")
+
+    def ritz(state: _LanczosState) -> tuple[Tensor, Tensor, Tensor]:
+        values, vectors = torch.linalg.eigh(state.tridiagonal())
+        index = _wanted(values, k, which)
+        residuals = (state.betas[-1] * vectors[-1, index]).abs()
+        return values[index], vectors[:, index], residuals
+
+    state = None
+    for state in _lanczos_steps(matvec, q1, num_iters, restart_below=k, generator=generator):
+        if tol is not None and state.size >= k and not state.breakdown:
+            values, _, residuals = ritz(state)
+            if bool((residuals <= tol * values.abs()).all()):
+                break
+    assert state is not None
+    values, vectors, residuals = ritz(state)
+    m = state.size
+    ritz_vectors = vectors.T.to(dtype=q1.dtype, device=q1.device) @ state.basis[:m]
+    ritz_vectors = ritz_vectors / ritz_vectors.double().norm(dim=1, keepdim=True).to(q1.dtype)
+    results = []
+    for value, vector, res in zip(values.tolist(), ritz_vectors, residuals.tolist(), strict=True):
+        converged = state.breakdown or (tol is not None and res <= tol * abs(value))
+        results.append(EigenResult(value, vector, res, m, converged))
+    return results
+
+
+def deflated_power_iteration(
+    matvec: MatVec,
+    v0: Tensor | int,
+    k: int,
+    num_iters: int,
+    tol: float | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> list[EigenResult]:
+    """The ``k`` eigenpairs of largest magnitude, one after another, by power iteration with
+    Hotelling deflation (Hotelling 1933).
+
+    Pair ``i`` is found by :func:`power_iteration` (at most ``num_iters`` products, ``tol`` as
+    there) on the deflated operator ``H − Σ_{j<i} λ_j v_j v_jᵀ``, applied as ``P H P`` with
+    ``P = I − V Vᵀ`` over the vectors found so far: this re-orthogonalizes every iterate against
+    them, equals Hotelling's operator when they are exact eigenvectors, and keeps the iterates
+    orthogonal to them when they are only approximate. The first start vector is ``v0`` (or a
+    random vector of dimension ``v0``, ``dtype`` default float32); later ones are random, drawn
+    from ``generator``.
+    Each result's ``num_matvecs`` counts its own products. ``converged`` means the stopping rule
+    met ``tol`` on the deflated operator; ``residual`` is ``‖Hu − λu‖`` for the last (projected)
+    vector ``u`` multiplied, with ``H`` itself, so it also carries the small errors of the vectors
+    found before (their residuals projected on ``u``).
+    """
+    start = _start_vector(v0, generator, dtype, device)
+    _check_num_iters_vector(start, num_iters)
+    check_positive_int("k", k)
+    dim = start.numel()
+    if k > dim:
+        raise ValueError(f"k must be <= dim = {dim}, got {k}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0 or None, got {tol}")
+    found = torch.empty(0, dim, dtype=start.dtype, device=start.device)
+    results: list[EigenResult] = []
+    for i in range(k):
+        if i > 0:
+            start = random_unit_vector(
+                dim, generator=generator, dtype=start.dtype, device=start.device
+            )
+        last: dict[str, Tensor] = {}
+
+        def deflated(v: Tensor, basis: Tensor = found, last: dict[str, Tensor] = last) -> Tensor:
+            u = _orthogonalize(v, basis)
+            hu = matvec(u)
+            last["u"], last["hu"] = u, hu
+            return _orthogonalize(hu, basis)
+
+        start = _orthogonalize(start, found)
+        result = power_iteration(deflated, start, num_iters, tol)
+        vector = _orthogonalize(result.eigenvector, found)
+        vector = vector / vector.norm()
+        residual = float((last["hu"] - result.eigenvalue * last["u"]).norm())
+        results.append(
+            EigenResult(result.eigenvalue, vector, residual, result.num_matvecs, result.converged)
+        )
+        found = torch.cat([found, vector[None]])
+    return results

@@ -167,6 +167,8 @@ class HessianOperator:
     """``H = ∇²L(w)`` of a closure's loss at the current parameters, as ``v ↦ H v`` on flat
     vectors (see the module docstring for backends and the guarantees while it is open).
 
+    ``mode`` ("train", "eval" or None: as it is) applies to ``model``; without ``model`` the loss
+    is taken in whatever mode the model is in and its buffers are not protected.
     ``base_grad`` (flat ``∇L(w)``, optional) saves one gradient evaluation for ``"fd-forward"``;
     it must come from the same batch, RNG state and mode. ``num_matvecs`` counts products and
     ``num_closure_calls`` counts loss evaluations.
@@ -190,14 +192,16 @@ class HessianOperator:
         self.backend = check_backend(backend)
         self.model = model
         self.mode = check_mode(mode)
-        if mode is not None and model is None:
-            raise ValueError(f"mode={mode!r} needs model=, the module whose mode is set")
+        if mode == "eval" and model is None:
+            raise ValueError("mode='eval' needs model=, the module to put in eval mode")
         self.fd_scale = FD_SCALE.get(backend) if fd_scale is None else fd_scale
         if self.fd_scale is not None and not self.fd_scale > 0:
             raise ValueError(f"fd_scale must be > 0, got {fd_scale}")
         self.dim = sum(p.numel() for p in self.params)
         if base_grad is not None and base_grad.shape != (self.dim,):
-            raise ValueError(f"base_grad must have shape ({self.dim},), got {tuple(base_grad.shape)}")
+            raise ValueError(
+                f"base_grad must have shape ({self.dim},), got {tuple(base_grad.shape)}"
+            )
         self._base_grad = base_grad
         self._graph_grads: list[Tensor] | None = None
         self._frozen: FrozenState | None = None
@@ -233,7 +237,8 @@ class HessianOperator:
         with context:
             call_closure(self.closure)
         self.num_closure_calls += 1
-        self._frozen.buffers.restore()
+        if not build_graph:  # the graph may hold the buffers: they are restored on exit
+            self._frozen.buffers.restore()
         grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None

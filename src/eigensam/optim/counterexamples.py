@@ -35,7 +35,9 @@ class EGR(SAM):
     def step(self, closure: Callable[[], Tensor] | None = None, scaler: Any = None) -> Tensor:
         """Gradient of ``f + ρ‖∇f‖`` on the closure's batch, then the base step."""
         if closure is None:
-            raise TypeError("EGR.step() needs a closure that computes the loss and calls backward()")
+            raise TypeError(
+                "EGR.step() needs a closure that computes the loss and calls backward()"
+            )
         if scaler is not None:
             raise ValueError("EGR does not support a GradScaler")
         self.zero_grad(set_to_none=True)
@@ -47,8 +49,9 @@ class EGR(SAM):
         grad = self._flat_grad()
         norm = grad.norm()
         if float(norm) > 0:
-            with HessianOperator(closure, params, backend=self.hvp, model=self.model,
-                                 mode=None, base_grad=grad) as op:
+            with HessianOperator(
+                closure, params, backend=self.hvp, model=self.model, mode=None, base_grad=grad
+            ) as op:
                 hg = op.matvec(grad / norm)
             rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
             with torch.no_grad():

@@ -64,7 +64,9 @@ class SAM(Optimizer):
                 raise ValueError("params is a module and model= names a different module")
             model, params = params, params.parameters()
         if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+            raise ValueError(
+                f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
+            )
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         defaults = dict(

@@ -19,7 +19,8 @@ class XSAM(TrackedSAM):
     script instead normalizes ``g'`` and multiplies the correction by a sign that depends on the
     sign of ``v̂`` returned by power iteration, which makes the update depend on an arbitrary
     choice; eigensam implements the sign-invariant form above. Until the first estimate exists
-    the step is SAM's.
+    the step is SAM's. The correction does not depend on ``ρ``: ``ρ = 0`` is the base
+    optimizer on the corrected gradient, ``ρ = α = 0`` the base optimizer itself.
     """
 
     def __init__(self, *args: Any, alpha: float = 1.0, **kwargs: Any):
