@@ -1,5 +1,8 @@
 """Step time and peak memory of SGD, SAM, Eigen-SAM and X-SAM, and HVP cost/accuracy per backend.
 
+``eigen-sam`` and ``x-sam`` use their defaults; ``eigen-sam/<hvp backend>`` and
+``eigen-sam/lanczos`` change one option.
+
 Model: the paper's 6-layer SimpleCNN on Fashion-MNIST-shaped batches (real Fashion-MNIST when it
 is installed, else random images). Prints Markdown tables. Run:
 
@@ -29,7 +32,15 @@ from eigensam.hessian.hvp import BACKENDS, HessianOperator
 from eigensam.lab.data import load_dataset
 from eigensam.lab.models import build_model
 
-METHODS = ("sgd", "sam", "eigen-sam", "x-sam")
+METHODS = (
+    "sgd",
+    "sam",
+    "eigen-sam",
+    "eigen-sam/fd-forward",
+    "eigen-sam/fd-central",
+    "eigen-sam/lanczos",
+    "x-sam",
+)
 
 
 def batches(batch_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -49,8 +60,14 @@ def make_optimizer(method: str, model: nn.Module, eig_interval: int) -> torch.op
         return torch.optim.SGD(model.parameters(), **sgd)
     if method == "sam":
         return SAM(model, torch.optim.SGD, rho=0.05, **sgd)
-    cls = EigenSAM if method == "eigen-sam" else XSAM
-    return cls(model, torch.optim.SGD, rho=0.05, eig_interval=eig_interval, eig_iters=5, **sgd)
+    name, _, variant = method.partition("/")
+    options = (
+        {"eig_method": "lanczos"} if variant == "lanczos" else {"hvp": variant} if variant else {}
+    )
+    cls = EigenSAM if name == "eigen-sam" else XSAM
+    return cls(
+        model, torch.optim.SGD, rho=0.05, eig_interval=eig_interval, eig_iters=5, **options, **sgd
+    )
 
 
 def run_steps(model, opt, data) -> float:

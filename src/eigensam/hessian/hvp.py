@@ -12,10 +12,15 @@ The loss is given the way ``torch.optim`` gives it: a *closure* that computes th
     ``H v ≈ (∇L(w + h v) − ∇L(w)) / h``: one gradient evaluation (``∇L(w)`` is computed once, or
     passed in), error O(h).
 
-The finite-difference backends need only gradients, so they work with any model (kernels without
+On piecewise-linear networks (ReLU, max-pool) the finite differences cross activation kinks,
+so they measure a smoothed Hessian, not the almost-everywhere Hessian that ``"autograd"`` gives:
+on the paper's ReLU SimpleCNN their cosine to the exact product is near 0 for random directions
+and about 0.96-0.99 along the top eigenvector (``benchmarks/bench_optimizers.py``). That is why
+``"autograd"`` is the default of the optimizers. On smooth networks (GeLU, tanh) they agree with
+the exact product. The finite-difference backends need only gradients, so they work with any model (kernels without
 double backward, mixed precision, DDP where the gradient all-reduce makes the product global).
 Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting to
-``FD_SCALE[backend]``, chosen in ``benchmarks/bench_hvp.py`` (cosine to the exact product ≥ 0.99
+``FD_SCALE[backend]``, checked in ``benchmarks/bench_optimizers.py`` (cosine to the exact product ≥ 0.99
 on the benchmark models).
 
 While an operator is open (``with HessianOperator(...) as op:``) every product sees the same loss:

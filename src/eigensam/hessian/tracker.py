@@ -35,7 +35,7 @@ class EigenTracker:
         iters: int = 5,
         *,
         method: str = "power",
-        backend: str = "fd-forward",
+        backend: str = "autograd",
         mode: str | None = "train",
         seed: int = 0,
     ):

@@ -37,7 +37,7 @@ class TrackedSAM(SAM):
         eig_interval: int = 100,
         eig_iters: int = 5,
         eig_method: str = "power",
-        hvp: str = "fd-forward",
+        hvp: str = "autograd",
         hessian_mode: str = "train",
         seed: int = 0,
         **kwargs: Any,

@@ -156,16 +156,23 @@ class SAM(Optimizer):
         return flatten([p.grad for p in params], params)
 
     @torch.no_grad()
+    def perturbation(self, grad: Tensor) -> Tensor:
+        """The flat perturbation ``ε`` this optimizer would apply for the flat gradient ``grad``
+        (for measurements such as Align(ε, v₁); nothing is changed)."""
+        params = self._params()
+        if float(grad.norm()) == 0:
+            return torch.zeros_like(grad)
+        rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
+        directions = self._ascent_direction(grad)
+        return flatten([d * rho for d, rho in zip(directions, rhos, strict=True)], params)
+
+    @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to ``w + ε`` using the gradients now in ``p.grad`` (saving ``w``)."""
         params = self._params()
         grad = self._flat_grad()
         self._saved_params = [p.detach().clone() for p in params]
-        if float(grad.norm()) > 0:
-            directions = self._ascent_direction(grad)
-            rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
-            for p, d, rho in zip(params, directions, rhos, strict=True):
-                p.add_(d, alpha=rho)
+        torch._foreach_add_(params, unflatten(self.perturbation(grad), params))
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
