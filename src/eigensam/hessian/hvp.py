@@ -17,11 +17,11 @@ so they measure a smoothed Hessian, not the almost-everywhere Hessian that ``"au
 on the paper's ReLU SimpleCNN their cosine to the exact product is near 0 for random directions
 and about 0.96-0.99 along the top eigenvector (``benchmarks/bench_optimizers.py``). That is why
 ``"autograd"`` is the default of the optimizers. On smooth networks (GeLU, tanh) they agree with
-the exact product. The finite-difference backends need only gradients, so they work with any model (kernels without
-double backward, mixed precision, DDP where the gradient all-reduce makes the product global).
-Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting to
-``FD_SCALE[backend]``, checked in ``benchmarks/bench_optimizers.py`` (cosine to the exact product ≥ 0.99
-on the benchmark models).
+the exact product. The finite-difference backends need only gradients, so they work with any
+model (kernels without double backward, mixed precision, DDP where the gradient all-reduce makes
+the product global). Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting
+to ``FD_SCALE[backend]`` (tested on a smooth MLP: relative error 1e-6 / 1e-3 in float64 for
+central / forward differences, ``tests/hessian/test_hvp.py``).
 
 While an operator is open (``with HessianOperator(...) as op:``) every product sees the same loss:
 the RNG is reset to the state it had on entry before each closure call (same dropout masks), all
