@@ -1,0 +1,60 @@
+"""Curvature of a loss at given parameters: Hessian-vector products, eigenpairs, trace, density.
+
+Low level: :class:`HessianOperator` (one closure), :class:`DatasetHessian` (a model over a fixed
+list of batches), the solvers :func:`power_iteration`, :func:`lanczos`,
+:func:`deflated_power_iteration`, :func:`slq_density`, :func:`hutchinson_trace`,
+:func:`hutchpp_trace`, and :class:`EigenTracker` used by the optimizers.
+High level (:mod:`eigensam.hessian.analysis`): :func:`top_eigenvalues`, :func:`trace`,
+:func:`density`, :func:`spectrum_report` and :func:`power_convergence_report`.
+"""
+
+from eigensam.hessian.analysis import (
+    density,
+    power_convergence_report,
+    spectrum_report,
+    top_eigenvalues,
+    trace,
+)
+from eigensam.hessian.dataset import DatasetHessian, NondeterministicHessianError
+from eigensam.hessian.eigen import (
+    EigenResult,
+    deflated_power_iteration,
+    lanczos,
+    lanczos_tridiagonal,
+    power_iteration,
+)
+from eigensam.hessian.hvp import HessianOperator
+from eigensam.hessian.metrics import abs_cosine, align, cosine
+from eigensam.hessian.spectrum import (
+    SpectralDensity,
+    TraceEstimate,
+    hutchinson_trace,
+    hutchpp_trace,
+    slq_density,
+)
+from eigensam.hessian.tracker import EigenTracker
+
+__all__ = [
+    "DatasetHessian",
+    "EigenResult",
+    "EigenTracker",
+    "HessianOperator",
+    "NondeterministicHessianError",
+    "SpectralDensity",
+    "TraceEstimate",
+    "abs_cosine",
+    "align",
+    "cosine",
+    "deflated_power_iteration",
+    "density",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos",
+    "lanczos_tridiagonal",
+    "power_convergence_report",
+    "power_iteration",
+    "slq_density",
+    "spectrum_report",
+    "top_eigenvalues",
+    "trace",
+]

@@ -1,0 +1,283 @@
+"""Run folder outputs: config snapshot, JSONL metrics, atomic checkpoints, summary, plots, tables.
+
+A run folder holds:
+
+``config.yaml``
+    the configuration the run was started with.
+``metrics.jsonl``
+    one JSON object per line, appended and flushed to disk (``fsync``) record by record, so a
+    killed run leaves every finished record readable. Each record has a ``kind``: ``"train"``
+    (mean training loss over the last few steps), ``"track"`` (sharpness measurement),
+    ``"eval"`` (end of epoch evaluation) or ``"stopped"`` (why a run ended early).
+``checkpoint.pt``
+    the latest checkpoint, replaced atomically (written to a temporary file in the same folder,
+    then ``os.replace``), so it is always either the previous or the new checkpoint.
+``summary.json``
+    final results, written atomically at the very end: its presence marks a finished run.
+``curves.png`` and ``summary.md``
+    the run's curves and its results table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import yaml
+from matplotlib.figure import Figure
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "curves.png"
+TABLE_FILE = "summary.md"
+
+Record = dict[str, Any]
+
+# --------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entry list to disk (POSIX), so a completed rename survives a crash."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(file)``: into a temporary file in the same folder, flushed
+    to disk, then ``os.replace``d over ``path``. Readers see the old or the new file, never a part.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+
+def write_yaml(path: Path, obj: Mapping[str, Any]) -> None:
+    """Atomically write a mapping as YAML, keys in the given order."""
+    write_text(path, yaml.safe_dump(dict(obj), sort_keys=False))
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Atomically ``torch.save`` a checkpoint."""
+    atomic_write(path, lambda f: torch.save(dict(state), f))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------
+# JSONL metrics
+
+
+def append_record(path: Path, record: Record) -> None:
+    """Append one JSON line to ``path`` and flush it to disk before returning."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, allow_nan=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_records(path: Path, records: Iterable[Record]) -> None:
+    """Atomically replace ``path`` with the given records, one JSON line each."""
+    write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
+
+
+def read_records(path: Path) -> list[Record]:
+    """All records of a JSONL file. An unterminated last line (a write cut short by a kill) is
+    ignored; any other malformed line raises ``ValueError`` naming the file and line."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no newline after it: an interrupted append
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from error
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and tables
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%).
+
+    Solves ``P(|T| ≤ t) = 0.95`` by bisection on the closed form of ``P(|T| ≤ t)`` for integer
+    ``df`` (Abramowitz & Stegun 26.7.3-4), with ``θ = atan(t/√df)``, ``c = cos²θ``:
+    even df: ``sin θ · Σ_{j<df/2} a_j c^j``, ``a_0 = 1``, ``a_j = a_{j−1}(2j−1)/(2j)``;
+    odd df: ``(2/π)(θ + sin θ cos θ · Σ_{j<(df−1)/2} b_j c^j)``, ``b_0 = 1``,
+    ``b_j = b_{j−1}(2j)/(2j+1)`` (no sum for df = 1).
+    """
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+
+    def central(t: float) -> float:
+        theta = math.atan(t / math.sqrt(df))
+        c = math.cos(theta) ** 2
+        if df % 2 == 0:
+            term, total = 1.0, 1.0
+            for j in range(1, df // 2):
+                term *= c * (2 * j - 1) / (2 * j)
+                total += term
+            return math.sin(theta) * total
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for j in range(1, (df - 1) // 2):
+            term *= c * (2 * j) / (2 * j + 1)
+            total += term
+        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+
+    low, high = 0.0, 1.0
+    while central(high) < 0.95:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if central(mid) < 0.95 else (low, mid)
+    return (low + high) / 2
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and half-width of its 95% Student-t confidence interval ``t_{0.975,n−1}·s/√n``
+    (``s`` the sample standard deviation); the half-width is None for a single value."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("values must not be empty")
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, None
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t_quantile_975(n - 1) * std / math.sqrt(n)
+
+
+def format_estimate(values: Sequence[float | None], digits: int, scale: float = 1.0) -> str:
+    """``mean ± half-width`` of the non-missing values times ``scale`` (just the value for one;
+    ``–`` for none)."""
+    present = [scale * v for v in values if v is not None and math.isfinite(v)]
+    if not present:
+        return "–"
+    mean, half = mean_ci(present)
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+# (summary key, column title, scale, digits)
+SUMMARY_COLUMNS = (
+    ("test_acc", "test acc (%)", 100.0, 2),
+    ("test_loss", "test loss", 1.0, 4),
+    ("final_lambda1", "final λ₁", 1.0, 3),
+    ("mean_align", "mean Align(ε, v₁)", 1.0, 3),
+    ("train_seconds", "train time (s)", 1.0, 1),
+    ("track_seconds", "tracking time (s)", 1.0, 1),
+)
+
+
+def summary_table(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Markdown table, one row per group (method) of run summaries (seeds): every
+    :data:`SUMMARY_COLUMNS` entry as mean ± 95% CI over the group's runs, plus their count."""
+    header = ["method", "runs", *(title for _, title, _, _ in SUMMARY_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in groups.items():
+        cells = [name, str(len(runs))]
+        for key, _, scale, digits in SUMMARY_COLUMNS:
+            cells.append(format_estimate([run.get(key) for run in runs], digits, scale))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "mean ± 95% confidence interval (Student t) over seeds; a single run shows its value.",
+        "final λ₁: top Hessian eigenvalue of the training loss on a fixed batch at the end "
+        "(Lanczos); mean Align: over the sharpness measurements during training.",
+    ]
+    gradient_rows = [
+        name
+        for name, runs in groups.items()
+        if any(run.get("align_of") == "gradient" for run in runs)
+    ]
+    if gradient_rows:
+        notes.append(
+            f"{', '.join(gradient_rows)}: no perturbation is applied; "
+            "Align is that of the gradient."
+        )
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+
+# (record kind, x key, y key, title)
+PANELS = (
+    ("eval", "epoch", "test_acc", "test accuracy"),
+    ("train", "step", "loss", "train loss"),
+    ("track", "step", "lambda1", "λ₁ (top Hessian eigenvalue)"),
+    ("track", "step", "align", "Align(ε, v₁)"),
+)
+
+
+def mean_curve(
+    runs: Sequence[Sequence[Record]], kind: str, x: str, y: str
+) -> tuple[list[float], list[float]]:
+    """``(xs, ys)``: at every ``x`` where some run has a finite ``y`` in a record of ``kind``,
+    the mean of those runs' values."""
+    points: dict[float, list[float]] = {}
+    for records in runs:
+        for record in records:
+            value = record.get(y)
+            if record.get("kind") == kind and value is not None and math.isfinite(value):
+                points.setdefault(record[x], []).append(value)
+    xs = sorted(points)
+    return xs, [math.fsum(points[k]) / len(points[k]) for k in xs]
+
+
+def plot_curves(groups: Mapping[str, Sequence[Sequence[Record]]], path: Path, title: str) -> None:
+    """A PNG with one panel per :data:`PANELS` entry and one line per group (its runs' mean)."""
+    fig = Figure(figsize=(12, 8.5), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (kind, x, y, panel_title) in zip(axes, PANELS, strict=True):
+        for name, runs in groups.items():
+            xs, ys = mean_curve(runs, kind, x, y)
+            if xs:
+                ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=name)
+        ax.set_title(panel_title)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

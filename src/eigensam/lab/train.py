@@ -1,0 +1,759 @@
+"""The training engine: a validated configuration, optimizer factory, loop, tracking and resume.
+
+One run trains ``config.model`` on ``config.dataset`` with SGD (momentum, weight decay) wrapped by
+the chosen sharpness-aware method, evaluates every epoch and writes its run folder
+(:mod:`eigensam.lab.tracking`). The learning rate follows a cosine schedule *per step*:
+``lr_t = lr · ½(1 + cos(π t / T))`` for step ``t`` of ``T = epochs · steps_per_epoch`` (the value
+used for step ``t`` is ``lr_t``; the first step uses ``lr``).
+
+Runs are reproducible on CPU from ``seed``: it seeds the model initialization and dropout (the
+global torch RNG), the shuffling and augmentation (the batch loader's own generator) and the
+Eigen-SAM/X-SAM eigenvector start. A checkpoint stores all of them, so a resumed run reaches the
+same weights, bit for bit, as an uninterrupted one.
+
+Sharpness tracking (``track_every = k > 0``) measures, every ``k`` steps, on the current batch and
+*before* the optimizer step: λ₁ of the mini-batch training loss (train mode) by Lanczos
+(algebraically largest, warm-started from the previous measurement, stopped when the relative
+residual ``‖Hv − λv‖/|λ|`` is at most ``track_tol`` or after ``track_iters`` products), the
+gradient norm, and Align(ε, v₁) and |cos(ε, v₁)| of the perturbation ε the optimizer applies at
+that step (for SGD and EGR, which apply none, those of the gradient). Eigen-SAM's ε is computed
+with the eigenvector estimate it will use at that step, refreshed first on a copy of its tracker
+when a refresh is due. Every measurement runs inside a :class:`HessianOperator`, which restores
+the RNG state, BatchNorm buffers, module modes and gradients, so tracking never changes the
+trajectory; its time is reported separately.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from eigensam.hessian.eigen import lanczos, random_unit_vector
+from eigensam.hessian.hvp import BACKENDS, HessianOperator
+from eigensam.hessian.metrics import abs_cosine, align
+from eigensam.hessian.tracker import METHODS as EIG_METHODS
+from eigensam.lab import tracking
+from eigensam.lab.data import (
+    DATASETS,
+    SYNTHETIC,
+    BatchLoader,
+    DataSplits,
+    TensorData,
+    default_augmentation,
+    load_dataset,
+)
+from eigensam.lab.models import MODELS, build_model
+from eigensam.optim import EGR, SAM, XSAM, EigenSAM, ReverseSAM
+
+METHODS = ("sgd", "sam", "asam", "eigen-sam", "x-sam", "reverse-sam", "egr")
+DEFAULT_ALPHA = {"eigen-sam": 0.2, "x-sam": 1.0}
+LR_SCHEDULES = ("cosine", "constant")
+HESSIAN_MODES = ("train", "eval")
+EVAL_BATCH_SIZE = 1024
+# Fields that may differ between a run and its resumption: they do not change the result.
+RESUME_FREE_FIELDS = ("out_dir", "data_dir", "download")
+
+
+def _opt(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; validated on construction (``ValueError`` or
+    ``TypeError`` naming the field, its value and what is allowed). Defaults follow the paper's
+    recipe (§6.2, Appendix E)."""
+
+    dataset: str = _opt("fashion-mnist", f"one of {', '.join((*DATASETS, SYNTHETIC))}")
+    data_dir: str | None = _opt(None, "dataset root (default $EIGENSAM_DATA or ~/.cache)")
+    download: bool = _opt(False, "download a missing dataset with torchvision")
+    train_subset: int | None = _opt(None, "train on a seeded random subset of this size")
+    val_fraction: float = _opt(0.0, "fraction of the training (sub)set held out for validation")
+    data_seed: int = _opt(0, "seed of the subset and validation split (shared by all seeds)")
+    augment: bool = _opt(True, "random crop (pad 4) and flip as in data.default_augmentation")
+    model: str = _opt("simplecnn", f"one of {', '.join(MODELS)}")
+    width: float = _opt(1.0, "width multiplier of the model")
+    method: str = _opt("sgd", f"one of {', '.join(METHODS)}")
+    epochs: int = _opt(200, "number of epochs")
+    batch_size: int = _opt(256, "mini-batch size")
+    lr: float = _opt(0.1, "initial learning rate")
+    lr_schedule: str = _opt("cosine", "cosine (per step, to 0) or constant")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-5, "SGD weight decay")
+    nesterov: bool = _opt(False, "Nesterov momentum")
+    label_smoothing: float = _opt(0.0, "label smoothing of the training loss")
+    rho: float = _opt(0.05, "perturbation radius (SAM family, EGR coefficient)")
+    alpha: float | None = _opt(None, "Eigen-SAM (default 0.2) / X-SAM (default 1, in [0, 2])")
+    eta: float = _opt(0.01, "ASAM: T = |w| + eta")
+    eig_interval: int = _opt(100, "Eigen-SAM/X-SAM: eigenvector refresh interval p (steps)")
+    eig_iters: int = _opt(5, "Eigen-SAM/X-SAM: Hessian-vector products per refresh q")
+    eig_method: str = _opt("power", f"Eigen-SAM/X-SAM solver: one of {', '.join(EIG_METHODS)}")
+    hvp: str = _opt("autograd", f"Hessian-vector products: one of {', '.join(BACKENDS)}")
+    hessian_mode: str = _opt("train", "model mode during the optimizer's Hessian products")
+    seed: int = _opt(0, "seed of initialization, shuffling, augmentation, dropout")
+    track_every: int = _opt(0, "measure sharpness every k steps (0: off)")
+    track_iters: int = _opt(20, "Lanczos budget (Hessian-vector products) per measurement")
+    track_tol: float = _opt(1e-3, "Lanczos stops at relative residual ‖Hv − λv‖/|λ| ≤ tol")
+    log_every: int = _opt(10, "log the mean training loss every n steps")
+    device: str = _opt("cpu", "torch device, e.g. cpu, cuda, cuda:1")
+    out_dir: str | None = _opt(None, "run folder (default runs/<dataset>-<model>-<method>-seed<s>)")
+    checkpoint_every_epochs: int = _opt(1, "checkpoint every n epochs (and at the end)")
+    checkpoint_every_steps: int = _opt(0, "also checkpoint every n steps (0: off)")
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, (*DATASETS, SYNTHETIC))
+        _check_optional_str("data_dir", self.data_dir)
+        _check_bool("download", self.download)
+        if self.train_subset is not None:
+            _check_int("train_subset", self.train_subset, 1)
+        _check_real("val_fraction", self.val_fraction, 0, 1, high_open=True)
+        _check_int("data_seed", self.data_seed, 0)
+        _check_bool("augment", self.augment)
+        _check_choice("model", self.model, tuple(MODELS))
+        _check_real("width", self.width, 0, low_open=True)
+        _check_choice("method", self.method, METHODS)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_real("lr", self.lr, 0, low_open=True)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_real("momentum", self.momentum, 0, 1, high_open=True)
+        _check_real("weight_decay", self.weight_decay, 0)
+        _check_bool("nesterov", self.nesterov)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0, got momentum=0")
+        _check_real("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        _check_real("rho", self.rho, 0)
+        if self.alpha is not None:
+            _check_real("alpha", self.alpha, 0)
+        if self.method == "x-sam" and not 0 <= self.resolved_alpha <= 2:
+            raise ValueError(f"alpha must be in [0, 2] for method x-sam, got {self.alpha}")
+        _check_real("eta", self.eta, 0)
+        _check_int("eig_interval", self.eig_interval, 1)
+        _check_int("eig_iters", self.eig_iters, 1)
+        _check_choice("eig_method", self.eig_method, EIG_METHODS)
+        _check_choice("hvp", self.hvp, BACKENDS)
+        _check_choice("hessian_mode", self.hessian_mode, HESSIAN_MODES)
+        _check_int("seed", self.seed, 0)
+        _check_int("track_every", self.track_every, 0)
+        _check_int("track_iters", self.track_iters, 1)
+        _check_real("track_tol", self.track_tol, 0, low_open=True)
+        _check_int("log_every", self.log_every, 1)
+        _check_optional_str("device", self.device)
+        try:
+            torch.device(self.device)
+        except RuntimeError as error:
+            raise ValueError(
+                f"device must be a torch device such as 'cpu' or 'cuda:0', got "
+                f"{self.device!r} ({error})"
+            ) from None
+        _check_optional_str("out_dir", self.out_dir)
+        _check_int("checkpoint_every_epochs", self.checkpoint_every_epochs, 1)
+        _check_int("checkpoint_every_steps", self.checkpoint_every_steps, 0)
+
+    @property
+    def resolved_alpha(self) -> float:
+        """``alpha``, or the method's default when it is None (0 for methods without alpha)."""
+        return DEFAULT_ALPHA.get(self.method, 0.0) if self.alpha is None else float(self.alpha)
+
+    @property
+    def run_dir(self) -> Path:
+        """``out_dir``, or ``runs/<dataset>-<model>-<method>-seed<seed>``."""
+        if self.out_dir is not None:
+            return Path(self.out_dir)
+        return Path("runs") / f"{self.dataset}-{self.model}-{self.method}-seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_optional_str(name: str, value: object) -> None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r}")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+
+
+def _check_real(
+    name: str,
+    value: object,
+    low: float,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    interval = (
+        ("(" if low_open else "[")
+        + f"{low}, "
+        + ("inf)" if high is None else f"{high}" + (")" if high_open else "]"))
+    )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number in {interval}, got {value!r}")
+    ok = math.isfinite(value) and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be a number in {interval}, got {value}")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration files
+
+
+def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from a mapping (a YAML file, ``--set`` overrides). Unknown keys are
+    refused with the list of valid ones; for number fields, strings that read as numbers are
+    accepted (YAML 1.1 reads ``5e-5`` as a string)."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"a configuration must be a mapping of field: value, got {values!r}")
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(names)}")
+    hints = typing.get_type_hints(TrainConfig)
+    parsed = {}
+    for key, value in values.items():
+        if isinstance(value, str) and float in (hints[key], *typing.get_args(hints[key])):
+            try:
+                value = float(value)
+            except ValueError:
+                pass  # left as a string: validation reports it with the field's range
+        parsed[key] = value
+    return TrainConfig(**parsed)
+
+
+def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config file; ``overrides`` replace its values before validation."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
+    return config_from_dict({**values, **(overrides or {})})
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
+    """``torch.optim.SGD`` for ``sgd``, else the method's wrapper around it (given the module, so
+    its BatchNorm statistics are protected), with the configuration's hyperparameters."""
+    base = dict(
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+    )
+    sgd = torch.optim.SGD
+    tracked = dict(
+        alpha=config.resolved_alpha,
+        eig_interval=config.eig_interval,
+        eig_iters=config.eig_iters,
+        eig_method=config.eig_method,
+        hvp=config.hvp,
+        hessian_mode=config.hessian_mode,
+        seed=config.seed,
+    )
+    if config.method == "sgd":
+        return sgd(model.parameters(), **base)
+    if config.method == "sam":
+        return SAM(model, sgd, config.rho, **base)
+    if config.method == "asam":
+        return SAM(model, sgd, config.rho, adaptive=True, eta=config.eta, **base)
+    if config.method == "eigen-sam":
+        return EigenSAM(model, sgd, config.rho, **tracked, **base)
+    if config.method == "x-sam":
+        return XSAM(model, sgd, config.rho, **tracked, **base)
+    if config.method == "reverse-sam":
+        return ReverseSAM(model, sgd, config.rho, **base)
+    return EGR(model, sgd, config.rho, hvp=config.hvp, **base)
+
+
+def make_scheduler(config: TrainConfig, optimizer: Optimizer, total_steps: int) -> LambdaLR:
+    """Per-step schedule: factor ``½(1 + cos(π t / total_steps))`` (cosine) or 1 (constant)."""
+    if config.lr_schedule == "constant":
+        return LambdaLR(optimizer, lambda step: 1.0)
+    return LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps)))
+
+
+# --------------------------------------------------------------------------------------------
+# Sharpness tracking
+
+
+def _flat_params(model: nn.Module) -> list[Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class SharpnessProbe:
+    """λ₁ of a batch loss by Lanczos, and the alignment of the optimizer's perturbation with v₁.
+
+    The Lanczos start is the previous measurement's eigenvector (warm start); the first start is
+    a random unit vector from a private generator seeded with ``seed``.
+    """
+
+    def __init__(self, iters: int, tol: float, seed: int):
+        self.iters = iters
+        self.tol = tol
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vector: Tensor | None = None
+
+    def top_eigenpair(
+        self, closure: Callable[[], Tensor], model: nn.Module
+    ) -> tuple[dict[str, Any], Tensor, Tensor]:
+        """Record of λ₁, residual, convergence and products; v₁; and the flat gradient."""
+        params = _flat_params(model)
+        with HessianOperator(closure, params, backend="autograd", model=model, mode="train") as op:
+            if self.vector is None:
+                start = random_unit_vector(op.dim, generator=self.generator, dtype=op.dtype)
+            else:
+                start = self.vector
+            top = lanczos(op.matvec, start.to(op.device), self.iters, k=1, which="LA", tol=self.tol)
+            grad = op.gradient()
+        self.vector = top[0].eigenvector.detach().cpu()
+        record = {
+            "lambda1": top[0].eigenvalue,
+            "residual": top[0].residual,
+            "relative_residual": top[0].residual / abs(top[0].eigenvalue)
+            if top[0].eigenvalue != 0
+            else math.inf,
+            "converged": top[0].converged,
+            "hvps": top[0].num_matvecs,
+            "grad_norm": float(grad.norm()),
+        }
+        return record, top[0].eigenvector, grad
+
+    def measure(
+        self, closure: Callable[[], Tensor], model: nn.Module, optimizer: Optimizer
+    ) -> dict[str, Any]:
+        """One tracking record for the step the optimizer is about to take on this batch."""
+        record, v1, grad = self.top_eigenpair(closure, model)
+        eps, tracker = applied_perturbation(optimizer, grad, closure)
+        record["align_of"] = "gradient" if eps is grad else "perturbation"
+        nonzero = float(eps.norm()) > 0
+        record["align"] = align(eps, v1) if nonzero else None
+        record["abs_cos"] = abs_cosine(eps, v1) if nonzero else None
+        if tracker is not None:
+            vector = tracker.vector
+            record["opt_eigenvalue"] = tracker.eigenvalue
+            record["opt_vector_cos"] = None if vector is None else abs_cosine(vector, v1)
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "vector": self.vector}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.vector = state["vector"]
+
+
+def applied_perturbation(
+    optimizer: Optimizer, grad: Tensor, closure: Callable[[], Tensor]
+) -> tuple[Tensor, Any]:
+    """The perturbation ε the optimizer applies for gradient ``grad`` on this batch (``grad``
+    itself for SGD and EGR, which apply none), and the eigenvector tracker it uses, if any.
+
+    Eigen-SAM's ε depends on its estimate v̂; when a refresh is due at this step, the refresh is
+    run on a copy of its tracker (same start vector, batch and RNG: the same result), so the
+    optimizer itself is not touched.
+    """
+    if isinstance(optimizer, EGR) or not isinstance(optimizer, SAM):
+        return grad, None
+    tracker = getattr(optimizer, "tracker", None)
+    if tracker is None or not tracker.due(optimizer.sam_steps):
+        return optimizer.perturbation(grad), tracker
+    preview = copy.deepcopy(tracker)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    preview.update(closure, params, optimizer.model)
+    optimizer.tracker = preview
+    try:
+        eps = optimizer.perturbation(grad)
+    finally:
+        optimizer.tracker = tracker
+    return eps, preview
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def check_device(name: str) -> torch.device:
+    """``torch.device(name)`` if a tensor can be allocated there, else a ValueError."""
+    device = torch.device(name)
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"device {name!r} is not available here ({error})") from None
+    return device
+
+
+def make_closure(
+    model: nn.Module, criterion: nn.Module, images: Tensor, labels: Tensor
+) -> Callable[[], Tensor]:
+    """The torch.optim closure of one batch: loss, ``backward()``, return the loss."""
+
+    def closure() -> Tensor:
+        loss = criterion(model(images), labels)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy (without label smoothing) and accuracy of ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data), EVAL_BATCH_SIZE):
+        images = data.images[start : start + EVAL_BATCH_SIZE].to(device)
+        labels = data.labels[start : start + EVAL_BATCH_SIZE].to(device)
+        logits = model(images)
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == labels).sum())
+    model.train(was_training)
+    return total_loss / len(data), correct / len(data)
+
+
+def _mean(values: list[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
+
+
+def check_same_run(saved: TrainConfig, given: TrainConfig, where: Path) -> None:
+    """Refuse to continue the run in ``where`` (started with ``saved``) with a configuration that
+    differs in a field other than :data:`RESUME_FREE_FIELDS`."""
+    changed = [
+        f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(given, f.name)!r}"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in RESUME_FREE_FIELDS and getattr(saved, f.name) != getattr(given, f.name)
+    ]
+    if changed:
+        raise ValueError(
+            f"the run in {where} was started with a different configuration ({'; '.join(changed)});"
+            " resume it with its own configuration or start a new run in another out_dir"
+        )
+
+
+class Trainer:
+    """One training run, prepared on construction (validation, data, model, optimizer, run
+    folder, checkpoint restored when resuming) and executed by :meth:`run`.
+
+    ``resume`` is a run folder: the run continues from its last checkpoint (from scratch if it
+    has none) and ``config`` must match the one it was started with (``out_dir``, ``data_dir``
+    and ``download`` aside). Without ``resume``, the run folder must not hold a run yet.
+    ``data`` may pass the already loaded splits of ``config``'s dataset.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: Path | str | None = None,
+        data: DataSplits | None = None,
+    ):
+        if resume is not None:
+            resume = Path(resume)
+            snapshot = resume / tracking.CONFIG_FILE
+            if not snapshot.is_file():
+                raise FileNotFoundError(f"resume: {resume} holds no run ({snapshot} is missing)")
+            config = dataclasses.replace(config, out_dir=str(resume))
+            check_same_run(load_config(snapshot), config, resume)
+        elif (config.run_dir / tracking.CONFIG_FILE).exists():
+            raise ValueError(
+                f"out_dir {str(config.run_dir)!r} already holds a run; resume it "
+                "(--resume) or choose another out_dir"
+            )
+        self.config = config
+        self.dir = config.run_dir
+        self.device = check_device(config.device)
+        if data is None:
+            data = load_dataset(
+                config.dataset,
+                config.data_dir,
+                config.train_subset,
+                config.val_fraction,
+                config.data_seed,
+                config.download,
+            )
+        self.data = data
+        torch.manual_seed(config.seed)
+        self.model = build_model(
+            config.model, data.num_classes, data.in_channels, data.image_size, config.width
+        ).to(self.device)
+        self.optimizer = make_optimizer(config, self.model)
+        augment = default_augmentation(config.dataset) if config.augment else None
+        self.loader = BatchLoader(
+            data.train,
+            config.batch_size,
+            shuffle=True,
+            augment=augment,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        self.total_steps = config.epochs * len(self.loader)
+        self.scheduler = make_scheduler(config, self.optimizer, self.total_steps)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.probe = None
+        if config.track_every > 0:
+            self.probe = SharpnessProbe(config.track_iters, config.track_tol, config.seed)
+        self.step = 0
+        self.epoch = 0
+        self.checkpoint_step: int | None = None
+        self.records: list[tracking.Record] = []
+        self.sums = {"epoch_loss": 0.0, "epoch_steps": 0, "window_loss": 0.0, "window_steps": 0}
+        self.seconds = {"train": 0.0, "track": 0.0, "eval": 0.0}
+        self._clock = time.perf_counter()
+        checkpoint = self.dir / tracking.CHECKPOINT_FILE
+        if resume is not None and checkpoint.is_file():
+            self._restore(tracking.load_checkpoint(checkpoint))
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tracking.write_yaml(self.dir / tracking.CONFIG_FILE, config.to_dict())
+        tracking.write_records(self.dir / tracking.METRICS_FILE, self.records)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _lap(self, bucket: str) -> None:
+        """Charge the wall time since the previous lap to ``bucket`` (train, track or eval)."""
+        now = time.perf_counter()
+        self.seconds[bucket] += now - self._clock
+        self._clock = now
+
+    def _log(self, record: tracking.Record) -> None:
+        self.records.append(record)
+        tracking.append_record(self.dir / tracking.METRICS_FILE, record)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run bit for bit."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": rng,
+            "probe": None if self.probe is None else self.probe.state_dict(),
+            "sums": dict(self.sums),
+            "seconds": dict(self.seconds),
+            "records": list(self.records),
+        }
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        if self.probe is not None:
+            self.probe.load_state_dict(state["probe"])
+        self.step = self.checkpoint_step = state["step"]
+        self.epoch = state["epoch"]
+        self.sums = dict(state["sums"])
+        self.seconds = dict(state["seconds"])
+        self.records = list(state["records"])
+
+    def _checkpoint(self) -> None:
+        self._lap("train")
+        tracking.save_checkpoint(self.dir / tracking.CHECKPOINT_FILE, self.state_dict())
+        self.checkpoint_step = self.step
+
+    # -- training ------------------------------------------------------------------------------
+
+    def run(self, on_step: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
+        """Train to the last epoch, write the summary and return it. ``on_step(trainer)`` is
+        called after every step (and its checkpoint). A NaN loss (``FloatingPointError``) or an
+        interrupt stops the run with a ``stopped`` record; the last checkpoint stays valid."""
+        config = self.config
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"{config.method} seed {config.seed}",
+            unit="step",
+            disable=not sys.stdout.isatty(),
+        )
+        self._clock = time.perf_counter()
+        try:
+            while self.epoch < config.epochs:
+                for images, labels in self.loader:
+                    self._train_step(images.to(self.device), labels.to(self.device))
+                    bar.update(1)
+                    every = config.checkpoint_every_steps
+                    if every and self.step % every == 0:
+                        self._checkpoint()
+                    if on_step is not None:
+                        on_step(self)
+                self._end_epoch()
+                bar.set_postfix(self.records[-1], refresh=False)
+            return self._finish()
+        except (KeyboardInterrupt, FloatingPointError) as error:
+            stopped = {"kind": "stopped", "step": self.step, "epoch": self.epoch}
+            self._log({**stopped, "reason": type(error).__name__, "message": str(error)})
+            if isinstance(error, FloatingPointError):
+                raise FloatingPointError(
+                    f"training stopped at step {self.step}: {error}; the last checkpoint "
+                    f"(step {self.checkpoint_step}) is in {self.dir}"
+                ) from error
+            raise
+        finally:
+            bar.close()
+
+    def _train_step(self, images: Tensor, labels: Tensor) -> None:
+        config = self.config
+        closure = make_closure(self.model, self.criterion, images, labels)
+        if self.probe is not None and self.step % config.track_every == 0:
+            self._lap("train")
+            record = self.probe.measure(closure, self.model, self.optimizer)
+            self._lap("track")
+            self._log({"kind": "track", "step": self.step, "epoch": self.epoch, **record})
+        lr = self.optimizer.param_groups[0]["lr"]
+        if isinstance(self.optimizer, SAM):
+            loss = float(self.optimizer.step(closure).detach())
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = float(closure().detach())
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss}; weights were left unchanged")
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.sums["epoch_loss"] += loss
+        self.sums["epoch_steps"] += 1
+        self.sums["window_loss"] += loss
+        self.sums["window_steps"] += 1
+        if self.step % config.log_every == 0:
+            mean = self.sums["window_loss"] / self.sums["window_steps"]
+            self._log(
+                {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": mean, "lr": lr}
+            )
+            self.sums["window_loss"], self.sums["window_steps"] = 0.0, 0
+
+    def _end_epoch(self) -> None:
+        self._lap("train")
+        record: tracking.Record = {"kind": "eval", "epoch": self.epoch + 1, "step": self.step}
+        steps = self.sums["epoch_steps"]
+        record["train_loss"] = self.sums["epoch_loss"] / steps if steps else None
+        record["test_loss"], record["test_acc"] = evaluate(self.model, self.data.test, self.device)
+        if self.data.val is not None:
+            record["val_loss"], record["val_acc"] = evaluate(self.model, self.data.val, self.device)
+        self._lap("eval")
+        record.update({f"{k}_seconds": v for k, v in self.seconds.items()})
+        self._log(record)
+        self.sums["epoch_loss"], self.sums["epoch_steps"] = 0.0, 0
+        self.epoch += 1
+        if (
+            self.epoch % self.config.checkpoint_every_epochs == 0
+            or self.epoch == self.config.epochs
+        ):
+            self._checkpoint()
+
+    def final_sharpness(self) -> dict[str, Any]:
+        """λ₁ (Lanczos, as in tracking) of the training loss at the current weights on a fixed
+        batch: the first ``batch_size`` training samples, not augmented."""
+        train = self.data.train
+        count = min(self.config.batch_size, len(train))
+        closure = make_closure(
+            self.model,
+            self.criterion,
+            train.images[:count].to(self.device),
+            train.labels[:count].to(self.device),
+        )
+        assert self.probe is not None
+        record, _, _ = self.probe.top_eigenpair(closure, self.model)
+        return record
+
+    def _finish(self) -> dict[str, Any]:
+        """Final sharpness (when tracking), then curves, table and ``summary.json``."""
+        config = self.config
+        final = None
+        if self.probe is not None:
+            self._lap("train")
+            final = self.final_sharpness()
+            self._lap("track")
+            self._log({"kind": "final_sharpness", "step": self.step, **final})
+        last = [r for r in self.records if r["kind"] == "eval"][-1]
+        tracks = [r for r in self.records if r["kind"] == "track"]
+        steps = max(self.step, 1)
+        summary = {
+            "status": "finished",
+            "run_dir": str(self.dir),
+            "method": config.method,
+            "seed": config.seed,
+            "dataset": config.dataset,
+            "model": config.model,
+            "epochs": config.epochs,
+            "steps": self.step,
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+            "train_loss": last["train_loss"],
+            "test_loss": last["test_loss"],
+            "test_acc": last["test_acc"],
+            "val_loss": last.get("val_loss"),
+            "val_acc": last.get("val_acc"),
+            "final_lambda1": None if final is None else final["lambda1"],
+            "final_lambda1_relative_residual": None
+            if final is None
+            else final["relative_residual"],
+            "last_tracked_lambda1": tracks[-1]["lambda1"] if tracks else None,
+            "mean_align": _mean([r["align"] for r in tracks if r["align"] is not None]),
+            "mean_abs_cos": _mean([r["abs_cos"] for r in tracks if r["abs_cos"] is not None]),
+            "align_of": tracks[0]["align_of"] if tracks else None,
+            "train_seconds": self.seconds["train"],
+            "track_seconds": self.seconds["track"],
+            "eval_seconds": self.seconds["eval"],
+            "train_seconds_per_step": self.seconds["train"] / steps,
+        }
+        title = f"{config.method} on {config.dataset} ({config.model}), seed {config.seed}"
+        tracking.plot_curves({config.method: [self.records]}, self.dir / tracking.PLOT_FILE, title)
+        table = tracking.summary_table({config.method: [summary]})
+        tracking.write_text(self.dir / tracking.TABLE_FILE, f"# {title}\n\n{table}")
+        tracking.write_json(self.dir / tracking.SUMMARY_FILE, summary)
+        return summary
+
+
+def train(
+    config: TrainConfig,
+    resume: Path | str | None = None,
+    *,
+    data: DataSplits | None = None,
+    on_step: Callable[[Trainer], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or, with ``resume``, continue) one training run; return its summary
+    (see :class:`Trainer`)."""
+    return Trainer(config, resume, data).run(on_step)
