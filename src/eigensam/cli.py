@@ -155,7 +155,11 @@ def _run_compare(args: argparse.Namespace) -> int:
             args.dataset, args.model, args.methods, args.seeds, args.epochs, args.out, **overrides
         )
     )
-    return _execute(plan.run, "run the same command again")
+    code = _execute(plan.run, "run the same command again")
+    if code == 0:
+        out = Path(args.out)
+        print(f"wrote {out / experiments.COMPARISON_TABLE} and {out / experiments.COMPARISON_PLOT}")
+    return code
 
 
 # --------------------------------------------------------------------------------------------

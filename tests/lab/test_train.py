@@ -193,8 +193,14 @@ def test_run_writes_every_output(tmp_path: Path) -> None:
     config = tiny(tmp_path, method="eigen-sam", track_every=2, eig_interval=2, val_fraction=0.25)
     summary = train(config)
     run = tmp_path / "run"
-    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json", "curves.png",
-                 "summary.md"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "summary.json",
+        "curves.png",
+        "summary.md",
+    ):
         assert (run / name).is_file(), name
     assert not list(run.glob(".*.tmp"))
     assert load_config(run / "config.yaml") == config
@@ -207,8 +213,9 @@ def test_run_writes_every_output(tmp_path: Path) -> None:
     assert kinds[-1] == "final_sharpness"
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["epoch"] for r in evals] == [1, 2]
-    assert all({"test_acc", "test_loss", "val_acc", "val_loss", "train_loss"} <= set(r)
-               for r in evals)
+    assert all(
+        {"test_acc", "test_loss", "val_acc", "val_loss", "train_loss"} <= set(r) for r in evals
+    )
     for r in (r for r in records if r["kind"] == "track"):
         assert r["lambda1"] > 0 and r["hvps"] <= 8 and r["grad_norm"] > 0
         assert r["align_of"] == "perturbation"
@@ -273,8 +280,7 @@ def test_measurement_leaves_model_optimizer_and_rng_untouched() -> None:
     data = make_synthetic(32, 8)
     model = build_model("resnet18", 10, 1, 28, width=0.0625)
     opt = make_optimizer(TrainConfig(method="eigen-sam", eig_interval=1), model)
-    closure = make_closure(model, torch.nn.CrossEntropyLoss(), data.train.images,
-                           data.train.labels)
+    closure = make_closure(model, torch.nn.CrossEntropyLoss(), data.train.images, data.train.labels)
     opt.step(closure)  # a tracker estimate and momentum exist
     for p in model.parameters():
         p.grad = torch.full_like(p, 3.0)
@@ -289,7 +295,9 @@ def test_measurement_leaves_model_optimizer_and_rng_untouched() -> None:
     assert not model.training
     assert record["lambda1"] > 0
     assert_same_state(before["model"], model.state_dict())
-    assert all(torch.equal(g, p.grad) for g, p in zip(before["grads"], model.parameters()))
+    assert all(
+        torch.equal(g, p.grad) for g, p in zip(before["grads"], model.parameters(), strict=True)
+    )
     assert torch.equal(before["rng"], torch.get_rng_state())
     tracker = opt.tracker.state_dict()
     assert torch.equal(tracker["vector"], before["tracker"]["vector"])
@@ -302,8 +310,7 @@ def test_eigen_sam_perturbation_is_the_one_applied_when_a_refresh_is_due() -> No
     data = make_synthetic(32, 8)
     model = build_model("simplecnn", 10, 1, 28, width=0.25)
     opt = make_optimizer(TrainConfig(method="eigen-sam", alpha=0.5), model)
-    closure = make_closure(model, torch.nn.CrossEntropyLoss(), data.train.images,
-                           data.train.labels)
+    closure = make_closure(model, torch.nn.CrossEntropyLoss(), data.train.images, data.train.labels)
     _, _, grad = SharpnessProbe(4, 1e-3, seed=0).top_eigenpair(closure, model)
     assert opt.tracker.vector is None and opt.tracker.due(opt.sam_steps)
     predicted, preview = applied_perturbation(opt, grad, closure)
@@ -328,8 +335,9 @@ def test_eigen_sam_perturbation_is_the_one_applied_when_a_refresh_is_due() -> No
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(tmp_path: Path) -> None:
-    common = dict(TINY_BN, method="eigen-sam", eig_interval=2, track_every=2,
-                  checkpoint_every_steps=2)
+    common = dict(
+        TINY_BN, method="eigen-sam", eig_interval=2, track_every=2, checkpoint_every_steps=2
+    )
     train(TrainConfig(**common, out_dir=str(tmp_path / "straight")))
     broken = TrainConfig(**common, out_dir=str(tmp_path / "broken"))
     # Interrupted in the second epoch, one step after the checkpoint at step 4.
@@ -344,10 +352,14 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path: Path) -> None:
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "broken")
     assert_same_state(straight["model"], resumed["model"])
     assert straight["optimizer"]["tracker"]["num_updates"] == 3
-    assert torch.equal(straight["optimizer"]["tracker"]["vector"],
-                       resumed["optimizer"]["tracker"]["vector"])
-    for a, b in zip(straight["optimizer"]["base"]["state"].values(),
-                    resumed["optimizer"]["base"]["state"].values(), strict=True):
+    assert torch.equal(
+        straight["optimizer"]["tracker"]["vector"], resumed["optimizer"]["tracker"]["vector"]
+    )
+    for a, b in zip(
+        straight["optimizer"]["base"]["state"].values(),
+        resumed["optimizer"]["base"]["state"].values(),
+        strict=True,
+    ):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert straight["scheduler"] == resumed["scheduler"]
     assert torch.equal(straight["rng"]["torch"], resumed["rng"]["torch"])

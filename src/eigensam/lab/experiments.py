@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,13 @@ from typing import Any
 
 from eigensam.lab import tracking
 from eigensam.lab.data import DataSplits, load_dataset
-from eigensam.lab.train import TrainConfig, Trainer, check_same_run, load_config
+from eigensam.lab.train import (
+    TrainConfig,
+    Trainer,
+    check_same_run,
+    config_from_dict,
+    load_config,
+)
 
 COMPARISON_TABLE = "comparison.md"
 COMPARISON_PLOT = "comparison.png"
@@ -41,14 +48,22 @@ class Comparison:
         table."""
         summaries: dict[str, list[dict[str, Any]]] = {}
         records: dict[str, list[list[tracking.Record]]] = {}
-        for (method, _), config in self.configs.items():
+        for number, ((method, seed), config) in enumerate(self.configs.items(), start=1):
             run_dir = config.run_dir
             summary_path = run_dir / tracking.SUMMARY_FILE
             if summary_path.is_file():
                 summary = json.loads(summary_path.read_text(encoding="utf-8"))
+                status = "already finished"
             else:
                 resume = run_dir if (run_dir / tracking.CONFIG_FILE).is_file() else None
                 summary = Trainer(config, resume, self.data).run()
+                status = f"trained in {summary['train_seconds']:.0f} s"
+            print(
+                f"[{number}/{len(self.configs)}] {method} seed {seed}: {status}, "
+                f"test acc {summary['test_acc']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
             summaries.setdefault(method, []).append(summary)
             metrics = tracking.read_records(run_dir / tracking.METRICS_FILE)
             records.setdefault(method, []).append(metrics)
@@ -91,14 +106,16 @@ def plan_comparison(
     configs = {}
     for method in methods:
         for seed in seeds:
-            config = TrainConfig(
-                dataset=dataset,
-                model=model,
-                method=method,
-                seed=seed,
-                epochs=epochs,
-                out_dir=str(out / f"{method}-seed{seed}"),
-                **overrides,
+            config = config_from_dict(
+                {
+                    **overrides,
+                    "dataset": dataset,
+                    "model": model,
+                    "method": method,
+                    "seed": seed,
+                    "epochs": epochs,
+                    "out_dir": str(out / f"{method}-seed{seed}"),
+                }
             )
             snapshot = config.run_dir / tracking.CONFIG_FILE
             if snapshot.is_file():

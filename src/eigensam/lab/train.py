@@ -621,15 +621,19 @@ class Trainer:
                     if on_step is not None:
                         on_step(self)
                 self._end_epoch()
-                bar.set_postfix(self.records[-1], refresh=False)
+                bar.set_postfix(epoch=self.epoch, test_acc=self.records[-1]["test_acc"])
             return self._finish()
         except (KeyboardInterrupt, FloatingPointError) as error:
             stopped = {"kind": "stopped", "step": self.step, "epoch": self.epoch}
             self._log({**stopped, "reason": type(error).__name__, "message": str(error)})
             if isinstance(error, FloatingPointError):
+                saved = (
+                    "no checkpoint was written yet"
+                    if self.checkpoint_step is None
+                    else f"the last checkpoint (step {self.checkpoint_step}) is in {self.dir}"
+                )
                 raise FloatingPointError(
-                    f"training stopped at step {self.step}: {error}; the last checkpoint "
-                    f"(step {self.checkpoint_step}) is in {self.dir}"
+                    f"training stopped at step {self.step}: {error}; {saved}"
                 ) from error
             raise
         finally:
