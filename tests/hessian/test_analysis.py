@@ -267,6 +267,13 @@ def test_bad_arguments(problem, tmp_path):
         trace(h, 2)
     with pytest.raises(ValueError, match="top_k"):
         spectrum_report(model, batches, tmp_path, top_k=0)
+    with pytest.raises(ValueError, match="trace_matvecs must be >= 3"):
+        spectrum_report(model, batches, tmp_path, trace_matvecs=2)
+    with pytest.raises(ValueError, match="eig_tol"):
+        spectrum_report(model, batches, tmp_path, eig_tol=0)
+    with pytest.raises(ValueError, match="reference_tol"):
+        power_convergence_report(model, batches, tmp_path, reference_tol=-1.0)
+    assert not any(tmp_path.iterdir())  # nothing computed or written before the check
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="out_dir"):
         spectrum_report(model, batches, tmp_path / "file")

@@ -99,6 +99,12 @@ def _generator(seed: object) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _check_tolerance(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -332,9 +338,19 @@ def spectrum_report(
     The PNG shows the density on a log scale with ``λ₁`` and the trace in the title (prefixed by
     ``label``). Returns the dictionary written as JSON (products counted, seconds timed per part).
     """
-    check_positive_int("top_k", top_k)
-    directory = _out_dir(out_dir)
+    for name, value in [
+        ("top_k", top_k),
+        ("lanczos_iters", lanczos_iters),
+        ("num_probes", num_probes),
+        ("trace_matvecs", trace_matvecs),
+        ("eig_iters", eig_iters),
+    ]:
+        check_positive_int(name, value)
+    _check_tolerance("eig_tol", eig_tol)
     _check_choice("trace_method", trace_method, TRACE_METHODS)
+    if trace_method == "hutchpp" and trace_matvecs < 3:
+        raise ValueError(f"trace_matvecs must be >= 3 for Hutch++, got {trace_matvecs}")
+    directory = _out_dir(out_dir)
     started = time.perf_counter()
     operator = DatasetHessian(
         model, batches, criterion, backend=backend, mode=mode, params=params, check=check
@@ -406,7 +422,7 @@ def _spectrum_figure(report: dict[str, Any], grid: Tensor, curve: Tensor) -> Any
             color="tab:red",
             lw=1.0 if i == 0 else 0.6,
             ls="--",
-            label="λ₁ (Lanczos)" if i == 0 else None,
+            label="λ₁ (Lanczos)" if i == 0 else "λ₂…λ_k" if i == 1 else None,
         )
     axes.set_ylim(bottom=floor, top=peak * 3)
     axes.set_xlabel("eigenvalue")
@@ -516,6 +532,8 @@ def power_convergence_report(
     - ``None``: warm-start curves are left out.
     """
     check_positive_int("max_steps", max_steps)
+    check_positive_int("reference_iters", reference_iters)
+    _check_tolerance("reference_tol", reference_tol)
     directory = _out_dir(out_dir)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -608,6 +626,7 @@ def power_convergence_report(
 
 def _convergence_figure(report: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(9.0, 3.8), dpi=120, layout="constrained")
     steps = report["steps"]
@@ -626,6 +645,7 @@ def _convergence_figure(report: dict[str, Any]) -> Any:
                     ms=2.5,
                     label=f"{method}, {start} start",
                 )
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("Hessian-vector products")
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)

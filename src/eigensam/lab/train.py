@@ -624,6 +624,7 @@ class Trainer:
                 bar.set_postfix(epoch=self.epoch, test_acc=self.records[-1]["test_acc"])
             return self._finish()
         except (KeyboardInterrupt, FloatingPointError) as error:
+            self._lap("train")
             stopped = {"kind": "stopped", "step": self.step, "epoch": self.epoch}
             self._log({**stopped, "reason": type(error).__name__, "message": str(error)})
             if isinstance(error, FloatingPointError):
