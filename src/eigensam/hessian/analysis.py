@@ -520,7 +520,10 @@ def power_convergence_report(
     are reported). For ``t = 0..max_steps`` products the curves give ``|cos(v̂_t, v₁)|``,
     ``Align(v̂_t, v₁)`` (paper §4.3) and the eigenvalue estimate, where ``v̂_t`` is the power
     iterate after ``t`` products (``v̂_0`` the start) or the top Ritz vector of the ``t``-step
-    Krylov space.
+    Krylov space. (The power iterate after ``t`` products lies in the ``t + 1``-dimensional Krylov
+    space, the Ritz vector in the ``t``-dimensional one, so Lanczos trails by one product at the
+    start: with one product its estimate is still the start vector.) Each curve costs
+    ``max_steps`` products (:func:`estimates_by_step`).
 
     Starts: *cold* is a random unit vector (seed ``seed + 1``); *warm* is ``warm_start``:
 

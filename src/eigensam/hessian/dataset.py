@@ -93,7 +93,9 @@ class DatasetHessian:
         with DatasetHessian(model, batches, mode="eval") as op:
             hv = op.matvec(v)
 
-    ``criterion`` (default ``nn.CrossEntropyLoss()``) must return the batch mean. ``params``
+    ``batches`` is any iterable of ``(inputs, targets)`` pairs; it is turned into a list once, so
+    a shuffling or augmenting loader is sampled once and then fixed. ``criterion`` (default
+    ``nn.CrossEntropyLoss()``) must return the batch mean. ``params``
     (default: the model's parameters with ``requires_grad``) fixes the variables and the order of
     the flat vectors. ``backend`` and ``fd_scale`` are those of
     :class:`~eigensam.hessian.hvp.HessianOperator`; ``mode`` is "train", "eval" or None (leave the
