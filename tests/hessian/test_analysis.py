@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from hessian_truth import weighted_hessian
 from torch import nn
-from torch.func import functional_call
 
 from eigensam.hessian import (
     DatasetHessian,
@@ -20,7 +20,6 @@ from eigensam.hessian import (
     trace,
 )
 from eigensam.hessian.analysis import estimates_by_step
-from eigensam.hessian.hvp import BufferSnapshot, flatten
 
 F64 = torch.float64
 SIZES = (5, 8, 11)
@@ -38,26 +37,6 @@ def make_batches(sizes=SIZES, seed=1):
         (torch.randn(n, 6, generator=g, dtype=F64), torch.randint(0, 4, (n,), generator=g))
         for n in sizes
     ]
-
-
-def weighted_hessian(model, batches):
-    """``Σ_i (n_i/N) ∇²L_i`` by torch.autograd.functional.hessian (ground truth)."""
-    names = [n for n, _ in model.named_parameters()]
-    params = list(model.parameters())
-    total = sum(x.shape[0] for x, _ in batches)
-    snapshot = BufferSnapshot(model)
-
-    def hessian(x, y):
-        def loss_of(flat):
-            chunks = flat.split([p.numel() for p in params])
-            named = {n: c.view_as(p) for n, c, p in zip(names, chunks, params, strict=True)}
-            return nn.functional.cross_entropy(functional_call(model, named, (x,)), y)
-
-        return torch.autograd.functional.hessian(loss_of, flatten(params, params).detach())
-
-    h = sum(x.shape[0] / total * hessian(x, y) for x, y in batches)
-    snapshot.restore()
-    return h
 
 
 @pytest.fixture(scope="module")

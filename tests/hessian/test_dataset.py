@@ -3,11 +3,11 @@ determinism check, against full Hessians from torch.autograd.functional.hessian.
 
 import pytest
 import torch
+from hessian_truth import full_hessian
+from hessian_truth import weighted_hessian as weighted_hessian_in_current_mode
 from torch import nn
-from torch.func import functional_call
 
 from eigensam.hessian.dataset import DatasetHessian, NondeterministicHessianError
-from eigensam.hessian.hvp import BufferSnapshot, flatten
 
 F64 = torch.float64
 SIZES = (5, 8, 11)
@@ -33,29 +33,11 @@ def make_batches(sizes=SIZES, seed=1):
     ]
 
 
-def full_hessian(model, x, y):
-    """∇² of the mean cross-entropy on (x, y) by torch.autograd.functional.hessian, with the
-    model in whatever mode it is in; buffers (BatchNorm statistics) are left unchanged."""
-    names = [n for n, _ in model.named_parameters()]
-    params = list(model.parameters())
-    snapshot = BufferSnapshot(model)
-
-    def loss_of(flat):
-        chunks = flat.split([p.numel() for p in params])
-        named = {n: c.view_as(p) for n, c, p in zip(names, chunks, params, strict=True)}
-        return nn.functional.cross_entropy(functional_call(model, named, (x,)), y)
-
-    h = torch.autograd.functional.hessian(loss_of, flatten(params, params).detach())
-    snapshot.restore()
-    return h
-
-
 def weighted_hessian(model, batches, mode):
     """``Σ_i (n_i/N) H_i`` in ``mode``; the model's mode is restored."""
     training = model.training
     model.train(mode == "train")
-    total = sum(x.shape[0] for x, _ in batches)
-    h = sum(x.shape[0] / total * full_hessian(model, x, y) for x, y in batches)
+    h = weighted_hessian_in_current_mode(model, batches)
     model.train(training)
     return h
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from hessian_truth import full_hessian
 from torch import nn
-from torch.func import functional_call
 
 from eigensam.hessian.eigen import power_iteration
-from eigensam.hessian.hvp import HessianOperator, flatten
+from eigensam.hessian.hvp import HessianOperator
 from eigensam.hessian.tracker import EigenTracker
 
 
@@ -31,19 +31,6 @@ def closure_for(model, x, y):
         return loss
 
     return closure
-
-
-def full_hessian(model, x, y):
-    """The full Hessian of the loss by torch.autograd.functional.hessian (ground truth)."""
-    names = [n for n, _ in model.named_parameters()]
-    params = list(model.parameters())
-
-    def loss_of(flat):
-        chunks = flat.split([p.numel() for p in params])
-        named = {n: c.view_as(p) for n, c, p in zip(names, chunks, params, strict=True)}
-        return nn.functional.cross_entropy(functional_call(model, named, (x,)), y)
-
-    return torch.autograd.functional.hessian(loss_of, flatten(params, params).detach())
 
 
 @pytest.mark.parametrize(

@@ -171,7 +171,8 @@ def _lanczos_steps(
     """
     dtype = q1.dtype
     eps = torch.finfo(dtype).eps
-    state = _LanczosState(basis=torch.empty(num_iters, q1.numel(), dtype=dtype, device=q1.device))
+    # The basis grows by doubling, so a generous num_iters with early stopping costs no memory.
+    state = _LanczosState(basis=q1.new_empty(min(num_iters, 8), q1.numel()))
     state.basis[0] = q1
     norm_estimate = 0.0  # max row sum of |T| so far, a lower bound on ‖H‖
     for j in range(num_iters):
@@ -199,6 +200,9 @@ def _lanczos_steps(
             state.betas[-1] = 0.0
             state.breakdown = False
             beta = float(w.double().norm())
+        if j + 1 == len(state.basis):
+            grown = min(2 * len(state.basis), num_iters)
+            state.basis = torch.cat([state.basis, state.basis.new_empty(grown - j - 1, w.numel())])
         state.basis[j + 1] = w / beta
 
 
