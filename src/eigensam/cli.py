@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from eigensam.hessian.analysis import power_convergence_report, spectrum_report
 from eigensam.lab import experiments
+from eigensam.lab.checkpoints import fixed_batches, load_trained
 from eigensam.lab.train import METHODS, TrainConfig, Trainer, load_config
 
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
@@ -206,8 +208,115 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# spectrum and power-convergence
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_compare, _add_train]
+
+def _add_measure_flags(parser: argparse.ArgumentParser, data_subset: int) -> None:
+    parser.add_argument("checkpoint", type=Path, help="run folder or checkpoint.pt")
+    parser.add_argument(
+        "--data-subset",
+        type=int,
+        default=data_subset,
+        help=f"training samples the Hessian averages over (default: {data_subset})",
+    )
+    parser.add_argument("--batch-size", type=int, default=128, help="default: 128")
+    parser.add_argument(
+        "--mode", choices=("train", "eval"), default="train", help="model mode (default: train)"
+    )
+    parser.add_argument("--hvp", default="autograd", help="HVP backend (default: autograd)")
+    parser.add_argument("--seed", type=int, default=0, help="default: 0")
+    parser.add_argument("--out", type=Path, help="output folder (default: the run folder)")
+
+
+def _add_spectrum(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "spectrum",
+        help="top eigenvalues, trace and spectral density of a trained model's Hessian",
+        description="Write spectrum.json and spectrum.png (log-scale density, as the paper's "
+        "Figure 3) for the Hessian of the training loss averaged over --data-subset samples.",
+    )
+    _add_measure_flags(parser, data_subset=512)
+    parser.add_argument("--top-k", type=int, default=1, help="default: 1")
+    parser.add_argument("--lanczos-iters", type=int, default=90, help="SLQ steps (default: 90)")
+    parser.add_argument("--trace-matvecs", type=int, default=99, help="Hutch++ budget (def. 99)")
+    parser.set_defaults(handler=_run_spectrum)
+
+
+def _run_spectrum(args: argparse.Namespace) -> int:
+    trained = _prepare(lambda: load_trained(args.checkpoint))
+    batches = _prepare(lambda: fixed_batches(trained.config, args.data_subset, args.batch_size))
+    out = args.out or trained.folder
+    report = _prepare(
+        lambda: spectrum_report(
+            trained.model,
+            batches,
+            out,
+            top_k=args.top_k,
+            lanczos_iters=args.lanczos_iters,
+            trace_matvecs=args.trace_matvecs,
+            mode=args.mode,
+            backend=args.hvp,
+            seed=args.seed,
+            label=f"{trained.config.method} step {trained.step}",
+        )
+    )
+    eigenvalues = ", ".join(f"{e['eigenvalue']:.4g}" for e in report["eigenvalues"])
+    trace = report["trace"]
+    print(f"top eigenvalues: {eigenvalues}")
+    print(f"trace: {trace['estimate']:.4g} ± {trace['std_error']:.2g} (standard error)")
+    print(f"wrote {Path(out) / 'spectrum.json'} and {Path(out) / 'spectrum.png'}")
+    return 0
+
+
+def _add_power_convergence(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "power-convergence",
+        help="alignment of the top-eigenvector estimate vs HVP steps (paper Figure 5)",
+        description="Write power_convergence.json and .png: |cos| and Align of power iteration "
+        "and Lanczos estimates with the converged top eigenvector, per HVP step, from a cold "
+        "(random) start and a warm start (the checkpoint's Eigen-SAM/X-SAM tracker vector, else "
+        "the converged eigenvector of the next --data-subset samples).",
+    )
+    _add_measure_flags(parser, data_subset=128)
+    parser.add_argument("--max-steps", type=int, default=20, help="default: 20")
+    parser.set_defaults(handler=_run_power_convergence)
+
+
+def _run_power_convergence(args: argparse.Namespace) -> int:
+    trained = _prepare(lambda: load_trained(args.checkpoint))
+    config = trained.config
+    batches = _prepare(lambda: fixed_batches(config, args.data_subset, args.batch_size))
+    warm = trained.tracker_vector
+    if warm is None:
+        warm = _prepare(
+            lambda: fixed_batches(config, args.data_subset, args.batch_size, args.data_subset)
+        )
+    out = args.out or trained.folder
+    _prepare(
+        lambda: power_convergence_report(
+            trained.model,
+            batches,
+            out,
+            max_steps=args.max_steps,
+            warm_start=warm,
+            mode=args.mode,
+            backend=args.hvp,
+            seed=args.seed,
+            label=f"{config.method} step {trained.step}",
+        )
+    )
+    print(f"wrote {Path(out) / 'power_convergence.json'} and .png")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _add_compare,
+    _add_train,
+    _add_spectrum,
+    _add_power_convergence,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

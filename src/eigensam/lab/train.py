@@ -8,19 +8,28 @@ used for step ``t`` is ``lr_t``; the first step uses ``lr``).
 
 Runs are reproducible on CPU from ``seed``: it seeds the model initialization and dropout (the
 global torch RNG), the shuffling and augmentation (the batch loader's own generator) and the
-Eigen-SAM/X-SAM eigenvector start. A checkpoint stores all of them, so a resumed run reaches the
-same weights, bit for bit, as an uninterrupted one.
+Eigen-SAM/X-SAM eigenvector start; ``data_seed`` picks the training subset and validation split,
+so that all seeds of a comparison see the same data. A checkpoint stores every RNG state, so a
+resumed run reaches the same weights, bit for bit, as an uninterrupted one.
 
 Sharpness tracking (``track_every = k > 0``) measures, every ``k`` steps, on the current batch and
-*before* the optimizer step: λ₁ of the mini-batch training loss (train mode) by Lanczos
-(algebraically largest, warm-started from the previous measurement, stopped when the relative
-residual ``‖Hv − λv‖/|λ|`` is at most ``track_tol`` or after ``track_iters`` products), the
-gradient norm, and Align(ε, v₁) and |cos(ε, v₁)| of the perturbation ε the optimizer applies at
-that step (for SGD and EGR, which apply none, those of the gradient). Eigen-SAM's ε is computed
-with the eigenvector estimate it will use at that step, refreshed first on a copy of its tracker
-when a refresh is due. Every measurement runs inside a :class:`HessianOperator`, which restores
-the RNG state, BatchNorm buffers, module modes and gradients, so tracking never changes the
-trajectory; its time is reported separately.
+*before* the optimizer step, in train mode (the loss being optimized, whatever ``hessian_mode``
+the optimizer uses):
+
+- λ₁ of the mini-batch loss by Lanczos (algebraically largest, warm-started from the previous
+  measurement, stopped when the relative residual ``‖Hv − λv‖/|λ|`` is at most ``track_tol`` or
+  after ``track_iters`` products), with its residual;
+- the gradient norm, and Align(ε, v₁) and |cos(ε, v₁)| of the perturbation ε the optimizer
+  applies at that step (for SGD and EGR, which apply none, those of the gradient);
+- for Eigen-SAM and X-SAM, their own cheap estimate: its eigenvalue and |cos(v̂, v₁)|. When a
+  refresh of v̂ is due at that step it is run first on a copy of their tracker (same batch, RNG
+  and start: the same result), so ε and v̂ are the ones the step uses.
+
+Every measurement runs inside a :class:`HessianOperator`, which restores the RNG state,
+BatchNorm buffers, module modes and gradients, so tracking never changes the trajectory; its
+wall time is reported separately from training time. At the end of a tracked run, λ₁ is measured
+once more on a fixed batch (the first ``batch_size`` training samples, not augmented), the
+``final_lambda1`` of the summary, comparable across methods and seeds.
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ METHODS = ("sgd", "sam", "asam", "eigen-sam", "x-sam", "reverse-sam", "egr")
 DEFAULT_ALPHA = {"eigen-sam": 0.2, "x-sam": 1.0}
 LR_SCHEDULES = ("cosine", "constant")
 HESSIAN_MODES = ("train", "eval")
-EVAL_BATCH_SIZE = 1024
+EVAL_BATCH_SIZE = 256  # faster than larger batches for the CPU-sized models
 # Fields that may differ between a run and its resumption: they do not change the result.
 RESUME_FREE_FIELDS = ("out_dir", "data_dir", "download")
 
@@ -313,10 +322,6 @@ def make_scheduler(config: TrainConfig, optimizer: Optimizer, total_steps: int) 
 # Sharpness tracking
 
 
-def _flat_params(model: nn.Module) -> list[Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 class SharpnessProbe:
     """λ₁ of a batch loss by Lanczos, and the alignment of the optimizer's perturbation with v₁.
 
@@ -333,27 +338,27 @@ class SharpnessProbe:
     def top_eigenpair(
         self, closure: Callable[[], Tensor], model: nn.Module
     ) -> tuple[dict[str, Any], Tensor, Tensor]:
-        """Record of λ₁, residual, convergence and products; v₁; and the flat gradient."""
-        params = _flat_params(model)
+        """Record of λ₁, its residual ``‖Hv − λv‖`` (absolute and relative to |λ|), convergence
+        and number of products; v₁; and the flat gradient, all in train mode."""
+        params = list(model.parameters())
         with HessianOperator(closure, params, backend="autograd", model=model, mode="train") as op:
-            if self.vector is None:
+            start = self.vector
+            if start is None:
                 start = random_unit_vector(op.dim, generator=self.generator, dtype=op.dtype)
-            else:
-                start = self.vector
             top = lanczos(op.matvec, start.to(op.device), self.iters, k=1, which="LA", tol=self.tol)
             grad = op.gradient()
-        self.vector = top[0].eigenvector.detach().cpu()
+        pair = top[0]
+        self.vector = pair.eigenvector.detach().cpu()
+        relative = pair.residual / abs(pair.eigenvalue) if pair.eigenvalue != 0 else math.inf
         record = {
-            "lambda1": top[0].eigenvalue,
-            "residual": top[0].residual,
-            "relative_residual": top[0].residual / abs(top[0].eigenvalue)
-            if top[0].eigenvalue != 0
-            else math.inf,
-            "converged": top[0].converged,
-            "hvps": top[0].num_matvecs,
+            "lambda1": pair.eigenvalue,
+            "residual": pair.residual,
+            "relative_residual": relative,
+            "converged": pair.converged,
+            "hvps": pair.num_matvecs,
             "grad_norm": float(grad.norm()),
         }
-        return record, top[0].eigenvector, grad
+        return record, pair.eigenvector, grad
 
     def measure(
         self, closure: Callable[[], Tensor], model: nn.Module, optimizer: Optimizer
@@ -385,9 +390,9 @@ def applied_perturbation(
     """The perturbation ε the optimizer applies for gradient ``grad`` on this batch (``grad``
     itself for SGD and EGR, which apply none), and the eigenvector tracker it uses, if any.
 
-    Eigen-SAM's ε depends on its estimate v̂; when a refresh is due at this step, the refresh is
-    run on a copy of its tracker (same start vector, batch and RNG: the same result), so the
-    optimizer itself is not touched.
+    When the optimizer's tracker is due for a refresh at this step (Eigen-SAM's ε depends on v̂),
+    the refresh is run on a copy of the tracker (same start vector, batch and RNG: the same
+    result) and that copy is returned, so the optimizer itself is not touched.
     """
     if isinstance(optimizer, EGR) or not isinstance(optimizer, SAM):
         return grad, None

@@ -1,0 +1,72 @@
+"""A trained model back from a run folder or checkpoint, with fixed batches to measure it on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from eigensam.lab import tracking
+from eigensam.lab.data import load_dataset
+from eigensam.lab.models import build_model
+from eigensam.lab.train import TrainConfig, config_from_dict
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class TrainedModel:
+    """A model restored from a checkpoint, its config, the Eigen-SAM/X-SAM tracker's last
+    eigenvector estimate (None for other methods) and the folder the checkpoint lies in."""
+
+    model: nn.Module
+    config: TrainConfig
+    tracker_vector: Tensor | None
+    folder: Path
+    step: int
+
+
+def checkpoint_file(path: Path | str) -> Path:
+    """The checkpoint of a run folder, or ``path`` itself if it is a file."""
+    path = Path(path)
+    file = path / tracking.CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"checkpoint: {path} is neither a checkpoint file nor a run folder holding "
+            f"{tracking.CHECKPOINT_FILE}"
+        )
+    return file
+
+
+def load_trained(path: Path | str) -> TrainedModel:
+    """Rebuild the model of a checkpoint (on the CPU) and load its weights."""
+    file = checkpoint_file(path)
+    state = tracking.load_checkpoint(file)
+    config = config_from_dict(state["config"])
+    data = load_dataset(config.dataset, config.data_dir, config.train_subset, 0.0, 0, False)
+    model = build_model(
+        config.model, data.num_classes, data.in_channels, data.image_size, config.width
+    )
+    model.load_state_dict(state["model"])
+    tracker = state["optimizer"].get("tracker") or {}
+    return TrainedModel(model, config, tracker.get("vector"), file.parent, state["step"])
+
+
+def fixed_batches(
+    config: TrainConfig, num_samples: int, batch_size: int, offset: int = 0
+) -> list[Batch]:
+    """``num_samples`` training samples from index ``offset`` (no augmentation, fixed order),
+    split into batches of ``batch_size``."""
+    for name, value, low in (("data_subset", num_samples, 1), ("batch_size", batch_size, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    train = load_dataset(config.dataset, config.data_dir, config.train_subset).train
+    if offset + num_samples > len(train.labels):
+        raise ValueError(
+            f"data_subset: {num_samples} samples from index {offset} exceed the "
+            f"{len(train.labels)} training samples"
+        )
+    images = train.images[offset : offset + num_samples]
+    labels = train.labels[offset : offset + num_samples]
+    return list(zip(images.split(batch_size), labels.split(batch_size), strict=True))

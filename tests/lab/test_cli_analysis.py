@@ -1,0 +1,39 @@
+"""`eigensam spectrum` and `eigensam power-convergence` on a tiny trained run."""
+
+import json
+
+import pytest
+
+from eigensam.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "eigen"
+    argv = ["train", "--config", "configs/cpu-synthetic-simplecnn.yaml", "--out", str(out)]
+    assert main(argv + ["--set", "epochs=1", "--set", "track_every=0"]) == 0
+    return out
+
+
+def test_spectrum_writes_json_and_png(run_dir, tmp_path, capsys):
+    argv = ["spectrum", str(run_dir), "--data-subset", "64", "--top-k", "2", "--out", str(tmp_path)]
+    assert main(argv + ["--lanczos-iters", "20", "--trace-matvecs", "12"]) == 0
+    report = json.loads((tmp_path / "spectrum.json").read_text())
+    first, second = (e["eigenvalue"] for e in report["eigenvalues"])
+    assert first >= second
+    assert (tmp_path / "spectrum.png").stat().st_size > 0
+    assert "top eigenvalues" in capsys.readouterr().out
+
+
+def test_power_convergence_uses_tracker_vector(run_dir, tmp_path):
+    argv = ["power-convergence", str(run_dir), "--data-subset", "32", "--max-steps", "4"]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "power_convergence.png").stat().st_size > 0
+    assert json.loads((tmp_path / "power_convergence.json").read_text())
+
+
+def test_bad_checkpoint_and_subset(run_dir, tmp_path, capsys):
+    assert main(["spectrum", str(tmp_path / "missing")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert main(["spectrum", str(run_dir), "--data-subset", "0"]) == 2
+    assert "data_subset" in capsys.readouterr().err
