@@ -23,15 +23,16 @@ data:
 
 main: install data
 	$(VENV)/bin/eigensam compare --dataset fashion-mnist --model simplecnn \
-		--methods sgd,sam,eigen-sam,x-sam --seeds 1 --epochs 3 --out runs/main
+		--methods sgd,sam,eigen-sam,x-sam --seeds 1 --epochs 10 --train-subset 10000 \
+		--batch-size 128 --width 0.5 --lr 0.03 --out runs/main
 
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-slow: install data
-	$(PY) -m pytest -q -m slow
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
 
 bench: install data
 	$(VENV)/bin/pip install -q -e ".[bench]"
