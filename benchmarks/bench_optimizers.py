@@ -25,12 +25,12 @@ import sys
 import time
 
 import torch
+from common import load_images
 from torch import nn
 
 from eigensam import SAM, XSAM, EigenSAM
 from eigensam.hessian.eigen import power_iteration
 from eigensam.hessian.hvp import BACKENDS, HessianOperator
-from eigensam.lab.data import load_dataset
 from eigensam.lab.models import build_model
 
 METHODS = (
@@ -45,13 +45,7 @@ METHODS = (
 
 
 def batches(batch_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    try:
-        train = load_dataset("fashion-mnist", train_subset=batch_size * count).train
-        x, y = train.images, train.labels
-    except FileNotFoundError:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch_size * count, 1, 28, 28, generator=g)
-        y = torch.randint(0, 10, (batch_size * count,), generator=g)
+    x, y, _ = load_images(batch_size * count)
     return list(zip(x.split(batch_size), y.split(batch_size), strict=True))
 
 

@@ -34,10 +34,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from common import load_images
 from torch import Tensor, nn
 
 from eigensam.hessian import DatasetHessian, abs_cosine, density, top_eigenvalues, trace
-from eigensam.lab.data import load_dataset
 from eigensam.lab.models import build_model
 
 Batch = tuple[Tensor, Tensor]
@@ -47,16 +47,6 @@ NEVER = float("-inf")
 
 
 # -------------------------------------------------------------------------------- setup
-
-
-def load_images(count: int) -> tuple[Tensor, Tensor, str]:
-    try:
-        train = load_dataset("fashion-mnist", train_subset=count).train
-        return train.images, train.labels, "Fashion-MNIST"
-    except FileNotFoundError:
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(count, 1, 28, 28, generator=g)
-        return images, torch.randint(0, 10, (count,), generator=g), "random images"
 
 
 def trained_model(args: argparse.Namespace) -> tuple[nn.Module, Batch, str, float]:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from common import load_images
 from torch import Tensor, nn
 
 from eigensam import EigenSAM
@@ -38,20 +39,9 @@ from eigensam.hessian import (
     top_eigenvalues,
 )
 from eigensam.hessian.eigen import random_unit_vector
-from eigensam.lab.data import load_dataset
 from eigensam.lab.models import build_model
 
 ESTIMATORS = ("power, warm", "lanczos, warm", "power, cold", "lanczos, cold")
-
-
-def load_images(count: int) -> tuple[Tensor, Tensor, str]:
-    try:
-        train = load_dataset("fashion-mnist", train_subset=count).train
-        return train.images, train.labels, "Fashion-MNIST"
-    except FileNotFoundError:
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(count, 1, 28, 28, generator=g)
-        return images, torch.randint(0, 10, (count,), generator=g), "random images"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
