@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from eigensam.atomic import atomic_write
 from eigensam.hessian.dataset import Batch, Criterion, DatasetHessian, check_batches
 from eigensam.hessian.eigen import (
     EigenResult,
@@ -206,33 +206,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``
-    (permissions as a plain ``open`` would give: 0o666 less the umask)."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _save(out_dir: Path, name: str, report: dict[str, Any], figure: Any) -> None:
     """Write ``{name}.png`` then ``{name}.json`` atomically into ``out_dir``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
-    _write_atomic(out_dir / f"{name}.png", buffer.getvalue())
+    atomic_write(out_dir / f"{name}.png", lambda f: f.write(buffer.getvalue()))
     text = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
-    _write_atomic(out_dir / f"{name}.json", text.encode())
+    atomic_write(out_dir / f"{name}.json", lambda f: f.write(text.encode()))
 
 
 def _out_dir(out_dir: str | os.PathLike[str]) -> Path:

@@ -23,14 +23,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 import yaml
 from matplotlib.figure import Figure
+
+from eigensam.atomic import atomic_write
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -43,35 +44,6 @@ Record = dict[str, Any]
 
 # --------------------------------------------------------------------------------------------
 # Atomic files
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entry list to disk (POSIX), so a completed rename survives a crash."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through ``write(file)``: into a temporary file in the same folder, flushed
-    to disk, then ``os.replace``d over ``path``. Readers see the old or the new file, never a part.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:
