@@ -136,6 +136,19 @@ class SAM(Optimizer):
     def _before_first_pass(self, closure: Callable[[], Tensor], scaler: Any) -> None:
         """Work done at the start of ``step`` before the first pass (none for SAM)."""
 
+    def _first_pass(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Fill ``p.grad`` with the gradient at ``w`` (gradients are already zeroed) and return
+        the loss. Variants may override it: distributed m-sharpness runs it without the gradient
+        all-reduce, Eigen-SAM reuses the gradient its eigenvector refresh computed."""
+        return call_closure(closure)
+
+    def _second_pass(self, closure: Callable[[], Tensor]) -> None:
+        """Fill ``p.grad`` with the gradient at ``w + ε``; module buffers (BatchNorm statistics)
+        are left as the first pass made them."""
+        buffers = BufferSnapshot(self.model)
+        call_closure(closure)
+        buffers.restore()
+
     # -- the two passes -----------------------------------------------------------------------
 
     def _params(self) -> list[Tensor]:
@@ -231,14 +244,12 @@ class SAM(Optimizer):
             )
         self._before_first_pass(closure, scaler)
         self.zero_grad(set_to_none=True)
-        loss = call_closure(closure)
+        loss = self._first_pass(closure)
         if not self._finite(loss):
             self._nonfinite("first pass", scaler)
             return loss
         self.first_step(zero_grad=True)
-        buffers = BufferSnapshot(self.model)
-        call_closure(closure)
-        buffers.restore()
+        self._second_pass(closure)
         if scaler is None and not self._finite():
             self._nonfinite("second pass", scaler)
             return loss
