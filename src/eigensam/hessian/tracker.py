@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,10 @@ class EigenTracker:
     - ``method="lanczos"``: Lanczos with the same number of products; finds the algebraically
       largest eigenvalue.
 
-    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate.
+    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``reduce`` is
+    passed to the :class:`HessianOperator` (under ``torch.distributed``,
+    :class:`~eigensam.hessian.distributed.MeanAcrossRanks`: the products, hence ``v̂``, are those
+    of the global batch loss and identical on every rank).
     """
 
     def __init__(
@@ -38,7 +41,9 @@ class EigenTracker:
         backend: str = "autograd",
         mode: str | None = "train",
         seed: int = 0,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ):
+        self.reduce = reduce
         self.interval = check_positive_int("eig_interval", interval)
         self.iters = check_positive_int("eig_iters", iters)
         if method not in METHODS:
@@ -71,7 +76,10 @@ class EigenTracker:
             v0 = self.vector
         v0 = v0.to(device=params[0].device, dtype=params[0].dtype)
         mode = self.mode if model is not None else None
-        with HessianOperator(closure, params, backend=self.backend, model=model, mode=mode) as op:
+        operator = HessianOperator(
+            closure, params, backend=self.backend, model=model, mode=mode, reduce=self.reduce
+        )
+        with operator as op:
             if self.method == "power":
                 result = power_iteration(op.matvec, v0, self.iters)
             else:

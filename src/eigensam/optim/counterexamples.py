@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from eigensam.hessian.distributed import local_forward
 from eigensam.hessian.hvp import HessianOperator, call_closure, check_backend, unflatten
 from eigensam.optim.sam import SAM
 
@@ -23,13 +24,16 @@ class EGR(SAM):
     """Explicit gradient regularization: descends ``f(w) + ρ‖∇f(w)‖`` (paper Appendix A).
 
     Its gradient is ``∇f + ρ·H ĝ`` with ``ĝ = ∇f/‖∇f‖`` and ``H = ∇²f``; the Hessian-vector
-    product uses the ``hvp`` backend (default exact double backward) on the same batch.
+    product uses the ``hvp`` backend (default exact double backward) on the same batch; under
+    DDP it runs on the inner module and is averaged over the replicas.
     """
 
     def __init__(self, *args: Any, hvp: str = "autograd", **kwargs: Any):
         super().__init__(*args, **kwargs)
         if any(group["adaptive"] for group in self.param_groups):
             raise ValueError("adaptive=True is not defined for EGR")
+        if self.sharpness == "local":
+            raise ValueError("sharpness='local' is not defined for EGR, which has no ascent step")
         self.hvp = check_backend(hvp)
 
     def step(self, closure: Callable[[], Tensor] | None = None, scaler: Any = None) -> Tensor:
@@ -40,6 +44,7 @@ class EGR(SAM):
             )
         if scaler is not None:
             raise ValueError("EGR does not support a GradScaler")
+        self._check_ranks()
         self.zero_grad(set_to_none=True)
         loss = call_closure(closure)
         if not self._finite(loss):
@@ -49,9 +54,16 @@ class EGR(SAM):
         grad = self._flat_grad()
         norm = grad.norm()
         if float(norm) > 0:
-            with HessianOperator(
-                closure, params, backend=self.hvp, model=self.model, mode=None, base_grad=grad
-            ) as op:
+            operator = HessianOperator(
+                closure,
+                params,
+                backend=self.hvp,
+                model=self.model,
+                mode=None,
+                base_grad=grad,
+                reduce=self.reduce,
+            )
+            with local_forward(self.ddp), operator as op:
                 hg = op.matvec(grad / norm)
             rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
             with torch.no_grad():

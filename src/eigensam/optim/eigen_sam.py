@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from eigensam.hessian.distributed import local_forward
 from eigensam.hessian.hvp import unflatten
 from eigensam.hessian.tracker import EigenTracker
 from eigensam.optim.sam import SAM, check_nonnegative
@@ -25,6 +26,9 @@ class TrackedSAM(SAM):
     ``hessian_mode`` whether ``model`` is in train mode (default; the loss being optimized) or
     eval mode (as the official Eigen-SAM code) during the products. Without ``model`` the
     products run in whatever mode the model is in and cannot protect its BatchNorm statistics.
+    Under ``DistributedDataParallel`` (``model`` the DDP wrapper) the products run on the inner
+    module and are averaged over the replicas: ``v̂`` is the global batch loss's, the same on
+    every rank, at one all-reduce per product.
     """
 
     def __init__(
@@ -47,7 +51,13 @@ class TrackedSAM(SAM):
         if hessian_mode not in ("train", "eval"):
             raise ValueError(f"hessian_mode must be 'train' or 'eval', got {hessian_mode!r}")
         self.tracker = EigenTracker(
-            eig_interval, eig_iters, method=eig_method, backend=hvp, mode=hessian_mode, seed=seed
+            eig_interval,
+            eig_iters,
+            method=eig_method,
+            backend=hvp,
+            mode=hessian_mode,
+            seed=seed,
+            reduce=self.reduce,
         )
 
     def _extra_defaults(self) -> dict[str, Any]:
@@ -67,7 +77,8 @@ class TrackedSAM(SAM):
         A non-finite product (fp16 overflow) keeps the previous estimate, with a warning."""
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         try:
-            self.tracker.update(closure, self._params(), self.model, loss_scale=scale)
+            with local_forward(self.ddp):
+                self.tracker.update(closure, self._params(), self.model, loss_scale=scale)
         except FloatingPointError as error:
             if scaler is None and self.on_nonfinite == "raise":
                 raise
