@@ -21,6 +21,7 @@ import yaml
 from eigensam.hessian.analysis import power_convergence_report, spectrum_report
 from eigensam.lab import experiments
 from eigensam.lab.checkpoints import fixed_batches, load_trained
+from eigensam.lab.distributed import is_main
 from eigensam.lab.train import METHODS, TrainConfig, Trainer, load_config
 
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
@@ -158,7 +159,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         )
     )
     code = _execute(plan.run, "run the same command again")
-    if code == 0:
+    if code == 0 and is_main():
         out = Path(args.out)
         print(f"wrote {out / experiments.COMPARISON_TABLE} and {out / experiments.COMPARISON_PLOT}")
     return code
@@ -201,7 +202,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 def _run_train(args: argparse.Namespace) -> int:
     trainer = _prepare(lambda: Trainer(_train_config(args), args.resume))
     code = _execute(trainer.run, f"run: eigensam train --resume {trainer.dir}")
-    if code == 0:
+    if code == 0 and trainer.ranks.main:
         print((trainer.dir / "summary.md").read_text(encoding="utf-8"), end="")
         print(f"run folder: {trainer.dir}")
     return code

@@ -49,12 +49,17 @@ def require_process_group(what: str) -> None:
 
 def check_same_across_ranks(name: str, value: Any, group: Any = None) -> None:
     """Gather ``value`` from every rank (``all_gather_object``) and raise ``ValueError`` on
-    every rank, listing each rank's value, unless they are all equal."""
+    every rank, listing each rank's value (for dictionaries, the differing keys), unless they
+    are all equal."""
     values: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(values, value, group=group)
-    if any(v != values[0] for v in values):
-        listing = "; ".join(f"rank {rank}: {v!r}" for rank, v in enumerate(values))
-        raise ValueError(f"the ranks disagree on {name} ({listing}); they must be identical")
+    if all(v == values[0] for v in values):
+        return
+    if all(isinstance(v, dict) for v in values):  # name only the keys that differ
+        keys = sorted({k for v in values for k in v if any(w.get(k) != v.get(k) for w in values)})
+        values = [{k: v.get(k) for k in keys} for v in values]
+    listing = "; ".join(f"rank {rank}: {v!r}" for rank, v in enumerate(values))
+    raise ValueError(f"the ranks disagree on {name} ({listing}); they must be identical")
 
 
 def all_ranks_true(flag: bool, group: Any = None) -> bool:
