@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-def is_ddp(model: object) -> bool:
+def is_ddp(model: object) -> TypeGuard[DistributedDataParallel]:
     """Whether ``model`` is a ``DistributedDataParallel`` wrapper."""
     return isinstance(model, DistributedDataParallel)
 

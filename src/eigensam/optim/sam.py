@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from eigensam.hessian.distributed import (
@@ -128,7 +129,7 @@ class SAM(Optimizer):
         for group in self.param_groups:
             self._check_group(group)
         self.defaults.update(self.base_optimizer.defaults)
-        self.ddp = model if is_ddp(model) else None
+        self.ddp: DistributedDataParallel | None = model if is_ddp(model) else None
         self.model = unwrap(model)
         self.sharpness = sharpness
         # Averages Hessian-vector products over the replicas (Eigen-SAM, X-SAM, EGR).
