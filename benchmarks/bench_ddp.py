@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -142,6 +143,7 @@ def worker(
     if rank == 0:
         Path(folder, "result.json").write_text(json.dumps(result))
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -158,7 +160,9 @@ def run(world: int, threads: int, comm: bool, args: argparse.Namespace) -> dict[
             p.join()
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"a benchmark process failed ({world} × {threads}, comm={comm})")
-        return json.loads(Path(folder, "result.json").read_text())
+        result = json.loads(Path(folder, "result.json").read_text())
+    print(f"{world} × {threads} threads, communication {comm}: {result}", file=sys.stderr)
+    return result
 
 
 def main() -> None:
