@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-COLLECTIVE_TIMEOUT = timedelta(seconds=30)
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
 def _entry(
@@ -50,7 +50,7 @@ def run_ranks(
     folder: Path,
     *args: Any,
     world: int = 2,
-    timeout: float = 90.0,
+    timeout: float = 300.0,
 ) -> None:
     """Run ``worker`` on ``world`` processes (see the module docstring)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ CONFIG = dict(
 )
 
 
-def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc_per_node 2 ARGS`` (a free port), with a deadline."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -102,7 +102,7 @@ def mismatched_config_worker(rank: int, world: int, folder: Path) -> None:
 
 
 def test_mismatched_configuration_fails_fast(tmp_path: Path) -> None:
-    run_ranks(mismatched_config_worker, tmp_path, timeout=60)
+    run_ranks(mismatched_config_worker, tmp_path)
 
 
 def test_python_dash_m_runs_the_command() -> None:

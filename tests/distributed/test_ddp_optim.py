@@ -277,7 +277,7 @@ def test_batchnorm_buffers_protected_under_ddp(tmp_path: Path) -> None:
 
 
 def test_ranks_that_disagree_fail_fast(tmp_path: Path) -> None:
-    run_ranks(mismatch_worker, tmp_path, timeout=60)
+    run_ranks(mismatch_worker, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
