@@ -3,7 +3,8 @@
 For SGD, SAM and Eigen-SAM on the paper's SimpleCNN (Fashion-MNIST-shaped batches, real
 Fashion-MNIST when it is installed), with the same global batch in every configuration:
 
-- ``1 proc × 2 thr``: one process, ``torch.set_num_threads(2)``, batch ``B``;
+- ``1 proc × 2 thr``: one process, ``torch.set_num_threads(2)``, batch ``B`` (and the same
+  with 1 thread, for reference);
 - ``2 gloo × 1 thr``: ``DistributedDataParallel`` on 2 processes (gloo), ``B/2`` each;
 - ``2 local × 1 thr``: the same 2 processes and batches with no communication (plain model,
   no process group in the step), so ``1 − local/gloo`` is the share of the step spent waiting
@@ -175,6 +176,7 @@ def main() -> None:
     parser.add_argument("--eig-iters", type=int, default=5)
     args = parser.parse_args()
     one = run(1, 2, False, args)
+    single = run(1, 1, False, args)
     ddp = run(2, 1, True, args)
     local = run(2, 1, False, args)
     b = args.batch_size
@@ -185,15 +187,16 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} at the end\n"
     )
     print(
-        "| method | 1 proc × 2 thr (ms/step) | 2 gloo × 1 thr (ms/step) | 2 gloo / 1 proc "
-        "samples/s | 2 local × 1 thr (ms/step) | exposed communication share |"
+        "| method | 1 proc × 2 thr (ms/step) | 1 proc × 1 thr (ms/step) | 2 gloo × 1 thr "
+        "(ms/step) | 2 gloo / (1 × 2 thr) samples/s | 2 local × 1 thr (ms/step) | exposed "
+        "communication share |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for method in METHODS:
-        t1, t2, t0 = one[method], ddp[method], local[method]
+        t1, t11, t2, t0 = one[method], single[method], ddp[method], local[method]
         print(
-            f"| {method} | {1e3 * t1:.1f} | {1e3 * t2:.1f} | {t1 / t2:.3f} | {1e3 * t0:.1f} "
-            f"| {max(0.0, 1 - t0 / t2):.1%} |"
+            f"| {method} | {1e3 * t1:.1f} | {1e3 * t11:.1f} | {1e3 * t2:.1f} | {t1 / t2:.3f} "
+            f"| {1e3 * t0:.1f} | {max(0.0, 1 - t0 / t2):.1%} |"
         )
     mb_cnn = 4 * one["params"] / 1e6
     mb_r50 = 4 * RESNET50_PARAMS / 1e6
