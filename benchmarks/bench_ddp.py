@@ -12,8 +12,10 @@ Fashion-MNIST when it is installed), with the same global batch in every configu
 
 It also times one all-reduce of a gradient-sized float32 vector (SimpleCNN, and ResNet-50's
 25.6M parameters) on gloo, the unit that Eigen-SAM adds ``eig_iters`` of every ``eig_interval``
-steps. Times are medians over ``--rounds`` of ``--steps`` steps (Eigen-SAM refreshes every
-``--eig-interval`` steps, so refreshes are averaged in). Run:
+steps, and reports (all-reduces per step × that time) / step time: the communication share if
+none of it overlapped with computation (an upper bound; DDP overlaps the gradient all-reduce
+with the backward pass). Times are medians over ``--rounds`` of ``--steps`` steps (Eigen-SAM
+refreshes every ``--eig-interval`` steps, so refreshes are averaged in). Run:
 
     python benchmarks/bench_ddp.py [--batch-size 128] [--steps 20] [--rounds 3]
 """
@@ -43,6 +45,8 @@ from eigensam.lab.models import build_model
 
 METHODS = ("sgd", "sam", "eigen-sam")
 RESNET50_PARAMS = 25_557_032
+# Gradient-sized all-reduces per step (global sharpness); Eigen-SAM adds eig_iters/eig_interval.
+ALLREDUCES = {"sgd": 1, "sam": 2, "eigen-sam": 2}
 
 
 def make_optimizer(method: str, model: torch.nn.Module, args: argparse.Namespace) -> Any:
@@ -189,14 +193,19 @@ def main() -> None:
     print(
         "| method | 1 proc × 2 thr (ms/step) | 1 proc × 1 thr (ms/step) | 2 gloo × 1 thr "
         "(ms/step) | 2 gloo / (1 × 2 thr) samples/s | 2 local × 1 thr (ms/step) | exposed "
-        "communication share |"
+        "communication share | gradient all-reduces per step | their time / step time |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
+    allreduce = ddp["allreduce_simplecnn"]
     for method in METHODS:
         t1, t11, t2, t0 = one[method], single[method], ddp[method], local[method]
+        count = ALLREDUCES[method] + (
+            args.eig_iters / args.eig_interval if "eigen" in method else 0
+        )
         print(
             f"| {method} | {1e3 * t1:.1f} | {1e3 * t11:.1f} | {1e3 * t2:.1f} | {t1 / t2:.3f} "
-            f"| {1e3 * t0:.1f} | {max(0.0, 1 - t0 / t2):.1%} |"
+            f"| {1e3 * t0:.1f} | {max(0.0, 1 - t0 / t2):.1%} | {count:g} "
+            f"| {count * allreduce / t2:.2%} |"
         )
     mb_cnn = 4 * one["params"] / 1e6
     mb_r50 = 4 * RESNET50_PARAMS / 1e6
