@@ -21,6 +21,7 @@ import yaml
 from eigensam.hessian.analysis import power_convergence_report, spectrum_report
 from eigensam.lab import experiments
 from eigensam.lab.checkpoints import fixed_batches, load_trained
+from eigensam.lab.experiments import reproduce
 from eigensam.lab.train import METHODS, TrainConfig, Trainer, load_config
 
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
@@ -91,8 +92,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> 
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
             continue
-        kind = next(t for t in (int, float, str) if t is hint or t in typing.get_args(hint))
+        kinds = [t for t in (int, float, str) if t is hint or t in typing.get_args(hint)]
+        kind = _number_or_word if kinds == [float, str] else kinds[0]
         parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def _number_or_word(text: str) -> float | str:
+    """A number if ``text`` reads as one (``--alpha 0.2``), else the word (``--alpha auto``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _config_overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -310,12 +320,67 @@ def _run_power_convergence(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# reproduce
+
+
+def _add_reproduce(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "reproduce",
+        help="re-run an experiment of the Eigen-SAM paper and report what reproduces",
+        description="Train every run TARGET needs (finished runs are reused, interrupted ones "
+        "resumed), then write OUT/TARGET/ (JSON, PNG) and a markdown report with a verdict per "
+        "claim. --scale cpu runs on a laptop CPU (SimpleCNN, Fashion-MNIST subset) and says so "
+        "in every output; --scale paper uses configs/ (GPU, datasets).",
+    )
+    parser.add_argument("target", help=f"one of {', '.join([*reproduce.TARGETS, 'all'])}")
+    parser.add_argument("--scale", default="cpu", help="cpu (default) or paper")
+    parser.add_argument("--seeds", type=_csv(int, "seeds"), default=None, help="default: 0,1,2,3,4")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/reproduce-SCALE")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (default: 1)")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="report file (default: OUT/reproduction.md)"
+    )
+    parser.add_argument("--data-dir", default=None, help="dataset root (default: see train)")
+    parser.add_argument("--device", default=None, help="torch device of every run")
+    parser.set_defaults(handler=_run_reproduce)
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    overrides = {
+        k: v for k, v in (("data_dir", args.data_dir), ("device", args.device)) if v is not None
+    }
+    _prepare(lambda: reproduce.resolve_targets(args.target))
+    _prepare(
+        lambda: reproduce.plan_targets(
+            reproduce.resolve_targets(args.target),
+            args.scale,
+            args.seeds,
+            args.out or Path("runs") / f"reproduce-{args.scale}",
+            overrides,
+        )
+    )
+    return _execute(
+        lambda: reproduce.reproduce(
+            args.target,
+            args.scale,
+            args.seeds,
+            args.out,
+            jobs=args.jobs,
+            report=args.report,
+            overrides=overrides,
+        ),
+        "run the same command again",
+    )
+
+
+# --------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_compare,
     _add_train,
     _add_spectrum,
     _add_power_convergence,
+    _add_reproduce,
 ]
 
 

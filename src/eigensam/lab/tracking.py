@@ -110,40 +110,65 @@ def read_records(path: Path) -> list[Record]:
 # Statistics and tables
 
 
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%).
+def _check_df(df: object) -> int:
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+    return df
 
-    Solves ``P(|T| ≤ t) = 0.95`` by bisection on the closed form of ``P(|T| ≤ t)`` for integer
-    ``df`` (Abramowitz & Stegun 26.7.3-4), with ``θ = atan(t/√df)``, ``c = cos²θ``:
+
+def t_central(t: float, df: int) -> float:
+    """``P(|T| ≤ t)`` for Student's t with integer ``df`` degrees of freedom, ``t ≥ 0``, in
+    closed form (Abramowitz & Stegun 26.7.3-4), with ``θ = atan(t/√df)``, ``c = cos²θ``:
     even df: ``sin θ · Σ_{j<df/2} a_j c^j``, ``a_0 = 1``, ``a_j = a_{j−1}(2j−1)/(2j)``;
     odd df: ``(2/π)(θ + sin θ cos θ · Σ_{j<(df−1)/2} b_j c^j)``, ``b_0 = 1``,
     ``b_j = b_{j−1}(2j)/(2j+1)`` (no sum for df = 1).
     """
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
-        raise ValueError(f"df must be an integer >= 1, got {df!r}")
-
-    def central(t: float) -> float:
-        theta = math.atan(t / math.sqrt(df))
-        c = math.cos(theta) ** 2
-        if df % 2 == 0:
-            term, total = 1.0, 1.0
-            for j in range(1, df // 2):
-                term *= c * (2 * j - 1) / (2 * j)
-                total += term
-            return math.sin(theta) * total
-        term, total = 1.0, 1.0 if df > 1 else 0.0
-        for j in range(1, (df - 1) // 2):
-            term *= c * (2 * j) / (2 * j + 1)
+    df = _check_df(df)
+    theta = math.atan(t / math.sqrt(df))
+    c = math.cos(theta) ** 2
+    if df % 2 == 0:
+        term, total = 1.0, 1.0
+        for j in range(1, df // 2):
+            term *= c * (2 * j - 1) / (2 * j)
             total += term
-        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+        return math.sin(theta) * total
+    term, total = 1.0, 1.0 if df > 1 else 0.0
+    for j in range(1, (df - 1) // 2):
+        term *= c * (2 * j) / (2 * j + 1)
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
 
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%): solves
+    ``t_central(t, df) = 0.95`` by bisection."""
+    df = _check_df(df)
     low, high = 0.0, 1.0
-    while central(high) < 0.95:
+    while t_central(high, df) < 0.95:
         high *= 2
     for _ in range(100):
         mid = (low + high) / 2
-        low, high = (mid, high) if central(mid) < 0.95 else (low, mid)
+        low, high = (mid, high) if t_central(mid, df) < 0.95 else (low, mid)
     return (low + high) / 2
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float | int | None]:
+    """Paired comparison of ``a`` and ``b`` (same seeds, same order): the mean difference
+    ``d̄ = mean(a_i − b_i)``, the half-width of its 95% Student-t interval, and the two-sided
+    p-value of the paired t-test ``t = d̄ / (s_d/√n)`` with ``n − 1`` degrees of freedom
+    (None for fewer than two pairs; 0 or 1 when all differences are equal)."""
+    if len(a) != len(b):
+        raise ValueError(f"a and b must pair up, got {len(a)} and {len(b)} values")
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean, half = mean_ci(diffs)
+    if n < 2:
+        return {"n": n, "mean_diff": mean, "ci": None, "p": None}
+    std = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if std == 0:
+        return {"n": n, "mean_diff": mean, "ci": 0.0, "p": 1.0 if mean == 0 else 0.0}
+    t = abs(mean) / (std / math.sqrt(n))
+    return {"n": n, "mean_diff": mean, "ci": half, "p": 1.0 - t_central(t, n - 1)}
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:

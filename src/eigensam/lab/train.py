@@ -615,6 +615,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.checkpoint_step: int | None = None
+        self._quiet_bar = False
         self.records: list[tracking.Record] = []
         self.sums = {"epoch_loss": 0.0, "epoch_steps": 0, "window_loss": 0.0, "window_steps": 0}
         self.seconds = {"train": 0.0, "track": 0.0, "eval": 0.0}
@@ -694,6 +695,7 @@ class Trainer:
             unit="step",
             disable=not sys.stdout.isatty(),
         )
+        self._quiet_bar = bar.disable
         self._clock = time.perf_counter()
         try:
             while self.epoch < config.epochs:
@@ -766,6 +768,13 @@ class Trainer:
         self._lap("eval")
         record.update({f"{k}_seconds": v for k, v in self.seconds.items()})
         self._log(record)
+        if self._quiet_bar:  # no progress bar: one line per epoch
+            print(
+                f"{self.dir.name}: epoch {self.epoch + 1}/{self.config.epochs}, train loss "
+                f"{record['train_loss']:.4f}, test acc {record['test_acc']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.sums["epoch_loss"], self.sums["epoch_steps"] = 0.0, 0
         self.epoch += 1
         if (
