@@ -325,6 +325,7 @@ SDE_FIELDS = (
     ("track_every", int),
     ("svag_l", int),
     ("lambda_iters", int),
+    ("track_batch", int),
     ("eta_horizon", float),
     ("device", str),
 )

@@ -86,7 +86,8 @@ def test_third_term_matches_finite_differences_of_hvps_float64():
     torch.manual_seed(5)
     terms = taylor_terms(closure_for(model, x, y), params, u, model=model)
     h = 1e-4
-    u_chunks = [c.view_as(p) for c, p in zip(u.split([p.numel() for p in params]), params)]
+    sizes = [p.numel() for p in params]
+    u_chunks = [c.view_as(p) for c, p in zip(u.split(sizes), params, strict=True)]
 
     def shifted_hvp(t):
         with torch.no_grad():
@@ -129,7 +130,7 @@ def test_state_restored():
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in params)
     assert [m.training for m in model.modules()] == [False, False, False, False, True, False]
-    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
     second = taylor_terms(closure_for(model, x, y), params, u, model=model, mode="train")
     assert torch.equal(first.third, second.third)
 

@@ -228,16 +228,25 @@ def _full_gradient_norm(model: nn.Module, data: TensorData, device: torch.device
     return float(flatten(total, params).norm())
 
 
+def _nonzero(x: Tensor) -> bool:
+    norm = float(x.norm())
+    return math.isfinite(norm) and norm > 0
+
+
 def _corollary_point(
     closure: Closure, model: nn.Module, v1: Tensor, grad: Tensor
-) -> dict[str, float]:
-    """Align(ε, v₁) for SAM's ε ∥ ĝ (paper §4.3) and cos(∇³f(ĝ, ĝ), ∇λ₁ = ∇³f(v₁, v₁))."""
+) -> dict[str, float | None]:
+    """Align(ε, v₁) for SAM's ε ∥ ĝ (paper §4.3) and cos(∇³f(ĝ, ĝ), ∇λ₁ = ∇³f(v₁, v₁));
+    None where a vector is zero (no direction)."""
     params = list(model.parameters())
     unit = _unit(grad)
     along_g = taylor_terms(closure, params, unit, model=model, mode="train").third
     along_v = taylor_terms(closure, params, v1.to(grad), model=model, mode="train").third
     assert along_g is not None and along_v is not None
-    return {"align": align(unit, v1), "cos_third": cosine(along_g, along_v)}
+    return {
+        "align": align(unit, v1) if _nonzero(unit) else None,
+        "cos_third": cosine(along_g, along_v) if _nonzero(along_g) and _nonzero(along_v) else None,
+    }
 
 
 class Trajectory:
@@ -309,7 +318,11 @@ class Trajectory:
         }
         if self.track.lambda_iters > 0:
             closure = self._closure(self.track_batch)
-            pair, v1, grad = self.probe.top_eigenpair(closure, self.model)
+            try:
+                pair, v1, grad = self.probe.top_eigenpair(closure, self.model)
+            except FloatingPointError:  # a non-finite Hessian-vector product: diverged
+                record["lambda1"] = math.nan
+                return record
             record["lambda1"] = pair["lambda1"]
             record["lambda1_residual"] = pair["relative_residual"]
             if self.track.corollary and self.method == "sam":
@@ -732,7 +745,7 @@ def corollary_summary(sam_runs: Mapping[int, Sequence[Mapping[str, Any]]]) -> di
         {"seed": seed, "step": r["step"], "align": r["align"], "cos_third": r["cos_third"]}
         for seed, records in sam_runs.items()
         for r in records
-        if "cos_third" in r
+        if r.get("cos_third") is not None and r.get("align") is not None
     ]
     aligns = [p["align"] for p in points]
     cosines = [p["cos_third"] for p in points]
