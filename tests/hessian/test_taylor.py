@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_hvp import closure_for
 from torch import nn
 
 from eigensam.hessian import HessianOperator, HigherOrderUnsupportedError, taylor_terms
@@ -68,15 +69,6 @@ def batch():
     )
 
 
-def closure_for(model, x, y):
-    def closure():
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 def test_third_term_matches_finite_differences_of_hvps_float64():
     """∇³f(u, u) = d/dt [∇²f(w + t u) u] at t = 0, by central differences of exact HVPs."""
     model, (x, y) = gelu_mlp(), batch()
@@ -135,25 +127,12 @@ def test_state_restored():
     assert torch.equal(first.third, second.third)
 
 
-class NoDoubleBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.tanh()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (1 - x.tanh() ** 2)
-
-
-def test_kernel_without_double_backward_is_named():
+def test_kernel_without_double_backward_is_named(no_double_backward):
     lin = nn.Linear(3, 2)
     x = torch.randn(4, 3)
 
     def closure():
-        loss = NoDoubleBackward.apply(lin(x)).pow(2).sum()
+        loss = no_double_backward(lin(x)).pow(2).sum()
         loss.backward()
         return loss
 

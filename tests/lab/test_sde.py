@@ -202,27 +202,14 @@ def test_bad_drift_kind_and_trajectory_arguments():
         sde.make_drift("sde2", list(model.parameters()), closure_of(model), -1.0)
 
 
-class NoDoubleBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.tanh()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (1 - x.tanh() ** 2)
-
-
-def test_model_without_third_derivative_is_refused():
+def test_model_without_third_derivative_is_refused(no_double_backward):
     lin = nn.Linear(16, 4).double()
 
     def make(batch):
         images, labels = batch
 
         def closure():
-            logits = NoDoubleBackward.apply(lin(images.flatten(1)))
+            logits = no_double_backward(lin(images.flatten(1)))
             loss = nn.functional.cross_entropy(logits, labels)
             loss.backward()
             return loss

@@ -610,13 +610,7 @@ def plot_figure2(
                 color=color,
                 alpha=0.15,
             )
-        ax.set_title(TITLES[metric])
-        ax.set_xlabel("step k (time kη)")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        tracking.finish_panel(ax, TITLES[metric], "step k (time kη)")
     fig.suptitle(title)
     _save(fig, path)
 
@@ -767,17 +761,23 @@ class _Study:
         self.results["wall_seconds"] = time.perf_counter() - self.started
         tracking.write_json(self.out / RESULTS_FILE, self.results)
 
-    def collect(self, runs: Runs, method: str, seed: int, ctx: _Context, **kw: Any) -> None:
-        """Run one trajectory into ``runs`` (which ``results`` shares); on divergence keep and
-        save its partial records before stopping."""
-        try:
-            runs.setdefault(method, {})[seed] = ctx.trajectory(method, seed, **kw)
-        except DivergedError as error:
-            runs.setdefault(method, {})[seed] = error.records
-            self.results["stopped"] = str(error)
-            self.save()
-            raise
-        self.save()
+    def collect(
+        self, runs: Runs, methods: Sequence[str], ctx: _Context, lr: float, rho: float, **kw: Any
+    ) -> None:
+        """Run every method for every seed into ``runs`` (which ``results`` shares), saving
+        after each; on divergence keep and save the partial records before stopping."""
+        for seed in self.config.seeds:
+            for method in methods:
+                try:
+                    runs.setdefault(method, {})[seed] = ctx.trajectory(
+                        method, seed, lr=lr, rho=rho, **kw
+                    )
+                except DivergedError as error:
+                    runs.setdefault(method, {})[seed] = error.records
+                    self.results["stopped"] = str(error)
+                    self.save()
+                    raise
+                self.save()
 
 
 def _context(config: SDEConfig, progress: Callable[[str], None]) -> _Context:
@@ -798,19 +798,16 @@ def _figure2(study: _Study, ctx: _Context) -> Runs:
     runs: Runs = {}
     study.results["runs"] = runs
     track = Tracking(config.track_every, config.lambda_iters, config.corollary)
-    for seed in config.seeds:
-        for method in METHODS:
-            study.collect(
-                runs,
-                method,
-                seed,
-                ctx,
-                lr=config.lr,
-                rho=config.rho,
-                svag_l=config.svag_l,
-                steps=config.steps,
-                track=track,
-            )
+    study.collect(
+        runs,
+        METHODS,
+        ctx,
+        config.lr,
+        config.rho,
+        svag_l=config.svag_l,
+        steps=config.steps,
+        track=track,
+    )
     errors = weak_error_table(runs)
     study.results["weak_errors"] = errors
     caption = (
@@ -848,19 +845,16 @@ def _l_convergence(study: _Study, ctx: _Context, base: Runs) -> dict[str, Any]:
             runs = {m: base[m] for m in ("sde2", "sde3")}
         else:
             runs = block["runs"].setdefault(str(n), {})
-            for seed in config.seeds:
-                for method in ("sde2", "sde3"):
-                    study.collect(
-                        runs,
-                        method,
-                        seed,
-                        ctx,
-                        lr=config.lr,
-                        rho=config.rho,
-                        svag_l=n,
-                        steps=config.steps,
-                        track=track,
-                    )
+            study.collect(
+                runs,
+                ("sde2", "sde3"),
+                ctx,
+                config.lr,
+                config.rho,
+                svag_l=n,
+                steps=config.steps,
+                track=track,
+            )
         block["errors"][str(n)] = weak_error_table({"sam": base["sam"], **runs})
         study.save()
     lines = []
@@ -899,19 +893,16 @@ def _eta_scaling(study: _Study, ctx: _Context) -> dict[str, Any]:
             track = Tracking(max(1, steps // 4), lambda_iters=0)
             runs: Runs = {}
             part["runs"][str(eta)] = runs
-            for seed in config.seeds:
-                for method in ("sam", "sde2", "sde3"):
-                    study.collect(
-                        runs,
-                        method,
-                        seed,
-                        ctx,
-                        lr=eta,
-                        rho=c * eta**power,
-                        svag_l=config.svag_l,
-                        steps=steps,
-                        track=track,
-                    )
+            study.collect(
+                runs,
+                ("sam", "sde2", "sde3"),
+                ctx,
+                eta,
+                c * eta**power,
+                svag_l=config.svag_l,
+                steps=steps,
+                track=track,
+            )
             part["errors"][str(eta)] = weak_error_table(runs, SCALING_METRICS)
             study.save()
         for method in ("sde2", "sde3"):
