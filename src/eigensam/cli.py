@@ -381,6 +381,11 @@ def _add_sde(subparsers: Any) -> None:
     parser.add_argument(
         "--no-corollary", action="store_true", help="skip the Corollary 4.1.1 measurement"
     )
+    parser.add_argument(
+        "--no-figure2",
+        action="store_true",
+        help="skip the Figure 2 runs (e.g. to run only --eta-scaling)",
+    )
     parser.set_defaults(handler=_run_sde)
 
 
@@ -396,6 +401,8 @@ def _sde_config(args: argparse.Namespace) -> sde.SDEConfig:
         overrides["eta_values"] = tuple(args.eta_scaling)
     if args.no_corollary:
         overrides["corollary"] = False
+    if args.no_figure2:
+        overrides["figure2"] = False
     if args.scale == "paper":
         return sde.SDEConfig.paper(**overrides)
     return sde.SDEConfig(**overrides)
@@ -414,7 +421,9 @@ def _run_sde(args: argparse.Namespace) -> int:
         return _fail(f"{error}; what was recorded is in {out / sde.RESULTS_FILE}", 1)
     except KeyboardInterrupt:
         return _fail(f"interrupted; what was recorded is in {out / sde.RESULTS_FILE}", 130)
-    print((out / sde.TABLE_FILE).read_text(encoding="utf-8"), end="")
+    for name in (sde.TABLE_FILE, sde.L_FILES[0], sde.ETA_FILES[0]):
+        if name in summary["files"]:
+            print((out / name).read_text(encoding="utf-8"))
     corollary = summary["corollary"]
     if corollary.get("mean_align") is not None:
         correlation = corollary["correlation"]

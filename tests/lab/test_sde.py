@@ -318,3 +318,14 @@ def test_cli_divergence_exit_code(tmp_path, capsys):
     flags = [*cli_flags(tmp_path), "--lr", "1e6", "--seeds", "0", "--track-every", "1"]
     assert cli.main(flags) == 1
     assert "what was recorded is in" in capsys.readouterr().err
+
+
+def test_eta_scaling_alone(tmp_path):
+    config = sde.SDEConfig(
+        **{**TINY, "seeds": (0,)}, figure2=False, eta_values=(0.02, 0.01), eta_horizon=0.02
+    )
+    summary = sde.run_sde(config, tmp_path)
+    assert "figure2.png" not in summary["files"] and "eta_scaling.md" in summary["files"]
+    assert summary["weak_errors"] == {}
+    with pytest.raises(ValueError, match="l_values needs figure2=True"):
+        sde.SDEConfig(figure2=False, l_values=(1,))

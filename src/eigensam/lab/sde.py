@@ -382,6 +382,7 @@ class SDEConfig:
     svag_l: int = 4
     lambda_iters: int = 20
     track_batch: int = 256
+    figure2: bool = True
     corollary: bool = True
     l_values: tuple[int, ...] = ()
     eta_values: tuple[float, ...] = ()
@@ -398,6 +399,8 @@ class SDEConfig:
             check_lr(value)
         for name in ("batch_size", "steps", "track_every", "track_batch"):
             _check_positive_int(name, getattr(self, name))
+        if self.l_values and not self.figure2:
+            raise ValueError("l_values needs figure2=True: its SAM runs are the reference")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         if isinstance(self.lambda_iters, bool) or not isinstance(self.lambda_iters, int):
@@ -956,8 +959,9 @@ def run_sde(
     config: SDEConfig, out_dir: Path | str, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Run the study ``config`` describes, writing its files to ``out_dir``; return a summary:
-    weak errors (Figure 2 setting), the Corollary 4.1.1 statistics, the l-convergence and
-    η-scaling results when asked for (``l_values``, ``eta_values``), files and wall time.
+    weak errors (Figure 2 setting, unless ``figure2=False``), the Corollary 4.1.1 statistics,
+    the l-convergence and η-scaling results when asked for (``l_values``, ``eta_values``),
+    files and wall time.
 
     Files (written atomically, ``sde.json`` after every trajectory): ``sde.json``,
     ``figure2.png``, ``weak_errors.md``, ``corollary.png``, ``l_convergence.{md,png}``,
@@ -971,9 +975,10 @@ def run_sde(
     report = progress or (lambda message: None)
     study = _Study(config, out, report)
     ctx = _context(config, report)
-    runs = _figure2(study, ctx)
-    if config.l_values:
-        _l_convergence(study, ctx, runs)
+    if config.figure2:
+        runs = _figure2(study, ctx)
+        if config.l_values:
+            _l_convergence(study, ctx, runs)
     if config.eta_values:
         _eta_scaling(study, ctx)
     study.results["complete"] = True
@@ -982,7 +987,7 @@ def run_sde(
     summary = {
         "out_dir": str(out),
         "wall_seconds": study.results["wall_seconds"],
-        "weak_errors": study.results["weak_errors"],
+        "weak_errors": study.results.get("weak_errors", {}),
         "corollary": {k: v for k, v in study.results.get("corollary", {}).items() if k != "points"},
         "files": files,
     }
