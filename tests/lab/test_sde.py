@@ -329,3 +329,19 @@ def test_eta_scaling_alone(tmp_path):
     assert summary["weak_errors"] == {}
     with pytest.raises(ValueError, match="l_values needs figure2=True"):
         sde.SDEConfig(figure2=False, l_values=(1,))
+
+
+def test_rerun_reuses_finished_trajectories(tmp_path):
+    config = sde.SDEConfig(**{**TINY, "seeds": (0,)})
+    first = sde.run_sde(config, tmp_path)
+    messages = []
+    again = sde.run_sde(
+        sde.SDEConfig(**{**TINY, "seeds": (0,)}, l_values=(1,)), tmp_path, messages.append
+    )
+    reused = [m for m in messages if "reused" in m]
+    assert len(reused) == len(sde.METHODS) + 2  # Figure 2, and l = 2 of the l-convergence
+    assert again["weak_errors"] == first["weak_errors"]
+    assert any("l=1" in m and "step 4/4" in m for m in messages)
+    messages.clear()
+    sde.run_sde(sde.SDEConfig(**{**TINY, "seeds": (0,), "width": 0.03}), tmp_path, messages.append)
+    assert not any("reused" in m for m in messages)  # another model: the cache does not apply

@@ -32,6 +32,7 @@ every ``track_every`` η-steps; the weak error of a process against discrete SAM
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -718,6 +719,7 @@ def plot_eta_scaling(results: Mapping[str, Any], path: Path) -> None:
 # Running the study
 
 RESULTS_FILE = "sde.json"
+CACHE_FILE = "trajectories.json"
 FIGURE_FILE = "figure2.png"
 TABLE_FILE = "weak_errors.md"
 COROLLARY_FILE = "corollary.png"
@@ -754,11 +756,46 @@ def corollary_summary(sam_runs: Mapping[int, Sequence[Mapping[str, Any]]]) -> di
     }
 
 
+# Configuration fields every trajectory depends on; the cache is valid while they match.
+SHARED_FIELDS = (
+    "dataset",
+    "train_subset",
+    "test_subset",
+    "model",
+    "width",
+    "batch_size",
+    "init_seed",
+    "track_batch",
+    "device",
+)
+
+
+def trajectory_key(
+    method: str, seed: int, *, lr: float, rho: float, svag_l: int, steps: int, track: Tracking
+) -> str:
+    """What determines one trajectory besides :data:`SHARED_FIELDS` (l only for the SDEs)."""
+    scheme = f"|l={svag_l}" if method not in DISCRETE else ""
+    return (
+        f"{method}|seed={seed}|lr={lr!r}|rho={rho!r}{scheme}|steps={steps}|every={track.every}"
+        f"|lambda_iters={track.lambda_iters}|corollary={track.corollary and method == 'sam'}"
+    )
+
+
 class _Study:
+    """Results, saved after every trajectory, and the cache of finished trajectories
+    (``trajectories.json``): a rerun in the same folder reuses those with the same key."""
+
     def __init__(self, config: SDEConfig, out: Path, progress: Callable[[str], None]):
         self.config, self.out, self.progress = config, out, progress
         self.results: dict[str, Any] = {"config": config.to_dict(), "complete": False}
         self.started = time.perf_counter()
+        shared = {name: getattr(config, name) for name in SHARED_FIELDS}
+        self.cache: dict[str, Any] = {"shared": shared, "trajectories": {}}
+        path = out / CACHE_FILE
+        if path.exists():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("shared") == json.loads(json.dumps(shared)):
+                self.cache["trajectories"] = saved["trajectories"]
 
     def save(self) -> None:
         self.results["wall_seconds"] = time.perf_counter() - self.started
@@ -771,15 +808,21 @@ class _Study:
         after each; on divergence keep and save the partial records before stopping."""
         for seed in self.config.seeds:
             for method in methods:
+                key = trajectory_key(method, seed, lr=lr, rho=rho, **kw)
+                if key in self.cache["trajectories"]:
+                    self.progress(f"[{key}] reused from {CACHE_FILE}")
+                    runs.setdefault(method, {})[seed] = self.cache["trajectories"][key]
+                    continue
                 try:
-                    runs.setdefault(method, {})[seed] = ctx.trajectory(
-                        method, seed, lr=lr, rho=rho, **kw
-                    )
+                    records = ctx.trajectory(method, seed, lr=lr, rho=rho, **kw)
                 except DivergedError as error:
                     runs.setdefault(method, {})[seed] = error.records
                     self.results["stopped"] = str(error)
                     self.save()
                     raise
+                runs.setdefault(method, {})[seed] = records
+                self.cache["trajectories"][key] = records
+                tracking.write_json(self.out / CACHE_FILE, self.cache)
                 self.save()
 
 
@@ -844,20 +887,17 @@ def _l_convergence(study: _Study, ctx: _Context, base: Runs) -> dict[str, Any]:
     study.results["l_convergence"] = block
     track = Tracking(config.track_every, config.lambda_iters)
     for n in ls:
-        if n == config.svag_l:
-            runs = {m: base[m] for m in ("sde2", "sde3")}
-        else:
-            runs = block["runs"].setdefault(str(n), {})
-            study.collect(
-                runs,
-                ("sde2", "sde3"),
-                ctx,
-                config.lr,
-                config.rho,
-                svag_l=n,
-                steps=config.steps,
-                track=track,
-            )
+        runs = block["runs"].setdefault(str(n), {})
+        study.collect(
+            runs,
+            ("sde2", "sde3"),
+            ctx,
+            config.lr,
+            config.rho,
+            svag_l=n,
+            steps=config.steps,
+            track=track,
+        )
         block["errors"][str(n)] = weak_error_table({"sam": base["sam"], **runs})
         study.save()
     lines = []
