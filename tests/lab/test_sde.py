@@ -184,7 +184,7 @@ def test_paired_weak_error_and_slope():
         ("rho", -0.2, "rho must be >= 0"),
         ("svag_l", 0, "svag_l \\(SVAG factor l\\) must be an integer >= 1"),
         ("l_values", (2, 0), "l_values \\(SVAG factor l\\)"),
-        ("eta_values", (0.01, -1.0), "lr \\(η\\) must be > 0"),
+        ("eta_values", (0.01, -1.0), "eta_values must be > 0"),
         ("seeds", (), "seeds must name"),
         ("steps", 0, "steps must be an integer >= 1"),
     ],

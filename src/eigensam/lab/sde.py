@@ -73,12 +73,12 @@ class DivergedError(FloatingPointError):
 # Validation
 
 
-def check_lr(lr: object) -> float:
+def check_lr(lr: object, name: str = "lr (η)") -> float:
     """``lr`` (the step size η) as a float if it is a finite real > 0."""
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
-        raise ValueError(f"lr (η) must be a finite number > 0, got {lr!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {lr!r}")
     if lr <= 0:
-        raise ValueError(f"lr (η) must be > 0, got {lr}")
+        raise ValueError(f"{name} must be > 0, got {lr}")
     return float(lr)
 
 
@@ -394,10 +394,10 @@ class SDEConfig:
         check_lr(self.lr)
         check_rho(self.rho)
         check_l(self.svag_l)
-        for value in self.l_values:
-            check_l(value, "l_values")
-        for value in self.eta_values:
-            check_lr(value)
+        for factor in self.l_values:
+            check_l(factor, "l_values")
+        for eta in self.eta_values:
+            check_lr(eta, "eta_values")
         for name in ("batch_size", "steps", "track_every", "track_batch"):
             _check_positive_int(name, getattr(self, name))
         if self.l_values and not self.figure2:
