@@ -647,10 +647,13 @@ def plot_l_convergence(results: Mapping[str, Any], path: Path) -> None:
 
     errors = results["errors"].values()
     metrics = [m for m in METRICS if any(e[p].get(m) for e in errors for p in ("sde2", "sde3"))]
-    fig = Figure(figsize=(4 * len(metrics), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    columns = math.ceil(len(metrics) / 2)
+    fig = Figure(figsize=(4.5 * columns, 7), layout="constrained")
+    axes = fig.subplots(2, columns, squeeze=False).ravel()
     ls = results["l_values"]
-    for ax, metric in zip(axes, metrics, strict=True):
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes, metrics, strict=False):
         for method in ("sde2", "sde3"):
             entries = [results["errors"][str(n)][method].get(metric) for n in ls]
             xs = [n for n, e in zip(ls, entries, strict=True) if e]
