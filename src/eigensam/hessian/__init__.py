@@ -3,7 +3,8 @@
 Low level: :class:`HessianOperator` (one closure), :class:`DatasetHessian` (a model over a fixed
 list of batches), the solvers :func:`power_iteration`, :func:`lanczos`,
 :func:`deflated_power_iteration`, :func:`slq_density`, :func:`hutchinson_trace`,
-:func:`hutchpp_trace`, and :class:`EigenTracker` used by the optimizers.
+:func:`hutchpp_trace`, :class:`EigenTracker` used by the optimizers, and :func:`taylor_terms`
+(``∇f, ∇²f·u, ∇³f(u, u)``, used by the SDE simulator).
 High level (:mod:`eigensam.hessian.analysis`): :func:`top_eigenvalues`, :func:`trace`,
 :func:`density`, :func:`spectrum_report` and :func:`power_convergence_report`.
 """
@@ -32,6 +33,7 @@ from eigensam.hessian.spectrum import (
     hutchpp_trace,
     slq_density,
 )
+from eigensam.hessian.taylor import HigherOrderUnsupportedError, TaylorTerms, taylor_terms
 from eigensam.hessian.tracker import EigenTracker
 
 __all__ = [
@@ -39,8 +41,10 @@ __all__ = [
     "EigenResult",
     "EigenTracker",
     "HessianOperator",
+    "HigherOrderUnsupportedError",
     "NondeterministicHessianError",
     "SpectralDensity",
+    "TaylorTerms",
     "TraceEstimate",
     "abs_cosine",
     "align",
@@ -55,6 +59,7 @@ __all__ = [
     "power_iteration",
     "slq_density",
     "spectrum_report",
+    "taylor_terms",
     "top_eigenvalues",
     "trace",
 ]

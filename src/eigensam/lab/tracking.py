@@ -260,6 +260,17 @@ def mean_curve(
     return xs, [math.fsum(points[k]) / len(points[k]) for k in xs]
 
 
+def finish_panel(ax: Any, title: str, xlabel: str) -> None:
+    """Title, x label, grid, and a legend, or "not measured" on a panel without lines."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+
+
 def plot_curves(groups: Mapping[str, Sequence[Sequence[Record]]], path: Path, title: str) -> None:
     """A PNG with one panel per :data:`PANELS` entry and one line per group (its runs' mean)."""
     fig = Figure(figsize=(12, 8.5), layout="constrained")
@@ -269,12 +280,6 @@ def plot_curves(groups: Mapping[str, Sequence[Sequence[Record]]], path: Path, ti
             xs, ys = mean_curve(runs, kind, x, y)
             if xs:
                 ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=name)
-        ax.set_title(panel_title)
-        ax.set_xlabel(x)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        finish_panel(ax, panel_title, x)
     fig.suptitle(title)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
