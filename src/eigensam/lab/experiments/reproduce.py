@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from eigensam.lab.data import load_dataset
-from eigensam.lab.experiments import fig1, fig3, fig4, fig5, table1, table2, table34
+from eigensam.lab.experiments import fig1, fig2, fig3, fig4, fig5, table1, table2, table34
 from eigensam.lab.experiments.common import Plan, Target
 from eigensam.lab.experiments.report import Section, write_report
 from eigensam.lab.experiments.runs import CPU_DEVIATIONS, check_runs, execute, make_scale
@@ -20,6 +20,7 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         fig1.TARGET,
+        fig2.TARGET,
         table1.TARGET,
         fig3.TARGET,
         fig4.TARGET,
