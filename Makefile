@@ -22,9 +22,7 @@ data:
 	fi
 
 main: install data
-	$(VENV)/bin/eigensam compare --dataset fashion-mnist --model simplecnn \
-		--methods sgd,sam,eigen-sam,x-sam --seeds 1 --epochs 10 --train-subset 10000 \
-		--batch-size 128 --width 0.5 --lr 0.03 --out runs/main
+	$(VENV)/bin/eigensam reproduce fig1 --scale cpu --jobs 2 --out runs/main
 
 test: install
 	$(VENV)/bin/ruff check .

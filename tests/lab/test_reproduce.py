@@ -100,7 +100,7 @@ def test_cli_reports_bad_input_before_training(tmp_path, capsys):
 
 
 def test_fig1_and_fig5_end_to_end_on_synthetic_data(tmp_path):
-    overrides = {**TINY, "epochs": 2, "snapshot_epochs": [1], "eig_interval": 2}
+    overrides = {**TINY, "width": 0.125, "epochs": 2, "snapshot_epochs": [1], "eig_interval": 2}
     report = tmp_path / "report.md"
     sections = reproduce.reproduce(
         "fig1", "cpu", (0, 1), tmp_path, report=report, overrides=overrides

@@ -34,8 +34,8 @@ def _groups(scale: Scale) -> dict[str, dict[str, Any]]:
 
 
 def plan(scale: Scale) -> Plan:
-    """SAM, Eigen-SAM at every p (burst) and at the default p (spread), every seed (paper scale: ResNet-18 on
-    CIFAR-10)."""
+    """SAM, Eigen-SAM at every p (burst) and at the default p (spread), every seed (paper
+    scale: ResNet-18 on CIFAR-10)."""
     file = None if scale.name == "cpu" else "resnet18-cifar10"
     return {
         label: [scale.config(seed, file=file, **fields) for seed in scale.seeds]
