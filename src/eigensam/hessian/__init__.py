@@ -4,17 +4,13 @@ Low level: :class:`HessianOperator` (one closure), :class:`DatasetHessian` (a mo
 list of batches), the solvers :func:`power_iteration`, :func:`lanczos`,
 :func:`deflated_power_iteration`, :func:`slq_density`, :func:`hutchinson_trace`,
 :func:`hutchpp_trace`, and :class:`EigenTracker` used by the optimizers.
-High level (:mod:`eigensam.hessian.analysis`): :func:`top_eigenvalues`, :func:`trace`,
-:func:`density`, :func:`spectrum_report` and :func:`power_convergence_report`.
+High level (:mod:`eigensam.hessian.analysis`): :func:`top_eigenvalues`, :func:`trace` and
+:func:`density`. The reports that write them to files are in :mod:`eigensam.lab.reports`.
+
+This package needs only torch (the ``[lab]`` extra is for training, reports and the CLI).
 """
 
-from eigensam.hessian.analysis import (
-    density,
-    power_convergence_report,
-    spectrum_report,
-    top_eigenvalues,
-    trace,
-)
+from eigensam.hessian.analysis import density, top_eigenvalues, trace
 from eigensam.hessian.dataset import DatasetHessian, NondeterministicHessianError
 from eigensam.hessian.eigen import (
     EigenResult,
@@ -51,10 +47,8 @@ __all__ = [
     "hutchpp_trace",
     "lanczos",
     "lanczos_tridiagonal",
-    "power_convergence_report",
     "power_iteration",
     "slq_density",
-    "spectrum_report",
     "top_eigenvalues",
     "trace",
 ]

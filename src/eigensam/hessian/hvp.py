@@ -36,6 +36,7 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -302,7 +303,9 @@ class HessianOperator:
             (g * chunks[id(p)]).sum()
             for g, p in zip(self._graph_grads, self._graph_params, strict=True)
         )
-        hv = torch.autograd.grad(dot, self._graph_params, retain_graph=True, allow_unused=True)
+        hv = torch.autograd.grad(
+            cast(Tensor, dot), self._graph_params, retain_graph=True, allow_unused=True
+        )
         by_param = dict(zip(map(id, self._graph_params), hv, strict=True))
         return flatten([by_param.get(id(p)) for p in self.params], self.params).detach()
 

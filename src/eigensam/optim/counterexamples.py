@@ -32,7 +32,9 @@ class EGR(SAM):
             raise ValueError("adaptive=True is not defined for EGR")
         self.hvp = check_backend(hvp)
 
-    def step(self, closure: Callable[[], Tensor] | None = None, scaler: Any = None) -> Tensor:
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None, scaler: Any = None
+    ) -> Tensor:
         """Gradient of ``f + ρ‖∇f‖`` on the closure's batch, then the base step."""
         if closure is None:
             raise TypeError(

@@ -230,7 +230,10 @@ class SAM(Optimizer):
             raise FloatingPointError(f"{message}; weights were left unchanged")
         warnings.warn(f"{message}; step skipped, weights unchanged", RuntimeWarning, stacklevel=3)
 
-    def step(self, closure: Callable[[], Tensor] | None = None, scaler: Any = None) -> Tensor:
+    # Unlike torch.optim.Optimizer.step, the closure is required and the loss is a Tensor.
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None, scaler: Any = None
+    ) -> Tensor:
         """Run both passes and the base step; return the first-pass loss.
 
         ``closure`` computes the loss, calls ``backward()`` on it (``scaler.scale(loss)`` when

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
+from torch.optim import Optimizer
 
 from eigensam.hessian.hvp import flatten, unflatten
 from eigensam.optim.eigen_sam import TrackedSAM
@@ -23,8 +26,15 @@ class XSAM(TrackedSAM):
     optimizer on the corrected gradient, ``ρ = α = 0`` the base optimizer itself.
     """
 
-    def __init__(self, *args: Any, alpha: float = 1.0, **kwargs: Any):
-        super().__init__(*args, alpha=alpha, **kwargs)
+    def __init__(
+        self,
+        params: Iterable[Any] | nn.Module | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        alpha: float = 1.0,
+        **kwargs: Any,
+    ):
+        super().__init__(params, base_optimizer, rho, alpha, **kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
