@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from eigensam.hessian.hvp import HessianOperator, call_closure, check_backend, unflatten
-from eigensam.optim.sam import SAM
+from eigensam.optim.sam import SAM, unit
 
 
 class ReverseSAM(SAM):
@@ -49,12 +49,11 @@ class EGR(SAM):
             return loss
         params = self._params()
         grad = self._flat_grad()
-        norm = grad.norm()
-        if float(norm) > 0:
+        if bool(grad.any()):
             with HessianOperator(
                 closure, params, backend=self.hvp, model=self.model, mode=None, base_grad=grad
             ) as op:
-                hg = op.matvec(grad / norm)
+                hg = op.matvec(unit(grad))
             rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
             with torch.no_grad():
                 for p, h, rho in zip(params, unflatten(hg, params), rhos, strict=True):

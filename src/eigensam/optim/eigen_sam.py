@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from eigensam.hessian.hvp import unflatten
 from eigensam.hessian.tracker import EigenTracker
-from eigensam.optim.sam import SAM, check_nonnegative
+from eigensam.optim.sam import SAM, check_nonnegative, unit
 
 
 class TrackedSAM(SAM):
@@ -108,8 +108,8 @@ class EigenSAM(TrackedSAM):
         v = self.tracker.vector
         if v is None:
             return super()._ascent_direction(grad)
-        g_hat = grad / grad.norm()
-        sign = 1.0 if float(torch.dot(grad, v)) >= 0 else -1.0
+        g_hat = unit(grad)
+        sign = 1.0 if float(torch.dot(g_hat, v)) >= 0 else -1.0
         v_perp = v - torch.dot(v, g_hat) * g_hat
         direction = g_hat.clone()
         for group, part in self._group_slices():

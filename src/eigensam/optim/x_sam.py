@@ -51,8 +51,8 @@ class XSAM(TrackedSAM):
         along = float(torch.dot(grad, v))
         for group, part in self._group_slices():
             grad[part].add_(v[part], alpha=-group["alpha"] * along)
+        # Parameters without a gradient (frozen, unused) stay without one: the base optimizer
+        # skips them, as it would without the correction.
         for p, g in zip(params, unflatten(grad, params), strict=True):
             if p.grad is not None:
                 p.grad.copy_(g)
-            else:
-                p.grad = g.clone()
