@@ -19,7 +19,7 @@ from eigensam.hessian.eigen import (
     lanczos_tridiagonal,
     power_iteration,
 )
-from eigensam.hessian.hvp import HessianOperator
+from eigensam.hessian.hvp import DoubleBackwardError, HessianOperator
 from eigensam.hessian.metrics import abs_cosine, align, cosine
 from eigensam.hessian.spectrum import (
     SpectralDensity,
@@ -32,6 +32,7 @@ from eigensam.hessian.tracker import EigenTracker
 
 __all__ = [
     "DatasetHessian",
+    "DoubleBackwardError",
     "EigenResult",
     "EigenTracker",
     "HessianOperator",
