@@ -5,7 +5,7 @@ import torch
 from conftest import SmallNet, make_closure
 from torch import nn
 
-from eigensam import SAM, XSAM, EigenSAM
+from eigensam import EGR, SAM, XSAM, EigenSAM
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -100,3 +100,37 @@ def test_xsam_alpha_can_be_given_by_position():
     """XSAM(params, base, rho, alpha) raised "got multiple values for argument 'alpha'"."""
     w = nn.Parameter(torch.zeros(3))
     assert XSAM([w], torch.optim.SGD, 0.05, 0.5, lr=0.1).param_groups[0]["alpha"] == 0.5
+
+
+def test_egr_accepts_frozen_parameters_and_leaves_gradient_less_ones_alone(batch):
+    """EGR with a frozen parameter failed ("base_grad must have shape ..."), and it gave every
+    parameter without a gradient a zero one, so weight decay moved unused parameters."""
+    model = frozen_net()
+    model.unused = nn.Linear(2, 2)
+    frozen = model.net[0].weight.detach().clone()
+    unused = [p.detach().clone() for p in model.unused.parameters()]
+    opt = EGR(model, torch.optim.SGD, rho=0.1, lr=0.1, weight_decay=0.1)
+    losses = [float(opt.step(make_closure(model, *batch)).detach()) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    assert torch.equal(model.net[0].weight, frozen)
+    assert all(torch.equal(p, b) for p, b in zip(model.unused.parameters(), unused, strict=True))
+
+
+def test_xsam_correction_near_the_dtype_limit_is_exact_or_a_floating_point_error():
+    """⟨g', v̂⟩ of a bfloat16 gradient near 1e38 overflowed the conversion to bfloat16 and raised
+    an undocumented RuntimeError; the correction is now computed on g'/max|g'ᵢ|."""
+    w = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = XSAM([w], torch.optim.SGD, rho=0.0, alpha=1.0, lr=0.0)
+    opt.tracker.vector = torch.tensor([0.5, 0.5, 0.5, 0.5], dtype=torch.bfloat16)
+    for magnitude, finite in ((1e37, True), (3e38, False)):
+        w.grad = torch.full((4,), magnitude, dtype=torch.bfloat16) * torch.tensor(
+            [1.0, 1.0, 1.0, -1.0], dtype=torch.bfloat16
+        )
+        if finite:
+            opt._correct_descent_gradient()
+            # g' = m·(1, 1, 1, −1), ⟨g', v̂⟩ = m, g̃ = g' − m·v̂ = m·(0.5, 0.5, 0.5, −1.5)
+            expected = torch.tensor([0.5, 0.5, 0.5, -1.5]) * magnitude
+            torch.testing.assert_close(w.grad.float(), expected, rtol=1e-2, atol=0)
+        else:
+            with pytest.raises(FloatingPointError, match="overflows torch.bfloat16"):
+                opt._correct_descent_gradient()

@@ -48,9 +48,18 @@ class XSAM(TrackedSAM):
             return
         params = self._params()
         grad = flatten([p.grad for p in params], params)
+        # Corrected as m·(u − α⟨u, v̂⟩v̂) with u = g'/m, m = max|g'ᵢ|, so that ⟨g', v̂⟩ cannot
+        # overflow the gradient's dtype; a corrected gradient that does is an error.
+        scale = grad.abs().amax().clamp_min(torch.finfo(grad.dtype).tiny)
+        grad.div_(scale)
         along = float(torch.dot(grad, v))
         for group, part in self._group_slices():
             grad[part].add_(v[part], alpha=-group["alpha"] * along)
+        grad.mul_(scale)
+        if not bool(torch.isfinite(grad).all()):
+            raise FloatingPointError(
+                f"X-SAM's corrected gradient overflows {grad.dtype}; weights were left unchanged"
+            )
         # Parameters without a gradient (frozen, unused) stay without one: the base optimizer
         # skips them, as it would without the correction.
         for p, g in zip(params, unflatten(grad, params), strict=True):
