@@ -134,3 +134,20 @@ def test_xsam_correction_near_the_dtype_limit_is_exact_or_a_floating_point_error
         else:
             with pytest.raises(FloatingPointError, match="overflows torch.bfloat16"):
                 opt._correct_descent_gradient()
+
+
+def test_egr_nonfinite_hessian_vector_product_leaves_weights_unchanged():
+    """A non-finite H·ĝ (here: finite differences with weights so large that the step size
+    overflows) went into the gradient and made the weights NaN; it is now a FloatingPointError
+    with the weights unchanged, like a non-finite gradient."""
+    w = nn.Parameter(torch.full((4,), 1e36, dtype=torch.bfloat16))
+    opt = EGR([w], torch.optim.SGD, rho=0.0, lr=1e-3, hvp="fd-central")
+
+    def closure():
+        loss = (w.float() * 1e-30).square().sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(FloatingPointError, match="Hessian-vector product"):
+        opt.step(closure)
+    assert torch.equal(w, torch.full((4,), 1e36, dtype=torch.bfloat16))

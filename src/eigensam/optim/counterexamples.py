@@ -63,6 +63,9 @@ class EGR(SAM):
                 closure, params, backend=self.hvp, model=self.model, mode=None, base_grad=grad
             ) as op:
                 hg = op.matvec(unit(grad))
+            if not bool(torch.isfinite(hg).all()):
+                self._nonfinite("Hessian-vector product", None)
+                return loss
             rhos = [g["rho"] for g in self.param_groups for p in g["params"] if p.requires_grad]
             with torch.no_grad():
                 # A parameter the loss does not depend on has no gradient and a zero Hessian
