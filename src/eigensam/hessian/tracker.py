@@ -20,6 +20,7 @@ from eigensam.hessian.hvp import (
 )
 
 METHODS = ("power", "lanczos")
+SCHEDULES = ("burst", "spread")
 
 
 class EigenTracker:
@@ -33,6 +34,12 @@ class EigenTracker:
       magnitude, which can be negative early in training; ``eigenvalue`` keeps the sign.
     - ``method="lanczos"``: Lanczos with the same number of products; finds the algebraically
       largest eigenvalue.
+
+    ``schedule="burst"`` (the paper) spends the ``iters`` products at once every ``interval``
+    steps. ``schedule="spread"`` spends the same number of products per interval one at a time:
+    after a first full refresh (a cold start has no estimate to warm-start from), one
+    warm-started power step every ``stride = max(1, interval // iters)`` steps, each on the batch
+    of its own step, so the estimate follows the moving Hessian (power method only).
 
     ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``vector`` spans
     all ``params``; parameters with ``requires_grad=False`` are constants of the loss, and ``v̂``
@@ -48,12 +55,21 @@ class EigenTracker:
         backend: str = "autograd",
         mode: str | None = "train",
         seed: int = 0,
+        schedule: str = "burst",
     ):
         self.interval = check_positive_int("eig_interval", interval)
         self.iters = check_positive_int("eig_iters", iters)
         if method not in METHODS:
             raise ValueError(f"eig_method must be one of {METHODS}, got {method!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"eig_schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule == "spread" and method != "power":
+            raise ValueError(
+                f"eig_schedule='spread' needs eig_method='power' (a Lanczos basis cannot span "
+                f"several Hessians), got eig_method={method!r}"
+            )
         self.method = method
+        self.schedule = schedule
         self.backend = check_backend(backend)
         self.mode = check_mode(mode)
         self.generator = torch.Generator().manual_seed(seed)
@@ -62,9 +78,14 @@ class EigenTracker:
         self.residual: float | None = None
         self.num_updates = 0
 
+    @property
+    def stride(self) -> int:
+        """Steps between refreshes: ``interval`` (burst) or ``max(1, interval // iters)``."""
+        return self.interval if self.schedule == "burst" else max(1, self.interval // self.iters)
+
     def due(self, step: int) -> bool:
         """Whether the estimate is refreshed at optimizer step ``step`` (0-based)."""
-        return step % self.interval == 0
+        return step % self.stride == 0
 
     def update(
         self,
@@ -92,7 +113,8 @@ class EigenTracker:
         mode = self.mode if model is not None else None
         with HessianOperator(closure, params, backend=self.backend, model=model, mode=mode) as op:
             if self.method == "power":
-                result = power_iteration(op.matvec, v0, self.iters)
+                spread = self.schedule == "spread" and self.vector is not None
+                result = power_iteration(op.matvec, v0, 1 if spread else self.iters)
             else:
                 result = lanczos(op.matvec, v0, self.iters, k=1, which="LA")[0]
         found = iter(unflatten(result.eigenvector.detach(), trainable))
