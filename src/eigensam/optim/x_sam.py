@@ -48,6 +48,8 @@ class XSAM(TrackedSAM):
             return
         params = self._params()
         grad = flatten([p.grad for p in params], params)
+        if not bool(torch.isfinite(grad).all()):
+            return  # an overflow under a GradScaler: its step() sees it and skips the step
         # Corrected as m·(u − α⟨u, v̂⟩v̂) with u = g'/m, m = max|g'ᵢ|, so that ⟨g', v̂⟩ cannot
         # overflow the gradient's dtype; a corrected gradient that does is an error.
         scale = grad.abs().amax().clamp_min(torch.finfo(grad.dtype).tiny)
