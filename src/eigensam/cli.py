@@ -16,12 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from eigensam.hessian.analysis import power_convergence_report, spectrum_report
 from eigensam.lab import experiments, sde
 from eigensam.lab.checkpoints import fixed_batches, load_trained
 from eigensam.lab.experiments import reproduce
+from eigensam.lab.reports import power_convergence_report, spectrum_report
 from eigensam.lab.train import METHODS, TrainConfig, Trainer, load_config
 
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
@@ -58,6 +56,8 @@ def _execute(run: Callable[[], Any], resume_hint: str) -> int:
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``key=value`` strings to a mapping; values are read as YAML (numbers, true, null)."""
+    import yaml  # here, so that importing this module without [lab] fails on eigensam.lab
+
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,20 @@ CHECKPOINT_FILE = "checkpoint.pt"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "curves.png"
 TABLE_FILE = "summary.md"
+# What every checkpoint written by the training engine holds (Trainer.state_dict).
+CHECKPOINT_KEYS = ("config", "step", "epoch", "model", "optimizer")
+# What torch.load raises for a truncated file or one that is not a torch checkpoint.
+UNREADABLE = (
+    RuntimeError,
+    EOFError,
+    pickle.UnpicklingError,
+    KeyError,
+    IndexError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    UnicodeDecodeError,
+)
 
 Record = dict[str, Any]
 
@@ -67,8 +82,25 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only).
+    A truncated file, one that is not a torch checkpoint, or a torch file that is not a training
+    checkpoint (no :data:`CHECKPOINT_KEYS`) raises ``ValueError`` naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except UNREADABLE as error:
+        reason = (str(error).splitlines() or [""])[0].split(". ")[0]
+        raise ValueError(
+            f"checkpoint {path} cannot be read: it is truncated or not a checkpoint written by "
+            f"eigensam ({type(error).__name__}: {reason})"
+        ) from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        held = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"checkpoint {path} is not an eigensam training checkpoint: it lacks {missing} "
+            f"(it holds {held})"
+        )
+    return state
 
 
 # --------------------------------------------------------------------------------------------

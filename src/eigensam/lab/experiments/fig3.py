@@ -11,13 +11,14 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from eigensam.atomic import atomic_write
-from eigensam.hessian.analysis import spectrum_report, trace
+from eigensam.hessian.analysis import trace
 from eigensam.hessian.dataset import DatasetHessian
 from eigensam.lab import tracking
 from eigensam.lab.checkpoints import fixed_batches, load_trained
 from eigensam.lab.experiments.common import Plan, Results, Target, command
 from eigensam.lab.experiments.report import Section, fmt, paired_claim, save_figure
 from eigensam.lab.experiments.runs import Scale
+from eigensam.lab.reports import spectrum_report
 from eigensam.lab.train import TrainConfig
 
 EIGEN_ALPHAS = (0.05, 0.1, 0.4, 0.8)  # plus 0 (SAM) and 0.2 (the default) from fig1's runs
