@@ -57,7 +57,7 @@ def test_kaiming_init_changes_only_the_initialization(tmp_path):
     fan_in = weight[0].numel()
     assert not torch.equal(default.model.features[0].weight.detach(), weight)
     assert float(weight.std()) == pytest.approx((2 / fan_in) ** 0.5, rel=0.3)
-    assert float(he.model.features[0].bias.abs().max()) == 0
+    assert float(he.model.features[0].bias.detach().abs().max()) == 0
 
 
 def test_auto_alpha_and_spread_schedule_reach_the_optimizer(tmp_path):

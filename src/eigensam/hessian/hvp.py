@@ -19,8 +19,10 @@ and about 0.96-0.99 along the top eigenvector (``benchmarks/bench_optimizers.py`
 ``"autograd"`` is the default of the optimizers. On smooth networks (GeLU, tanh) they agree with
 the exact product. The finite-difference backends need only gradients, so they work with any
 model (kernels without double backward, mixed precision, DDP where the gradient all-reduce makes
-the product global). Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting
-to ``FD_SCALE[backend]`` (tested on a smooth MLP: relative error 1e-6 / 1e-3 in float64 for
+the product global); with a model that cannot be differentiated twice (``torch.compile``, fused
+kernels) ``"autograd"`` raises :class:`DoubleBackwardError` naming them.
+Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting to
+``FD_SCALE[backend]`` (tested on a smooth MLP: relative error 1e-6 / 1e-3 in float64 for
 central / forward differences, ``tests/hessian/test_hvp.py``).
 
 While an operator is open (``with HessianOperator(...) as op:``) every product sees the same loss:
@@ -36,6 +38,7 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +50,12 @@ BACKENDS = ("autograd", "fd-central", "fd-forward")
 MODES = ("train", "eval", None)
 # Default finite-difference scales; see the module docstring and benchmarks/bench_hvp.py.
 FD_SCALE = {"fd-central": 1e-3, "fd-forward": 1e-4}
+# What torch says when a model cannot be differentiated twice (torch.compile, fused kernels).
+NO_DOUBLE_BACKWARD = ("double backward", "donated buffers", "is not implemented")
+
+
+class DoubleBackwardError(RuntimeError):
+    """The exact backend needs double backward, which this model does not support."""
 
 
 def flatten(tensors: Iterable[Tensor | None], like: Sequence[Tensor]) -> Tensor:
@@ -308,7 +317,17 @@ class HessianOperator:
 
     def _local_matvec(self, v: Tensor) -> Tensor:
         if self.backend == "autograd":
-            return self._exact_matvec(v)
+            try:
+                return self._exact_matvec(v)
+            except RuntimeError as error:
+                if not any(marker in str(error) for marker in NO_DOUBLE_BACKWARD):
+                    raise
+                raise DoubleBackwardError(
+                    "the exact Hessian-vector product (backend 'autograd') differentiates the "
+                    "gradient twice, which this model does not support (torch.compile, fused "
+                    f"kernels; torch said: {str(error).splitlines()[0]}); use a finite-difference "
+                    "backend: hvp='fd-central' or hvp='fd-forward'"
+                ) from error
         h = self.step_size(v)
         plus = self._shifted_gradient(v, h)
         if self.backend == "fd-forward":
@@ -329,7 +348,9 @@ class HessianOperator:
             (g * chunks[id(p)]).sum()
             for g, p in zip(self._graph_grads, self._graph_params, strict=True)
         )
-        hv = torch.autograd.grad(dot, self._graph_params, retain_graph=True, allow_unused=True)
+        hv = torch.autograd.grad(
+            cast(Tensor, dot), self._graph_params, retain_graph=True, allow_unused=True
+        )
         by_param = dict(zip(map(id, self._graph_params), hv, strict=True))
         return flatten([by_param.get(id(p)) for p in self.params], self.params).detach()
 

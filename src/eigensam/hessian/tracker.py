@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,7 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from eigensam.hessian.eigen import EigenResult, check_positive_int, lanczos, power_iteration
-from eigensam.hessian.hvp import Closure, HessianOperator, check_backend, check_mode
+from eigensam.hessian.hvp import (
+    Closure,
+    HessianOperator,
+    check_backend,
+    check_mode,
+    flatten,
+    unflatten,
+)
 
 METHODS = ("power", "lanczos")
 SCHEDULES = ("burst", "spread")
@@ -33,8 +41,10 @@ class EigenTracker:
     warm-started power step every ``stride = max(1, interval // iters)`` steps, each on the batch
     of its own step, so the estimate follows the moving Hessian (power method only).
 
-    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``reduce`` is
-    passed to the :class:`HessianOperator` (under ``torch.distributed``,
+    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``vector`` spans
+    all ``params``; parameters with ``requires_grad=False`` are constants of the loss, and ``v̂``
+    is 0 on them.
+    ``reduce`` is passed to the :class:`HessianOperator` (under ``torch.distributed``,
     :class:`~eigensam.hessian.distributed.MeanAcrossRanks`: the products, hence ``v̂``, are those
     of the global batch loss and identical on every rank).
     """
@@ -95,7 +105,16 @@ class EigenTracker:
             v0 = torch.randn(dim, generator=self.generator, dtype=torch.float32)
         else:
             v0 = self.vector
-        v0 = v0.to(device=params[0].device, dtype=params[0].dtype)
+        # Parameters of several dtypes: flat vectors take the promoted one, as torch.cat does.
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
+        v0 = v0.to(device=params[0].device, dtype=dtype)
+        # The operator acts on the parameters that require gradients only.
+        trainable = [p for p in params if p.requires_grad]
+        if len(trainable) < len(params):
+            chunks = unflatten(v0, params)
+            v0 = flatten(
+                [c for c, p in zip(chunks, params, strict=True) if p.requires_grad], trainable
+            )
         mode = self.mode if model is not None else None
         operator = HessianOperator(
             closure, params, backend=self.backend, model=model, mode=mode, reduce=self.reduce
@@ -106,7 +125,8 @@ class EigenTracker:
                 result = power_iteration(op.matvec, v0, 1 if spread else self.iters)
             else:
                 result = lanczos(op.matvec, v0, self.iters, k=1, which="LA")[0]
-        self.vector = result.eigenvector.detach()
+        found = iter(unflatten(result.eigenvector.detach(), trainable))
+        self.vector = flatten([next(found) if p.requires_grad else None for p in params], params)
         self.eigenvalue = result.eigenvalue / loss_scale
         self.residual = result.residual / loss_scale
         self.num_updates += 1

@@ -306,10 +306,35 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        mark = getattr(error, "problem_mark", None)
+        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+        reason = getattr(error, "problem", None) or type(error).__name__
+        raise ValueError(f"config file {path} is not valid YAML{where}: {reason}") from error
     if not isinstance(values, Mapping):
-        raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
-    return config_from_dict({**values, **(overrides or {})})
+        raise ValueError(
+            f"config file {path}: expected a mapping of field: value, got {type(values).__name__}"
+        )
+    try:
+        return config_from_dict({**values, **(overrides or {})})
+    except (ValueError, TypeError) as combined:
+        error: Exception = combined
+        source = f"config file {path} with the overrides {dict(overrides or {})}"
+        try:  # blame the file when it is wrong on its own, else the overrides
+            config_from_dict(values)
+        except (ValueError, TypeError) as own:
+            source, error = f"config file {path}", own
+        raise type(error)(f"{source}: {error}") from error
+
+
+def checkpoint_config(state: Mapping[str, Any], file: Path) -> TrainConfig:
+    """The configuration a checkpoint (from :func:`tracking.load_checkpoint`) was written with."""
+    try:
+        return config_from_dict(state["config"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"checkpoint {file} holds an invalid configuration: {error}") from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,9 +579,12 @@ def _mean(values: list[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def check_same_run(saved: TrainConfig, given: TrainConfig, where: Path) -> None:
+def check_same_run(
+    saved: TrainConfig, given: TrainConfig, where: Path, subject: str | None = None
+) -> None:
     """Refuse to continue the run in ``where`` (started with ``saved``) with a configuration that
-    differs in a field other than :data:`RESUME_FREE_FIELDS`."""
+    differs in a field other than :data:`RESUME_FREE_FIELDS`. ``subject`` replaces "the run in
+    ``where`` was started" in the message."""
     changed = [
         f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(given, f.name)!r}"
         for f in dataclasses.fields(TrainConfig)
@@ -564,8 +592,9 @@ def check_same_run(saved: TrainConfig, given: TrainConfig, where: Path) -> None:
     ]
     if changed:
         raise ValueError(
-            f"the run in {where} was started with a different configuration ({'; '.join(changed)});"
-            " resume it with its own configuration or start a new run in another out_dir"
+            f"{subject or f'the run in {where} was started'} with a different configuration "
+            f"({'; '.join(changed)}); resume it with its own configuration or start a new run in "
+            "another out_dir"
         )
 
 
@@ -666,13 +695,17 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.checkpoint_step: int | None = None
+        self._quiet_bar = False
         self.records: list[tracking.Record] = []
         self.sums = {"epoch_loss": 0.0, "epoch_steps": 0, "window_loss": 0.0, "window_steps": 0}
         self.seconds = {"train": 0.0, "track": 0.0, "eval": 0.0}
         self._clock = time.perf_counter()
         checkpoint = self.dir / tracking.CHECKPOINT_FILE
         if resume is not None and checkpoint.is_file():
-            self._restore(tracking.load_checkpoint(checkpoint))
+            state = tracking.load_checkpoint(checkpoint)
+            written = f"checkpoint {checkpoint} was written by a run"
+            check_same_run(checkpoint_config(state, checkpoint), config, checkpoint, written)
+            self._restore(state, checkpoint)
         elif self.ranks.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             tracking.write_yaml(self.dir / tracking.CONFIG_FILE, config.to_dict())
@@ -726,11 +759,20 @@ class Trainer:
             "records": list(self.records),
         }
 
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
+    def _restore(self, state: Mapping[str, Any], file: Path) -> None:
+        """Load a checkpoint's state; one that does not fit this run raises ``ValueError``
+        naming ``file`` (nothing is written before)."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["loader"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            reason = (str(error).splitlines() or [""])[0]
+            raise ValueError(
+                f"checkpoint {file} does not fit this run's model and optimizer "
+                f"({type(error).__name__}: {reason})"
+            ) from error
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -763,6 +805,7 @@ class Trainer:
             unit="step",
             disable=not sys.stdout.isatty() or not self.ranks.main,
         )
+        self._quiet_bar = bar.disable
         self._clock = time.perf_counter()
         try:
             while self.epoch < config.epochs:
@@ -836,6 +879,13 @@ class Trainer:
         self._lap("eval")
         record.update({f"{k}_seconds": v for k, v in self.seconds.items()})
         self._log(record)
+        if self._quiet_bar:  # no progress bar: one line per epoch
+            print(
+                f"{self.dir.name}: epoch {self.epoch + 1}/{self.config.epochs}, train loss "
+                f"{record['train_loss']:.4f}, test acc {record['test_acc']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.sums["epoch_loss"], self.sums["epoch_steps"] = 0.0, 0
         self.epoch += 1
         if (

@@ -9,8 +9,14 @@ import torch
 from torch import Tensor
 
 from eigensam.hessian.distributed import local_forward
-from eigensam.hessian.hvp import HessianOperator, call_closure, check_backend, unflatten
-from eigensam.optim.sam import SAM
+from eigensam.hessian.hvp import (
+    HessianOperator,
+    call_closure,
+    check_backend,
+    flatten,
+    unflatten,
+)
+from eigensam.optim.sam import SAM, unit
 
 
 class ReverseSAM(SAM):
@@ -36,7 +42,9 @@ class EGR(SAM):
             raise ValueError("sharpness='local' is not defined for EGR, which has no ascent step")
         self.hvp = check_backend(hvp)
 
-    def step(self, closure: Callable[[], Tensor] | None = None, scaler: Any = None) -> Tensor:
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None, scaler: Any = None
+    ) -> Tensor:
         """Gradient of ``f + ρ‖∇f‖`` on the closure's batch, then the base step."""
         if closure is None:
             raise TypeError(
@@ -50,10 +58,12 @@ class EGR(SAM):
         if not self._finite(loss):
             self._nonfinite("gradient", None)
             return loss
-        params = self._params()
-        grad = self._flat_grad()
-        norm = grad.norm()
-        if float(norm) > 0:
+        self._grads()
+        # The Hessian is taken over the parameters that require gradients (frozen ones are
+        # constants of the loss).
+        params = [p for p in self._params() if p.requires_grad]
+        grad = flatten([p.grad for p in params], params)
+        if bool(grad.any()):
             operator = HessianOperator(
                 closure,
                 params,
@@ -64,13 +74,17 @@ class EGR(SAM):
                 reduce=self.reduce,
             )
             with local_forward(self.ddp), operator as op:
-                hg = op.matvec(grad / norm)
-            rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
+                hg = op.matvec(unit(grad))
+            if not bool(torch.isfinite(hg).all()):
+                self._nonfinite("Hessian-vector product", None)
+                return loss
+            rhos = [g["rho"] for g in self.param_groups for p in g["params"] if p.requires_grad]
             with torch.no_grad():
+                # A parameter the loss does not depend on has no gradient and a zero Hessian
+                # row: it keeps no gradient, so the base optimizer skips it.
                 for p, h, rho in zip(params, unflatten(hg, params), rhos, strict=True):
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad.add_(h, alpha=rho)
+                    if p.grad is not None:
+                        p.grad.add_(h, alpha=rho)
         self.base_optimizer.step()
         self.sam_steps += 1
         return loss

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from eigensam.hessian.distributed import local_forward
 from eigensam.hessian.hvp import unflatten
 from eigensam.hessian.tracker import EigenTracker
-from eigensam.optim.sam import SAM, check_nonnegative
+from eigensam.optim.sam import SAM, check_nonnegative, unit
 
 
 class TrackedSAM(SAM):
@@ -183,7 +183,7 @@ class EigenSAM(TrackedSAM):
         v = self.tracker.vector
         if v is None:
             return super()._ascent_direction(grad)
-        g_hat = grad / grad.norm()
+        g_hat = unit(grad)
         along = float(torch.dot(v, g_hat))
         sign = 1.0 if along >= 0 else -1.0
         v_perp = v - along * g_hat
