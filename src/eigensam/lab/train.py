@@ -805,7 +805,7 @@ class Trainer:
             unit="step",
             disable=not sys.stdout.isatty() or not self.ranks.main,
         )
-        self._quiet_bar = bar.disable
+        self._quiet_bar = bar.disable and self.ranks.main  # rank 0 alone reports progress
         self._clock = time.perf_counter()
         try:
             while self.epoch < config.epochs:
