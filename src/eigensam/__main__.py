@@ -2,7 +2,7 @@
 
 import sys
 
-from eigensam.cli import main
+from eigensam.console import main
 
 if __name__ == "__main__":
     sys.exit(main())
