@@ -99,6 +99,15 @@ def test_cli_reports_bad_input_before_training(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_table2_report_without_runs(tmp_path):
+    report = tmp_path / "report.md"
+    sections = reproduce.reproduce("table2", "cpu", (0,), tmp_path, report=report)
+    assert [c.verdict for c in sections[0].claims] == [NOT_TESTABLE]
+    text = report.read_text()
+    assert "## Verdicts" in text and "not testable on CPU" in text and "Deviations" in text
+
+
+@pytest.mark.slow  # 8 tiny training runs: about a minute on an idle 2-core CPU
 def test_fig1_and_fig5_end_to_end_on_synthetic_data(tmp_path):
     overrides = {**TINY, "width": 0.125, "epochs": 2, "snapshot_epochs": [1], "eig_interval": 2}
     report = tmp_path / "report.md"
