@@ -61,6 +61,8 @@ def test_targets_share_runs(tmp_path):
     assert fig3["X-SAM α=1.0"][0].run_dir == fig1["x-sam"][0].run_dir
     assert table34["p=20 burst"][0].run_dir == fig1["eigen-sam"][0].run_dir
     assert fig3["α=auto"][0].alpha == "auto"
+    assert len(fig3["α=0.4"]) == len(table34["p=50 burst"]) == 2  # sweeps: first 3 seeds
+    assert len(plans("fig3", tmp_path, seeds=(0, 1, 2, 3))[1]["fig3"]["α=0.4"]) == 3
     assert table34["p=20 spread"][0].eig_schedule == "spread"
     burst = [table34[f"p={p} burst"][0].eig_interval for p in (10, 20, 50, 100)]
     assert burst == [10, 20, 50, 100]
