@@ -65,6 +65,12 @@ class TrackedSAM(SAM):
             schedule=eig_schedule,
         )
 
+    def _rank_signature(self) -> dict[str, Any]:
+        """SAM's, plus the refresh schedule (replicas must run the same products)."""
+        t = self.tracker
+        settings = (t.interval, t.iters, t.method, t.schedule, t.backend, t.mode)
+        return {**super()._rank_signature(), "eigenvector refresh": settings}
+
     def _extra_defaults(self) -> dict[str, Any]:
         return {"alpha": self._alpha}
 
