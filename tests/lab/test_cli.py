@@ -49,7 +49,8 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 
 def assert_one_line_error(err: str, *words: str) -> None:
-    assert err.startswith("eigensam: error: ")
+    """One ``eigensam: error:`` message (progress lines of a run may come before it)."""
+    assert len([line for line in err.splitlines() if line.startswith("eigensam: error: ")]) == 1
     assert "Traceback" not in err
     for word in words:
         assert word in err
