@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from eigensam.hessian.eigen import EigenResult, check_positive_int, lanczos, power_iteration
-from eigensam.hessian.hvp import Closure, HessianOperator, check_backend, check_mode
+from eigensam.hessian.hvp import Closure, Evaluation, HessianOperator, check_backend, check_mode
 
 METHODS = ("power", "lanczos")
 
@@ -26,7 +26,10 @@ class EigenTracker:
     - ``method="lanczos"``: Lanczos with the same number of products; finds the algebraically
       largest eigenvalue.
 
-    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate.
+    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``evaluation`` is
+    the operator's :class:`~eigensam.hessian.hvp.Evaluation` of the latest update (the loss and
+    gradient at ``w`` it computed, or None), for an optimizer that reuses it as its first pass.
+    ``update`` accepts a :class:`~eigensam.hessian.hvp.SplitClosure` (memory-lean exact products).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class EigenTracker:
         self.vector: Tensor | None = None
         self.eigenvalue: float | None = None
         self.residual: float | None = None
+        self.evaluation: Evaluation | None = None
         self.num_updates = 0
 
     def due(self, step: int) -> bool:
@@ -71,11 +75,13 @@ class EigenTracker:
             v0 = self.vector
         v0 = v0.to(device=params[0].device, dtype=params[0].dtype)
         mode = self.mode if model is not None else None
+        self.evaluation = None
         with HessianOperator(closure, params, backend=self.backend, model=model, mode=mode) as op:
             if self.method == "power":
                 result = power_iteration(op.matvec, v0, self.iters)
             else:
                 result = lanczos(op.matvec, v0, self.iters, k=1, which="LA")[0]
+        self.evaluation = op.evaluation
         self.vector = result.eigenvector.detach()
         self.eigenvalue = result.eigenvalue / loss_scale
         self.residual = result.residual / loss_scale

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from eigensam.hessian.hvp import unflatten
+from eigensam.hessian.hvp import Evaluation, unflatten
 from eigensam.hessian.tracker import EigenTracker
 from eigensam.optim.sam import SAM, check_nonnegative
 
@@ -25,6 +25,14 @@ class TrackedSAM(SAM):
     ``hessian_mode`` whether ``model`` is in train mode (default; the loss being optimized) or
     eval mode (as the official Eigen-SAM code) during the products. Without ``model`` the
     products run in whatever mode the model is in and cannot protect its BatchNorm statistics.
+
+    ``reuse_gradient`` (default True): on a refresh step, the gradient the refresh computed at
+    ``w`` on the same batch (same RNG state, same mode, BatchNorm statistics updated once) is the
+    step's first pass, bit for bit what the closure would give again, so the closure runs once
+    less. It applies when ``model`` is given, ``hessian_mode`` is the mode the model is in
+    (train) and the backend evaluates the whole batch at ``w`` (``"autograd"`` with a plain
+    closure, ``"fd-forward"``). Pass a :class:`~eigensam.hessian.hvp.SplitClosure` to ``step``
+    for memory-lean exact products (see :mod:`eigensam.hessian.hvp`).
     """
 
     def __init__(
@@ -40,15 +48,20 @@ class TrackedSAM(SAM):
         hvp: str = "autograd",
         hessian_mode: str = "train",
         seed: int = 0,
+        reuse_gradient: bool = True,
         **kwargs: Any,
     ):
         self._alpha = check_nonnegative("alpha", alpha)
         super().__init__(params, base_optimizer, rho, **kwargs)
         if hessian_mode not in ("train", "eval"):
             raise ValueError(f"hessian_mode must be 'train' or 'eval', got {hessian_mode!r}")
+        if not isinstance(reuse_gradient, bool):
+            raise TypeError(f"reuse_gradient must be a bool, got {reuse_gradient!r}")
+        self.reuse_gradient = reuse_gradient
         self.tracker = EigenTracker(
             eig_interval, eig_iters, method=eig_method, backend=hvp, mode=hessian_mode, seed=seed
         )
+        self._reusable: Evaluation | None = None
 
     def _extra_defaults(self) -> dict[str, Any]:
         return {"alpha": self._alpha}
@@ -58,8 +71,20 @@ class TrackedSAM(SAM):
         check_nonnegative("alpha", group["alpha"])
 
     def _before_first_pass(self, closure: Callable[[], Tensor], scaler: Any) -> None:
+        self._reusable = None
         if self.tracker.due(self.sam_steps):
             self.update_eigenvector(closure, scaler)
+            if self.reuse_gradient:
+                self._reusable = self.tracker.evaluation
+            self.tracker.evaluation = None
+
+    def _first_pass(self, closure: Callable[[], Tensor]) -> Tensor:
+        """The refresh's evaluation at ``w`` when there is one (see ``reuse_gradient``), else
+        the closure's."""
+        reusable, self._reusable = self._reusable, None
+        if reusable is None:
+            return super()._first_pass(closure)
+        return reusable.apply(self._params())
 
     def update_eigenvector(self, closure: Callable[[], Tensor], scaler: Any = None) -> None:
         """Refresh the top-eigenvector estimate on the closure's batch (manual loops call this
