@@ -61,7 +61,9 @@ def test_reused_first_pass_is_bit_for_bit_the_fresh_one(cls, hvp):
     # BatchNorm (statistics updated once per step) and dropout (same masks) included.
     fresh_model, fresh, fresh_calls, fresh_losses, fresh_rng = train(cls, False, hvp)
     reused_model, reused, reused_calls, reused_losses, reused_rng = train(cls, True, hvp)
-    for a, b in zip(fresh_model.state_dict().values(), reused_model.state_dict().values()):
+    for a, b in zip(
+        fresh_model.state_dict().values(), reused_model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     assert torch.equal(fresh.tracker.vector, reused.tracker.vector)
     assert [loss.item() for loss in fresh_losses] == [loss.item() for loss in reused_losses]

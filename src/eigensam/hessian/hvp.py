@@ -447,11 +447,13 @@ class HessianOperator:
         """The gradients as built with a graph (zeros for parameters the loss does not reach)."""
         if any(g is not None and g.grad_fn is None for g in grads):
             raise RuntimeError("the gradient has no graph: does the loss depend on params?")
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        return [
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params, strict=True)
+        ]
 
     def _double_backward(self, graph: list[Tensor], v: Tensor, retain_graph: bool) -> Tensor:
         """Flat ``∇(∇L·v)`` through the gradient ``graph`` (one tensor per parameter)."""
-        pairs = [(g, c) for g, c in zip(graph, unflatten(v, self.params)) if g.grad_fn]
+        pairs = [(g, c) for g, c in zip(graph, unflatten(v, self.params), strict=True) if g.grad_fn]
         dot = sum((g * c).sum() for g, c in pairs)
         hv = torch.autograd.grad(dot, self.params, retain_graph=retain_graph, allow_unused=True)
         return flatten(hv, self.params).detach()
