@@ -4,11 +4,13 @@ Three tables, printed as Markdown and written to ``benchmarks/results/cost-<devi
 the machine description (CPU model, threads, torch version, load average):
 
 1. **Step time** at ``p = --interval``, ``q = 5``: per round, every method runs one refresh step
-   and ``--plain-steps`` steps without a refresh, methods interleaved step block by step block;
-   the per-step time averaged over the interval is ``(t_refresh + (p − 1)·t_plain) / p`` with
-   medians over ``--rounds`` rounds. ``sam overhead`` is the share of a SAM step spent outside
-   the closure (perturbation, restore, update). Models: the paper's ReLU SimpleCNN and a smooth
-   variant (GeLU, average pooling) where ``hvp="fd-forward"`` is accurate.
+   and ``--plain-steps`` steps without a refresh; the per-step time averaged over the interval
+   is ``(t_refresh + (p − 1)·t_plain) / p``. Plain steps run round robin (one step of each
+   method in turn) and ratios are medians of per-cycle ratios, so load from other jobs on a
+   shared machine hits all methods alike. ``time outside the closure`` is the share of a plain
+   step spent in the optimizer (perturbation, restore, update). Models: the paper's ReLU
+   SimpleCNN and a smooth variant (GeLU, average pooling) where ``hvp="fd-forward"`` is
+   accurate.
 2. **Peak memory** growth over 2 steps with a refresh each, one fresh process per optimizer
    (Linux VmHWM after a reset, minus the resident size after setup; on CUDA
    ``max_memory_allocated``), on SimpleCNN and ResNet-18 (half width) with BatchNorm.
@@ -166,6 +168,10 @@ class Clock:
 
 
 def time_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per round: each method's refresh step, then ``--plain-steps`` cycles of one plain step
+    per method (round robin, so load changes on a shared machine hit all methods alike).
+    Ratios are medians of per-cycle ratios; over the interval ``p`` a method costs
+    ``((p − 1)·plain + refresh) / p``."""
     methods = TIME_METHODS[model_name]
     clock = Clock(args.device)
     data = make_batches(model_name, args.batch_size, args.plain_steps + 1, args.device)
@@ -176,38 +182,52 @@ def time_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]
             s.step(x, y)
     refresh: dict[str, list[float]] = {m: [] for m in methods}
     plain: dict[str, list[float]] = {m: [] for m in methods}
-    overhead: dict[str, list[float]] = {m: [] for m in methods}
+    inside: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.rounds):
         for m, s in steppers.items():
             s.refresh_next()
             x, y = data[0]
             refresh[m].append(clock.time(lambda s=s, x=x, y=y: s.step(x, y)))
-            times, inside = [], []
-            for x, y in data[1:]:
-                times.append(clock.time(lambda s=s, x=x, y=y, i=inside: i.append(s.step(x, y))))
-            plain[m].append(statistics.median(times))
-            overhead[m].append(1 - sum(inside) / sum(times))
+        for x, y in data[1:]:
+            for m, s in steppers.items():
+                plain[m].append(
+                    clock.time(lambda s=s, x=x, y=y, m=m: inside[m].append(s.step(x, y)))
+                )
     p = args.interval
-    rows = []
-    for m in methods:
-        t_refresh, t_plain = statistics.median(refresh[m]), statistics.median(plain[m])
-        rows.append(
-            {
-                "model": model_name,
-                "method": m,
-                "plain_step_s": t_plain,
-                "refresh_step_s": t_refresh,
-                "step_s": (t_refresh + (p - 1) * t_plain) / p,
-                "overhead": statistics.median(overhead[m]),
-            }
+    per_round = args.plain_steps
+
+    def round_median(m: str, r: int) -> float:
+        return statistics.median(plain[m][r * per_round : (r + 1) * per_round])
+
+    def ratio(m: str, base: str) -> float:
+        """``m``'s step over the interval / ``base``'s plain step: medians of per-cycle and
+        per-round ratios."""
+        plain_ratio = statistics.median(a / b for a, b in zip(plain[m], plain[base], strict=True))
+        refresh_ratio = statistics.median(
+            refresh[m][r] / round_median(base, r) for r in range(args.rounds)
         )
-    sgd = next(r for r in rows if r["method"] == "sgd")
-    sam = next(r for r in rows if r["method"] == "sam")
-    for r in rows:
-        r["over_sgd"] = r["step_s"] / sgd["step_s"]
-        r["over_sam"] = r["step_s"] / sam["step_s"]
-        r["refresh_in_sgd_steps"] = (r["refresh_step_s"] - r["plain_step_s"]) / sgd["step_s"]
-    return rows
+        return ((p - 1) * plain_ratio + refresh_ratio) / p
+
+    def refresh_cost(m: str) -> float:
+        """Extra time of a refresh step over a plain step, in SGD steps."""
+        return statistics.median(
+            (refresh[m][r] - round_median(m, r)) / round_median("sgd", r)
+            for r in range(args.rounds)
+        )
+
+    return [
+        {
+            "model": model_name,
+            "method": m,
+            "plain_step_s": statistics.median(plain[m]),
+            "refresh_step_s": statistics.median(refresh[m]),
+            "over_sgd": ratio(m, "sgd"),
+            "over_sam": ratio(m, "sam"),
+            "refresh_in_sgd_steps": refresh_cost(m),
+            "overhead": 1 - sum(inside[m]) / sum(plain[m]),
+        }
+        for m in methods
+    ]
 
 
 # -- 2. peak memory, each in a fresh process ------------------------------------------------
@@ -416,8 +436,8 @@ def markdown(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
 TIME_COLUMNS = {
     "model": "model",
     "method": "method",
-    "step_s": "s/step over the interval",
-    "over_sgd": "/ SGD",
+    "plain_step_s": "s/step (no refresh)",
+    "over_sgd": "over the interval / SGD",
     "over_sam": "/ SAM",
     "refresh_in_sgd_steps": "refresh cost (SGD steps)",
     "overhead": "time outside the closure",
@@ -492,7 +512,8 @@ def main() -> None:
         print(f"\n{markdown(report[name], columns)}", flush=True)
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["seconds"] = time.perf_counter() - start
-    path = args.out / f"cost-{args.device}.json"
+    suffix = "" if args.sections == "time,memory,hvp" else "-" + args.sections.replace(",", "-")
+    path = args.out / f"cost-{args.device}{suffix}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
