@@ -1,4 +1,5 @@
-# Quick start: `make main` runs the main job, `make test` runs lint and the tests.
+# Quick start: `make main` runs the main job, `make test` runs lint, type checks, the docs build
+# and the tests.
 # Both create .venv and install the project (and Fashion-MNIST where apt-get is available) first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # torch 2.13.0: a CPU wheel of it lies on this project's machines; elsewhere pip fetches it.
 TORCH ?= torch==2.13.0
 
-.PHONY: install data main test test-slow bench
+.PHONY: install data main test test-slow bench docs docs-serve
 
 install: $(VENV)/.installed
 
@@ -22,14 +23,21 @@ data:
 	fi
 
 main: install data
-	$(VENV)/bin/eigensam compare --dataset fashion-mnist --model simplecnn \
-		--methods sgd,sam,eigen-sam,x-sam --seeds 1 --epochs 10 --train-subset 10000 \
-		--batch-size 128 --width 0.5 --lr 0.03 --out runs/main
+	$(VENV)/bin/eigensam reproduce fig1 --scale cpu --jobs 2 --out runs/main
 
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# The API reference site (MkDocs + mkdocstrings) in site/; warnings are errors.
+docs: install
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: install
+	$(VENV)/bin/mkdocs serve
 
 test-slow: install data
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow

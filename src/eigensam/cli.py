@@ -16,11 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from eigensam.hessian.analysis import power_convergence_report, spectrum_report
-from eigensam.lab import experiments
+from eigensam.lab import experiments, sde
 from eigensam.lab.checkpoints import fixed_batches, load_trained
+from eigensam.lab.experiments import reproduce
+from eigensam.lab.reports import power_convergence_report, spectrum_report
 from eigensam.lab.train import METHODS, TrainConfig, Trainer, load_config
 
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
@@ -57,6 +56,8 @@ def _execute(run: Callable[[], Any], resume_hint: str) -> int:
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``key=value`` strings to a mapping; values are read as YAML (numbers, true, null)."""
+    import yaml  # here, so that importing this module without [lab] fails on eigensam.lab
+
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -91,8 +92,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> 
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
             continue
-        kind = next(t for t in (int, float, str) if t is hint or t in typing.get_args(hint))
+        kinds = [t for t in (int, float, str) if t is hint or t in typing.get_args(hint)]
+        kind = _number_or_word if kinds == [float, str] else kinds[0]
         parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def _number_or_word(text: str) -> float | str:
+    """A number if ``text`` reads as one (``--alpha 0.2``), else the word (``--alpha auto``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _config_overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -310,12 +320,197 @@ def _run_power_convergence(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# reproduce
+
+
+def _add_reproduce(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "reproduce",
+        help="re-run an experiment of the Eigen-SAM paper and report what reproduces",
+        description="Train every run TARGET needs (finished runs are reused, interrupted ones "
+        "resumed), then write OUT/TARGET/ (JSON, PNG) and a markdown report with a verdict per "
+        "claim. --scale cpu runs on a laptop CPU (SimpleCNN, Fashion-MNIST subset) and says so "
+        "in every output; --scale paper uses configs/ (GPU, datasets).",
+    )
+    parser.add_argument("target", help=f"one of {', '.join([*reproduce.TARGETS, 'all'])}")
+    parser.add_argument("--scale", default="cpu", help="cpu (default) or paper")
+    parser.add_argument("--seeds", type=_csv(int, "seeds"), default=None, help="default: 0,1,2,3,4")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/reproduce-SCALE")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (default: 1)")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="report file (default: OUT/reproduction.md)"
+    )
+    parser.add_argument("--data-dir", default=None, help="dataset root (default: see train)")
+    parser.add_argument("--device", default=None, help="torch device of every run")
+    parser.set_defaults(handler=_run_reproduce)
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    overrides = {
+        k: v for k, v in (("data_dir", args.data_dir), ("device", args.device)) if v is not None
+    }
+    _prepare(lambda: reproduce.resolve_targets(args.target))
+    _prepare(
+        lambda: reproduce.plan_targets(
+            reproduce.resolve_targets(args.target),
+            args.scale,
+            args.seeds,
+            args.out or Path("runs") / f"reproduce-{args.scale}",
+            overrides,
+        )
+    )
+    return _execute(
+        lambda: reproduce.reproduce(
+            args.target,
+            args.scale,
+            args.seeds,
+            args.out,
+            jobs=args.jobs,
+            report=args.report,
+            overrides=overrides,
+        ),
+        "run the same command again",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# sde
+
+SDE_FIELDS = (
+    ("dataset", str),
+    ("data_dir", str),
+    ("train_subset", int),
+    ("test_subset", int),
+    ("width", float),
+    ("batch_size", int),
+    ("lr", float),
+    ("rho", float),
+    ("steps", int),
+    ("track_every", int),
+    ("svag_l", int),
+    ("lambda_iters", int),
+    ("track_batch", int),
+    ("eta_horizon", float),
+    ("device", str),
+)
+ETA_SCALING_DEFAULT = (0.04, 0.02, 0.01, 0.005)
+
+
+def _add_sde(subparsers: Any) -> None:
+    defaults, paper = sde.SDEConfig(), sde.SDEConfig.paper()
+    parser = subparsers.add_parser(
+        "sde",
+        help="discrete SAM against its 2nd- and 3rd-order SDEs (paper Figure 2, Theorem 4.1)",
+        description="Simulate discrete SAM, SGD and the second- (Eq. 3) and third-order (Eq. 4) "
+        "SDEs of SAM (SVAG scheme) from the same initialization and batch stream, over seeds; "
+        "write OUT/sde.json, OUT/figure2.png (6 metrics with 95% bands), OUT/weak_errors.md "
+        "and OUT/corollary.png (Align(ε, v₁) against cos(∇³f(ĝ,ĝ), ∇λ₁) during SAM). "
+        "--l-values adds the convergence in SVAG's l, --eta-scaling the weak error against η "
+        "for ρ = c·η^(1/3) and c·η^(1/2). Defaults: the paper's setting (784-unit GeLU MLP, "
+        "η = 0.01, ρ = 0.2) on Fashion-MNIST at CPU size; --scale paper for the full size.",
+    )
+    parser.add_argument("--out", default="runs/sde", help="output folder (default: runs/sde)")
+    parser.add_argument(
+        "--scale",
+        choices=("default", "paper"),
+        default="default",
+        help="default: CPU-sized (about 10 min on 2 cores); paper: full data, 1000 steps, "
+        "10 seeds, l = 8",
+    )
+    for name, kind in SDE_FIELDS:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=None,
+            help=f"default: {getattr(defaults, name)} ({getattr(paper, name)} at paper scale)",
+        )
+    parser.add_argument(
+        "--seeds", type=_csv(int, "--seeds"), help=f"default: {','.join(map(str, defaults.seeds))}"
+    )
+    parser.add_argument(
+        "--l-values",
+        type=_csv(int, "--l-values"),
+        default=None,
+        help="also run both SDEs with these SVAG l (e.g. 1,2,4,8) and tabulate the weak error",
+    )
+    parser.add_argument(
+        "--eta-scaling",
+        nargs="?",
+        const=",".join(map(str, ETA_SCALING_DEFAULT)),
+        default=None,
+        type=_csv(float, "--eta-scaling"),
+        help="also measure the weak error against η at horizon --eta-horizon (default η values: "
+        f"{','.join(map(str, ETA_SCALING_DEFAULT))})",
+    )
+    parser.add_argument(
+        "--no-corollary", action="store_true", help="skip the Corollary 4.1.1 measurement"
+    )
+    parser.add_argument(
+        "--no-figure2",
+        action="store_true",
+        help="skip the Figure 2 runs (e.g. to run only --eta-scaling)",
+    )
+    parser.set_defaults(handler=_run_sde)
+
+
+def _sde_config(args: argparse.Namespace) -> sde.SDEConfig:
+    overrides: dict[str, Any] = {
+        name: getattr(args, name) for name, _ in SDE_FIELDS if getattr(args, name) is not None
+    }
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(args.seeds)
+    if args.l_values is not None:
+        overrides["l_values"] = tuple(args.l_values)
+    if args.eta_scaling is not None:
+        overrides["eta_values"] = tuple(args.eta_scaling)
+    if args.no_corollary:
+        overrides["corollary"] = False
+    if args.no_figure2:
+        overrides["figure2"] = False
+    if args.scale == "paper":
+        return sde.SDEConfig.paper(**overrides)
+    return sde.SDEConfig(**overrides)
+
+
+def _run_sde(args: argparse.Namespace) -> int:
+    config = _prepare(lambda: _sde_config(args))
+    out = Path(args.out)
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        summary = _prepare(lambda: sde.run_sde(config, out, progress))
+    except FloatingPointError as error:
+        return _fail(f"{error}; what was recorded is in {out / sde.RESULTS_FILE}", 1)
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; what was recorded is in {out / sde.RESULTS_FILE}", 130)
+    for name in (sde.TABLE_FILE, sde.L_FILES[0], sde.ETA_FILES[0]):
+        if name in summary["files"]:
+            print((out / name).read_text(encoding="utf-8"))
+    corollary = summary["corollary"]
+    if corollary.get("mean_align") is not None:
+        correlation = corollary["correlation"]
+        print(
+            f"Corollary 4.1.1: mean Align(ε, v₁) {corollary['mean_align']:.3f}, mean "
+            f"cos(∇³f(ĝ,ĝ), ∇λ₁) {corollary['mean_cos_third']:.3f}, correlation "
+            + ("–" if correlation is None else f"{correlation:.2f}")
+        )
+    print(
+        f"wall time {summary['wall_seconds']:.0f} s; wrote {', '.join(summary['files'])} in {out}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_compare,
     _add_train,
     _add_spectrum,
     _add_power_convergence,
+    _add_sde,
+    _add_reproduce,
 ]
 
 

@@ -1,5 +1,6 @@
-"""High-level analysis (top eigenvalues, trace, density, reports) against the full Hessian of a
-small network from torch.autograd.functional.hessian."""
+"""High-level analysis (top eigenvalues, trace, density, and the reports of
+:mod:`eigensam.lab.reports`) against the full Hessian of a small network from
+torch.autograd.functional.hessian."""
 
 import json
 import math
@@ -13,13 +14,12 @@ from eigensam.hessian import (
     DatasetHessian,
     density,
     lanczos,
-    power_convergence_report,
     power_iteration,
-    spectrum_report,
     top_eigenvalues,
     trace,
 )
 from eigensam.hessian.analysis import estimates_by_step
+from eigensam.lab.reports import power_convergence_report, spectrum_report
 
 F64 = torch.float64
 SIZES = (5, 8, 11)

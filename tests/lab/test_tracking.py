@@ -89,3 +89,30 @@ def test_plot_curves_writes_a_png_even_without_measurements(tmp_path: Path) -> N
     records = [{"kind": "eval", "epoch": 1, "step": 3, "test_acc": 0.5}]
     tracking.plot_curves({"sgd": [records]}, path, "title")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_test_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    a = [0.81, 0.79, 0.83, 0.80, 0.82]
+    b = [0.80, 0.79, 0.81, 0.79, 0.80]
+    result = tracking.paired_test(a, b)
+    reference = scipy_stats.ttest_rel(a, b)
+    assert result["p"] == pytest.approx(reference.pvalue, rel=1e-9)
+    assert result["mean_diff"] == pytest.approx(0.012)
+    low, high = reference.confidence_interval()
+    assert result["ci"] == pytest.approx((high - low) / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 10])
+def test_t_central_matches_scipy(df):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for t in (0.1, 1.0, 2.5, 6.0):
+        expected = scipy_stats.t.cdf(t, df) - scipy_stats.t.cdf(-t, df)
+        assert tracking.t_central(t, df) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_paired_test_edge_cases():
+    assert tracking.paired_test([1.0], [0.5])["p"] is None
+    assert tracking.paired_test([1.0, 2.0], [0.5, 1.5])["p"] == 0.0
+    with pytest.raises(ValueError, match="pair up"):
+        tracking.paired_test([1.0], [1.0, 2.0])

@@ -3,18 +3,15 @@
 Low level: :class:`HessianOperator` (one closure), :class:`DatasetHessian` (a model over a fixed
 list of batches), the solvers :func:`power_iteration`, :func:`lanczos`,
 :func:`deflated_power_iteration`, :func:`slq_density`, :func:`hutchinson_trace`,
-:func:`hutchpp_trace`, and :class:`EigenTracker` used by the optimizers.
-High level (:mod:`eigensam.hessian.analysis`): :func:`top_eigenvalues`, :func:`trace`,
-:func:`density`, :func:`spectrum_report` and :func:`power_convergence_report`.
+:func:`hutchpp_trace`, :class:`EigenTracker` used by the optimizers, and :func:`taylor_terms`
+(``∇f, ∇²f·u, ∇³f(u, u)``, used by the SDE simulator).
+High level (:mod:`eigensam.hessian.analysis`): :func:`top_eigenvalues`, :func:`trace` and
+:func:`density`. The reports that write them to files are in :mod:`eigensam.lab.reports`.
+
+This package needs only torch (the ``[lab]`` extra is for training, reports and the CLI).
 """
 
-from eigensam.hessian.analysis import (
-    density,
-    power_convergence_report,
-    spectrum_report,
-    top_eigenvalues,
-    trace,
-)
+from eigensam.hessian.analysis import density, top_eigenvalues, trace
 from eigensam.hessian.dataset import DatasetHessian, NondeterministicHessianError
 from eigensam.hessian.eigen import (
     EigenResult,
@@ -23,7 +20,7 @@ from eigensam.hessian.eigen import (
     lanczos_tridiagonal,
     power_iteration,
 )
-from eigensam.hessian.hvp import HessianOperator
+from eigensam.hessian.hvp import DoubleBackwardError, HessianOperator
 from eigensam.hessian.metrics import abs_cosine, align, cosine
 from eigensam.hessian.spectrum import (
     SpectralDensity,
@@ -32,15 +29,19 @@ from eigensam.hessian.spectrum import (
     hutchpp_trace,
     slq_density,
 )
+from eigensam.hessian.taylor import HigherOrderUnsupportedError, TaylorTerms, taylor_terms
 from eigensam.hessian.tracker import EigenTracker
 
 __all__ = [
     "DatasetHessian",
+    "DoubleBackwardError",
     "EigenResult",
     "EigenTracker",
     "HessianOperator",
+    "HigherOrderUnsupportedError",
     "NondeterministicHessianError",
     "SpectralDensity",
+    "TaylorTerms",
     "TraceEstimate",
     "abs_cosine",
     "align",
@@ -51,10 +52,9 @@ __all__ = [
     "hutchpp_trace",
     "lanczos",
     "lanczos_tridiagonal",
-    "power_convergence_report",
     "power_iteration",
     "slq_density",
-    "spectrum_report",
+    "taylor_terms",
     "top_eigenvalues",
     "trace",
 ]

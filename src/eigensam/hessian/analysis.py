@@ -1,48 +1,30 @@
-"""Curvature analysis of a trained model: top eigenvalues, trace, spectral density, and reports.
+"""Curvature estimators of a Hessian operator: top eigenvalues, trace, spectral density.
 
 The three estimators are thin wrappers that fix the dimension, dtype, device and random
 generator of an operator and call the solvers of :mod:`eigensam.hessian.eigen` and
 :mod:`eigensam.hessian.spectrum`. ``op`` is a :class:`~eigensam.hessian.dataset.DatasetHessian`,
 a :class:`~eigensam.hessian.hvp.HessianOperator` (open, i.e. inside its ``with`` block), anything
 with ``matvec``, ``dim``, ``dtype`` and ``device``, or a symmetric matrix (a square tensor).
-
-The two reports take a model already in memory and a fixed list of batches, so a command-line tool
-only loads the model and the data:
-
-- :func:`spectrum_report`: top-k eigenvalues (Lanczos), trace (Hutch++) and spectral density (SLQ),
-  written as ``spectrum.json`` and ``spectrum.png`` (log-scale density, like Figure 3 right of
-  the Eigen-SAM paper);
-- :func:`power_convergence_report`: alignment of the top-eigenvector estimate with a converged
-  ``v₁`` as a function of the number of Hessian-vector products, power iteration vs Lanczos, cold
-  vs warm start (the paper's Figure 5), written as ``power_convergence.json`` and ``.png``.
+:func:`density_curve` smooths an SLQ density for plotting and :func:`estimates_by_step` gives a
+solver's estimate at every budget. The reports that write JSON and PNG files from them live in
+:mod:`eigensam.lab.reports`.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import math
-import os
-import time
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from eigensam.atomic import atomic_write
-from eigensam.hessian.dataset import Batch, Criterion, DatasetHessian, check_batches
 from eigensam.hessian.eigen import (
     EigenResult,
     MatVec,
     check_positive_int,
     deflated_power_iteration,
     lanczos,
-    power_iteration,
-    random_unit_vector,
 )
-from eigensam.hessian.metrics import abs_cosine, align
 from eigensam.hessian.spectrum import (
     SpectralDensity,
     TraceEstimate,
@@ -53,8 +35,6 @@ from eigensam.hessian.spectrum import (
 
 EIGEN_METHODS = ("lanczos", "power")
 TRACE_METHODS = ("hutchpp", "hutchinson")
-SPECTRUM_SCHEMA = "eigensam.spectrum/1"
-CONVERGENCE_SCHEMA = "eigensam.power_convergence/1"
 # Gaussian smoothing of the plotted density, as a fraction of the width of the Ritz-value range.
 DENSITY_SIGMA_FRACTION = 0.005
 DENSITY_GRID_POINTS = 1000
@@ -93,19 +73,19 @@ def _operator(op: Operator | Tensor) -> tuple[MatVec, int, torch.dtype, torch.de
     return op.matvec, op.dim, op.dtype, op.device
 
 
-def _generator(seed: object) -> torch.Generator:
+def seeded_generator(seed: object) -> torch.Generator:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     return torch.Generator().manual_seed(seed)
 
 
-def _check_tolerance(name: str, value: object) -> float:
+def check_tolerance(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
     return float(value)
 
 
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value  # type: ignore[return-value]
@@ -139,8 +119,8 @@ def top_eigenvalues(
     The start vector is ``v0`` or a random unit vector from a generator seeded with ``seed``.
     """
     matvec, dim, dtype, device = _operator(op)
-    _check_choice("method", method, EIGEN_METHODS)
-    generator = _generator(seed)
+    check_choice("method", method, EIGEN_METHODS)
+    generator = seeded_generator(seed)
     start: Tensor | int = dim if v0 is None else v0
     if method == "lanczos":
         which = "LA" if which is None else which
@@ -168,9 +148,9 @@ def trace(
     ``num_matvecs ≥ 3``) or Hutchinson with Rademacher probes from a generator seeded with
     ``seed``."""
     matvec, dim, dtype, device = _operator(op)
-    _check_choice("method", method, TRACE_METHODS)
+    check_choice("method", method, TRACE_METHODS)
     estimator = hutchpp_trace if method == "hutchpp" else hutchinson_trace
-    return estimator(matvec, dim, num_matvecs, _generator(seed), dtype=dtype, device=device)
+    return estimator(matvec, dim, num_matvecs, seeded_generator(seed), dtype=dtype, device=device)
 
 
 def density(
@@ -184,84 +164,8 @@ def density(
     probes (generator seeded with ``seed``), ``num_iters`` Lanczos steps each."""
     matvec, dim, dtype, device = _operator(op)
     return slq_density(
-        matvec, dim, num_probes, num_iters, _generator(seed), dtype=dtype, device=device
+        matvec, dim, num_probes, num_iters, seeded_generator(seed), dtype=dtype, device=device
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Output helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` with tensors turned into lists and non-finite floats into ``None``."""
-    if isinstance(value, Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    return value
-
-
-def _save(out_dir: Path, name: str, report: dict[str, Any], figure: Any) -> None:
-    """Write ``{name}.png`` then ``{name}.json`` atomically into ``out_dir``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    atomic_write(out_dir / f"{name}.png", lambda f: f.write(buffer.getvalue()))
-    text = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
-    atomic_write(out_dir / f"{name}.json", lambda f: f.write(text.encode()))
-
-
-def _out_dir(out_dir: str | os.PathLike[str]) -> Path:
-    if not isinstance(out_dir, str | os.PathLike):
-        raise TypeError(f"out_dir must be a path, got {out_dir!r}")
-    path = Path(out_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"out_dir must be a directory, got the file {str(path)!r}")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _settings(
-    op: DatasetHessian, criterion: Criterion | None, seed: int, **extra: Any
-) -> dict[str, Any]:
-    criterion_name = "CrossEntropyLoss" if criterion is None else type(criterion).__name__
-    return {
-        **extra,
-        "mode": op.mode,
-        "backend": op.backend,
-        "seed": seed,
-        "criterion": criterion_name,
-        "model": type(op.model).__name__,
-        "num_batches": len(op.batches),
-        "batch_sizes": op.batch_sizes,
-        "num_samples": op.num_samples,
-        "dim": op.dim,
-        "dtype": str(op.dtype),
-        "device": str(op.device),
-    }
-
-
-def _eigen_dict(result: EigenResult) -> dict[str, Any]:
-    scale = abs(result.eigenvalue)
-    return {
-        "eigenvalue": result.eigenvalue,
-        "residual": result.residual,
-        "relative_residual": result.residual / scale if scale > 0 else float("inf"),
-        "converged": result.converged,
-        "num_matvecs": result.num_matvecs,
-    }
-
-
-def _timed(function: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    value = function()
-    return value, time.perf_counter() - start
 
 
 def density_curve(
@@ -279,149 +183,6 @@ def density_curve(
     margin = 0.02 * width + 4 * sigma
     grid = torch.linspace(low - margin, high + margin, num_points, dtype=torch.float64)
     return grid, spectral_density.density(grid, sigma), sigma
-
-
-# --------------------------------------------------------------------------------------------
-# Spectrum report (Figure 3 right)
-# --------------------------------------------------------------------------------------------
-
-
-def spectrum_report(
-    model: nn.Module,
-    batches: Sequence[Batch],
-    out_dir: str | os.PathLike[str],
-    *,
-    criterion: Criterion | None = None,
-    top_k: int = 1,
-    lanczos_iters: int = 90,
-    num_probes: int = 1,
-    trace_matvecs: int = 99,
-    trace_method: str = "hutchpp",
-    eig_iters: int = 100,
-    eig_tol: float = 1e-3,
-    mode: str | None = "train",
-    backend: str = "autograd",
-    seed: int = 0,
-    params: Iterable[Tensor] | None = None,
-    check: bool = True,
-    label: str | None = None,
-) -> dict[str, Any]:
-    """Top-``top_k`` eigenvalues, trace and spectral density of the Hessian of the loss averaged
-    over ``batches`` (:class:`~eigensam.hessian.dataset.DatasetHessian`, in ``mode`` with
-    ``backend``), written to ``out_dir/spectrum.json`` and ``out_dir/spectrum.png``.
-
-    - eigenvalues: Lanczos (algebraically largest), at most ``eig_iters`` products, stopping at
-      relative residual ``eig_tol`` (seed ``seed``);
-    - trace: ``trace_method`` ("hutchpp" or "hutchinson") with ``trace_matvecs`` products and its
-      standard error (seed ``seed + 1``);
-    - density: SLQ with ``num_probes`` probes of ``lanczos_iters`` steps (seed ``seed + 2``); the
-      JSON keeps the quadrature nodes and weights and the smoothed curve that is plotted.
-
-    The PNG shows the density on a log scale with ``λ₁`` and the trace in the title (prefixed by
-    ``label``). Returns the dictionary written as JSON (products counted, seconds timed per part).
-    """
-    for name, value in [
-        ("top_k", top_k),
-        ("lanczos_iters", lanczos_iters),
-        ("num_probes", num_probes),
-        ("trace_matvecs", trace_matvecs),
-        ("eig_iters", eig_iters),
-    ]:
-        check_positive_int(name, value)
-    _check_tolerance("eig_tol", eig_tol)
-    _check_choice("trace_method", trace_method, TRACE_METHODS)
-    if trace_method == "hutchpp" and trace_matvecs < 3:
-        raise ValueError(f"trace_matvecs must be >= 3 for Hutch++, got {trace_matvecs}")
-    directory = _out_dir(out_dir)
-    started = time.perf_counter()
-    operator = DatasetHessian(
-        model, batches, criterion, backend=backend, mode=mode, params=params, check=check
-    )
-    counts: dict[str, int] = {}
-    seconds: dict[str, float] = {}
-
-    def measured(name: str, function: Callable[[], Any]) -> Any:
-        before = operator.num_matvecs
-        value, seconds[name] = _timed(function)
-        counts[name] = operator.num_matvecs - before
-        return value
-
-    with operator as op:
-        eigen = measured(
-            "eigenvalues",
-            lambda: top_eigenvalues(op, top_k, num_iters=eig_iters, tol=eig_tol, seed=seed),
-        )
-        trace_estimate = measured(
-            "trace", lambda: trace(op, trace_matvecs, method=trace_method, seed=seed + 1)
-        )
-        spectral = measured(
-            "density", lambda: density(op, lanczos_iters, num_probes, seed=seed + 2)
-        )
-    counts["determinism_check"] = operator.num_check_matvecs
-    counts["total"] = operator.num_matvecs + operator.num_check_matvecs
-    grid, curve, sigma = density_curve(spectral)
-    seconds["total"] = time.perf_counter() - started
-    report: dict[str, Any] = {
-        "schema": SPECTRUM_SCHEMA,
-        "label": label,
-        "lambda_max": eigen[0].eigenvalue,
-        "eigenvalues": [_eigen_dict(result) for result in eigen],
-        "trace": {"method": trace_method, **trace_estimate.to_dict()},
-        "density": spectral.to_dict(),
-        "density_curve": {"sigma": sigma, "grid": grid, "values": curve},
-        "settings": _settings(
-            operator,
-            criterion,
-            seed,
-            top_k=top_k,
-            eig_iters=eig_iters,
-            eig_tol=eig_tol,
-            lanczos_iters=lanczos_iters,
-            num_probes=num_probes,
-            trace_matvecs=trace_matvecs,
-            trace_method=trace_method,
-        ),
-        "num_matvecs": counts,
-        "num_batch_evaluations": operator.num_batch_evaluations,
-        "seconds": seconds,
-        "files": {"json": "spectrum.json", "png": "spectrum.png"},
-    }
-    _save(directory, "spectrum", report, _spectrum_figure(report, grid, curve))
-    return report
-
-
-def _spectrum_figure(report: dict[str, Any], grid: Tensor, curve: Tensor) -> Any:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.0, 4.2), dpi=120, layout="constrained")
-    axes = figure.add_subplot()
-    peak = float(curve.max())
-    floor = max(float(curve[curve > 0].min()) if bool((curve > 0).any()) else 0.0, peak * 1e-12)
-    axes.semilogy(grid.numpy(), curve.clamp_min(floor).numpy(), color="tab:blue", lw=1.2)
-    for i, entry in enumerate(report["eigenvalues"]):
-        axes.axvline(
-            entry["eigenvalue"],
-            color="tab:red",
-            lw=1.0 if i == 0 else 0.6,
-            ls="--",
-            label="λ₁ (Lanczos)" if i == 0 else "λ₂…λ_k" if i == 1 else None,
-        )
-    axes.set_ylim(bottom=floor, top=peak * 3)
-    axes.set_xlabel("eigenvalue")
-    axes.set_ylabel("density (log scale)")
-    estimate = report["trace"]
-    error = estimate["std_error"]
-    trace_text = f"{estimate['estimate']:.4g}" + ("" if error is None else f" ± {error:.2g}")
-    title = f"λ₁ = {report['lambda_max']:.4g}, tr(H) = {trace_text}"
-    axes.set_title(title if report["label"] is None else f"{report['label']}: {title}")
-    axes.legend(loc="upper right", fontsize="small")
-    axes.grid(alpha=0.3)
-    return figure
-
-
-# --------------------------------------------------------------------------------------------
-# Convergence of the top-eigenvector estimate (Figure 5)
-# --------------------------------------------------------------------------------------------
 
 
 def estimates_by_step(
@@ -460,186 +221,3 @@ def estimates_by_step(
 
         results.append(solve(replayed, budget))
     return results
-
-
-def _unit_start(vector: Tensor, dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if not isinstance(vector, Tensor) or vector.shape != (dim,) or not vector.is_floating_point():
-        shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
-        raise ValueError(
-            f"warm_start as a vector must be a float tensor of shape ({dim},), got {shape}"
-        )
-    norm = float(vector.double().norm())
-    if not math.isfinite(norm) or norm == 0:
-        raise ValueError(f"warm_start must be a finite nonzero vector, got norm {norm}")
-    return (vector.detach() / norm).to(dtype=dtype, device=device)
-
-
-def power_convergence_report(
-    model: nn.Module,
-    batches: Sequence[Batch],
-    out_dir: str | os.PathLike[str],
-    *,
-    criterion: Criterion | None = None,
-    max_steps: int = 20,
-    warm_start: Tensor | Sequence[Batch] | None = None,
-    reference_iters: int = 200,
-    reference_tol: float = 1e-6,
-    mode: str | None = "train",
-    backend: str = "autograd",
-    seed: int = 0,
-    params: Iterable[Tensor] | None = None,
-    check: bool = True,
-    label: str | None = None,
-) -> dict[str, Any]:
-    """Alignment of the top-eigenvector estimate with the converged ``v₁`` as a function of the
-    number of Hessian-vector products (the Eigen-SAM paper's Figure 5), for power iteration
-    (paper Algorithm 1) and Lanczos at equal budgets, from a cold and a warm start. Written to
-    ``out_dir/power_convergence.json`` and ``.png``.
-
-    The operator is :class:`~eigensam.hessian.dataset.DatasetHessian` over ``batches``. The
-    reference ``(λ₁, v₁)`` is Lanczos (algebraically largest) run to relative residual
-    ``reference_tol`` (at most ``reference_iters`` products; its residual and ``converged`` flag
-    are reported). For ``t = 0..max_steps`` products the curves give ``|cos(v̂_t, v₁)|``,
-    ``Align(v̂_t, v₁)`` (paper §4.3) and the eigenvalue estimate, where ``v̂_t`` is the power
-    iterate after ``t`` products (``v̂_0`` the start) or the top Ritz vector of the ``t``-step
-    Krylov space. (The power iterate after ``t`` products lies in the ``t + 1``-dimensional Krylov
-    space, the Ritz vector in the ``t``-dimensional one, so Lanczos trails by one product at the
-    start: with one product its estimate is still the start vector.) Each curve costs
-    ``max_steps`` products (:func:`estimates_by_step`).
-
-    Starts: *cold* is a random unit vector (seed ``seed + 1``); *warm* is ``warm_start``:
-
-    - a vector (for example the ``v̂`` an Eigen-SAM checkpoint's tracker holds, which is exactly
-      the warm start of its next refresh), or
-    - batches: the converged top eigenvector (same rule as the reference) of the Hessian at the
-      same weights on those *other* batches. This is our definition of a warm start: Eigen-SAM
-      refreshes on a new mini-batch starting from the estimate made on an earlier one.
-    - ``None``: warm-start curves are left out.
-    """
-    check_positive_int("max_steps", max_steps)
-    check_positive_int("reference_iters", reference_iters)
-    _check_tolerance("reference_tol", reference_tol)
-    directory = _out_dir(out_dir)
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    operator = DatasetHessian(
-        model, batches, criterion, backend=backend, mode=mode, params=params, check=check
-    )
-
-    def converged_top(op: DatasetHessian, start_seed: int) -> EigenResult:
-        return top_eigenvalues(
-            op, 1, num_iters=reference_iters, tol=reference_tol, seed=start_seed
-        )[0]
-
-    warm: Tensor | None = None
-    warm_kind: str | None = None
-    if isinstance(warm_start, Tensor):
-        warm = _unit_start(warm_start, operator.dim, operator.dtype, operator.device)
-        warm_kind = "vector"
-    elif warm_start is not None:
-        warm_batches = check_batches(warm_start, "warm_start")
-        warm_operator = DatasetHessian(
-            model, warm_batches, criterion, backend=backend, mode=mode, params=params, check=check
-        )
-        with warm_operator as op:
-            result, seconds["warm_start"] = _timed(lambda: converged_top(op, seed + 2))
-        warm, warm_kind = result.eigenvector, "batches"
-        counts["warm_start"] = warm_operator.num_matvecs + warm_operator.num_check_matvecs
-
-    cold = random_unit_vector(
-        operator.dim, generator=_generator(seed + 1), dtype=operator.dtype, device=operator.device
-    )
-    starts = {"cold": cold}
-    if warm is not None:
-        starts["warm"] = warm
-    solvers: dict[str, Callable[[Tensor], Callable[[MatVec, int], EigenResult]]] = {
-        "power": lambda v0: lambda mv, t: power_iteration(mv, v0, t),
-        "lanczos": lambda v0: (
-            lambda mv, t: lanczos(mv, v0, t, 1, "LA", None, _generator(seed + 3))[0]
-        ),
-    }
-    curves: dict[str, dict[str, dict[str, list[Any]]]] = {}
-    with operator as op:
-        before = op.num_matvecs
-        reference, seconds["reference"] = _timed(lambda: converged_top(op, seed))
-        counts["reference"] = op.num_matvecs - before
-        v1 = reference.eigenvector
-        before = op.num_matvecs
-        curve_start = time.perf_counter()
-        for method, make_solver in solvers.items():
-            curves[method] = {}
-            for start_name, v0 in starts.items():
-                estimates = estimates_by_step(make_solver(v0), op.matvec, max_steps)
-                vectors = [v0] + [r.eigenvector for r in estimates]
-                curves[method][start_name] = {
-                    "abs_cos": [abs_cosine(v, v1) for v in vectors],
-                    "align": [align(v, v1) for v in vectors],
-                    "eigenvalue": [None] + [r.eigenvalue for r in estimates],
-                    "residual": [None] + [r.residual for r in estimates],
-                }
-        seconds["curves"] = time.perf_counter() - curve_start
-        counts["curves"] = op.num_matvecs - before
-    counts["determinism_check"] = operator.num_check_matvecs
-    counts["total"] = sum(counts.values())
-    seconds["total"] = time.perf_counter() - started
-    report: dict[str, Any] = {
-        "schema": CONVERGENCE_SCHEMA,
-        "label": label,
-        "steps": list(range(max_steps + 1)),
-        "reference": _eigen_dict(reference),
-        "warm_start": {
-            "kind": warm_kind,
-            "abs_cos_to_reference": None if warm is None else abs_cosine(warm, v1),
-        },
-        "curves": curves,
-        "settings": _settings(
-            operator,
-            criterion,
-            seed,
-            max_steps=max_steps,
-            reference_iters=reference_iters,
-            reference_tol=reference_tol,
-        ),
-        "num_matvecs": counts,
-        "seconds": seconds,
-        "files": {"json": "power_convergence.json", "png": "power_convergence.png"},
-    }
-    _save(directory, "power_convergence", report, _convergence_figure(report))
-    return report
-
-
-def _convergence_figure(report: dict[str, Any]) -> Any:
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(9.0, 3.8), dpi=120, layout="constrained")
-    steps = report["steps"]
-    colors = {"power": "tab:blue", "lanczos": "tab:orange"}
-    styles = {"cold": "-", "warm": "--"}
-    for index, (key, ylabel) in enumerate([("abs_cos", "|cos(v̂, v₁)|"), ("align", "Align(v̂, v₁)")]):
-        axes = figure.add_subplot(1, 2, index + 1)
-        for method, by_start in report["curves"].items():
-            for start, curve in by_start.items():
-                axes.plot(
-                    steps,
-                    curve[key],
-                    color=colors[method],
-                    ls=styles[start],
-                    marker="o",
-                    ms=2.5,
-                    label=f"{method}, {start} start",
-                )
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_xlabel("Hessian-vector products")
-        axes.set_ylabel(ylabel)
-        axes.grid(alpha=0.3)
-        if index == 0:
-            axes.legend(fontsize="small", loc="lower right")
-    reference = report["reference"]
-    title = (
-        f"top eigenvector estimate vs converged v₁ (λ₁ = {reference['eigenvalue']:.4g}, "
-        f"rel. residual {reference['relative_residual']:.1e})"
-    )
-    figure.suptitle(title if report["label"] is None else f"{report['label']}: {title}")
-    return figure

@@ -83,7 +83,7 @@ def _check_criterion(criterion: object) -> Criterion:
             f"criterion must average over the batch (reduction='mean'), got reduction="
             f"{reduction!r}: the batches are weighted by their sizes n_i/N"
         )
-    return criterion  # type: ignore[return-value]
+    return criterion
 
 
 class DatasetHessian:

@@ -19,8 +19,10 @@ and about 0.96-0.99 along the top eigenvector (``benchmarks/bench_optimizers.py`
 ``"autograd"`` is the default of the optimizers. On smooth networks (GeLU, tanh) they agree with
 the exact product. The finite-difference backends need only gradients, so they work with any
 model (kernels without double backward, mixed precision, DDP where the gradient all-reduce makes
-the product global). Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting
-to ``FD_SCALE[backend]`` (tested on a smooth MLP: relative error 1e-6 / 1e-3 in float64 for
+the product global); with a model that cannot be differentiated twice (``torch.compile``, fused
+kernels) ``"autograd"`` raises :class:`DoubleBackwardError` naming them.
+Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting to
+``FD_SCALE[backend]`` (tested on a smooth MLP: relative error 1e-6 / 1e-3 in float64 for
 central / forward differences, ``tests/hessian/test_hvp.py``).
 
 While an operator is open (``with HessianOperator(...) as op:``) every product sees the same loss:
@@ -46,6 +48,7 @@ import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +58,12 @@ BACKENDS = ("autograd", "fd-central", "fd-forward")
 MODES = ("train", "eval", None)
 # Default finite-difference scales; see the module docstring and benchmarks/bench_hvp.py.
 FD_SCALE = {"fd-central": 1e-3, "fd-forward": 1e-4}
+# What torch says when a model cannot be differentiated twice (torch.compile, fused kernels).
+NO_DOUBLE_BACKWARD = ("double backward", "donated buffers", "is not implemented")
+
+
+class DoubleBackwardError(RuntimeError):
+    """The exact backend needs double backward, which this model does not support."""
 
 
 def flatten(tensors: Iterable[Tensor | None], like: Sequence[Tensor]) -> Tensor:
@@ -238,18 +247,19 @@ class FrozenState:
 
 @dataclass
 class Evaluation:
-    """What one closure call at ``w`` left behind: the loss, the parameters' gradients, the
-    module buffers after it (one BatchNorm update) and the RNG state after it. ``apply`` puts the
-    gradients, buffers and RNG state in place, as if the closure had just run; it returns the
-    loss (detached)."""
+    """What one closure call at ``w`` left behind: the loss, the gradients of ``params`` (those
+    requiring gradients), the module buffers after it (one BatchNorm update) and the RNG state
+    after it. ``apply`` puts the gradients, buffers and RNG state in place, as if the closure had
+    just run; it returns the loss (detached)."""
 
     loss: Tensor
+    params: list[Tensor]
     grads: list[Tensor | None]
     buffers: BufferSnapshot
     rng: RNGSnapshot
 
-    def apply(self, params: Sequence[Tensor]) -> Tensor:
-        for p, g in zip(params, self.grads, strict=True):
+    def apply(self) -> Tensor:
+        for p, g in zip(self.params, self.grads, strict=True):
             p.grad = g
         self.buffers.restore()
         self.rng.restore()
@@ -368,6 +378,7 @@ class HessianOperator:
         if at_w and self._record and closure is None and self.evaluation is None:
             self.evaluation = Evaluation(
                 loss.detach(),
+                self.params,
                 [None if g is None else g.detach() for g in grads],
                 BufferSnapshot(self.model),
                 RNGSnapshot(p.device for p in self.params),
@@ -409,10 +420,18 @@ class HessianOperator:
         if v.shape != (self.dim,):
             raise ValueError(f"v must have shape ({self.dim},), got {tuple(v.shape)}")
         self.num_matvecs += 1
-        if self.backend == "autograd" and self.parts is not None:
-            product = self._split_matvec(v)
-        elif self.backend == "autograd":
-            product = self._exact_matvec(v)
+        if self.backend == "autograd":
+            try:
+                product = self._split_matvec(v) if self.parts else self._exact_matvec(v)
+            except RuntimeError as error:
+                if not any(marker in str(error) for marker in NO_DOUBLE_BACKWARD):
+                    raise
+                raise DoubleBackwardError(
+                    "the exact Hessian-vector product (backend 'autograd') differentiates the "
+                    "gradient twice, which this model does not support (torch.compile, fused "
+                    f"kernels; torch said: {str(error).splitlines()[0]}); use a finite-difference "
+                    "backend: hvp='fd-central' or hvp='fd-forward'"
+                ) from error
         else:
             h = self.step_size(v)
             plus = self._shifted_gradient(v, h)
@@ -455,7 +474,9 @@ class HessianOperator:
         """Flat ``∇(∇L·v)`` through the gradient ``graph`` (one tensor per parameter)."""
         pairs = [(g, c) for g, c in zip(graph, unflatten(v, self.params), strict=True) if g.grad_fn]
         dot = sum((g * c).sum() for g, c in pairs)
-        hv = torch.autograd.grad(dot, self.params, retain_graph=retain_graph, allow_unused=True)
+        hv = torch.autograd.grad(
+            cast(Tensor, dot), self.params, retain_graph=retain_graph, allow_unused=True
+        )
         return flatten(hv, self.params).detach()
 
     __call__ = matvec

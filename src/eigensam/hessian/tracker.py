@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,9 +10,18 @@ import torch
 from torch import Tensor, nn
 
 from eigensam.hessian.eigen import EigenResult, check_positive_int, lanczos, power_iteration
-from eigensam.hessian.hvp import Closure, Evaluation, HessianOperator, check_backend, check_mode
+from eigensam.hessian.hvp import (
+    Closure,
+    Evaluation,
+    HessianOperator,
+    check_backend,
+    check_mode,
+    flatten,
+    unflatten,
+)
 
 METHODS = ("power", "lanczos")
+SCHEDULES = ("burst", "spread")
 
 
 class EigenTracker:
@@ -26,10 +36,18 @@ class EigenTracker:
     - ``method="lanczos"``: Lanczos with the same number of products; finds the algebraically
       largest eigenvalue.
 
-    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``evaluation`` is
-    the operator's :class:`~eigensam.hessian.hvp.Evaluation` of the latest update (the loss and
-    gradient at ``w`` it computed, or None), for an optimizer that reuses it as its first pass.
-    ``update`` accepts a :class:`~eigensam.hessian.hvp.SplitClosure` (memory-lean exact products).
+    ``schedule="burst"`` (the paper) spends the ``iters`` products at once every ``interval``
+    steps. ``schedule="spread"`` spends the same number of products per interval one at a time:
+    after a first full refresh (a cold start has no estimate to warm-start from), one
+    warm-started power step every ``stride = max(1, interval // iters)`` steps, each on the batch
+    of its own step, so the estimate follows the moving Hessian (power method only).
+
+    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``vector`` spans
+    all ``params``; parameters with ``requires_grad=False`` are constants of the loss, and ``v̂``
+    is 0 on them. ``evaluation`` is the operator's :class:`~eigensam.hessian.hvp.Evaluation` of
+    the latest update (the loss and gradient at ``w`` it computed, or None), for an optimizer
+    that reuses it as its first pass. ``update`` accepts a
+    :class:`~eigensam.hessian.hvp.SplitClosure` (memory-lean exact products).
     """
 
     def __init__(
@@ -41,12 +59,21 @@ class EigenTracker:
         backend: str = "autograd",
         mode: str | None = "train",
         seed: int = 0,
+        schedule: str = "burst",
     ):
         self.interval = check_positive_int("eig_interval", interval)
         self.iters = check_positive_int("eig_iters", iters)
         if method not in METHODS:
             raise ValueError(f"eig_method must be one of {METHODS}, got {method!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"eig_schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule == "spread" and method != "power":
+            raise ValueError(
+                f"eig_schedule='spread' needs eig_method='power' (a Lanczos basis cannot span "
+                f"several Hessians), got eig_method={method!r}"
+            )
         self.method = method
+        self.schedule = schedule
         self.backend = check_backend(backend)
         self.mode = check_mode(mode)
         self.generator = torch.Generator().manual_seed(seed)
@@ -56,9 +83,14 @@ class EigenTracker:
         self.evaluation: Evaluation | None = None
         self.num_updates = 0
 
+    @property
+    def stride(self) -> int:
+        """Steps between refreshes: ``interval`` (burst) or ``max(1, interval // iters)``."""
+        return self.interval if self.schedule == "burst" else max(1, self.interval // self.iters)
+
     def due(self, step: int) -> bool:
         """Whether the estimate is refreshed at optimizer step ``step`` (0-based)."""
-        return step % self.interval == 0
+        return step % self.stride == 0
 
     def update(
         self,
@@ -73,16 +105,27 @@ class EigenTracker:
             v0 = torch.randn(dim, generator=self.generator, dtype=torch.float32)
         else:
             v0 = self.vector
-        v0 = v0.to(device=params[0].device, dtype=params[0].dtype)
+        # Parameters of several dtypes: flat vectors take the promoted one, as torch.cat does.
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
+        v0 = v0.to(device=params[0].device, dtype=dtype)
+        # The operator acts on the parameters that require gradients only.
+        trainable = [p for p in params if p.requires_grad]
+        if len(trainable) < len(params):
+            chunks = unflatten(v0, params)
+            v0 = flatten(
+                [c for c, p in zip(chunks, params, strict=True) if p.requires_grad], trainable
+            )
         mode = self.mode if model is not None else None
         self.evaluation = None
         with HessianOperator(closure, params, backend=self.backend, model=model, mode=mode) as op:
             if self.method == "power":
-                result = power_iteration(op.matvec, v0, self.iters)
+                spread = self.schedule == "spread" and self.vector is not None
+                result = power_iteration(op.matvec, v0, 1 if spread else self.iters)
             else:
                 result = lanczos(op.matvec, v0, self.iters, k=1, which="LA")[0]
         self.evaluation = op.evaluation
-        self.vector = result.eigenvector.detach()
+        found = iter(unflatten(result.eigenvector.detach(), trainable))
+        self.vector = flatten([next(found) if p.requires_grad else None for p in params], params)
         self.eigenvalue = result.eigenvalue / loss_scale
         self.residual = result.residual / loss_scale
         self.num_updates += 1

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from eigensam.lab import tracking
 from eigensam.lab.data import load_dataset
 from eigensam.lab.models import build_model
-from eigensam.lab.train import TrainConfig, config_from_dict
+from eigensam.lab.train import TrainConfig, checkpoint_config
 
 Batch = tuple[Tensor, Tensor]
 
@@ -43,12 +43,19 @@ def load_trained(path: Path | str) -> TrainedModel:
     """Rebuild the model of a checkpoint (on the CPU) and load its weights."""
     file = checkpoint_file(path)
     state = tracking.load_checkpoint(file)
-    config = config_from_dict(state["config"])
+    config = checkpoint_config(state, file)
     data = load_dataset(config.dataset, config.data_dir, config.train_subset, 0.0, 0, False)
     model = build_model(
         config.model, data.num_classes, data.in_channels, data.image_size, config.width
     )
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        reason = (str(error).splitlines() or [""])[0]
+        raise ValueError(
+            f"checkpoint {file}: its weights do not fit the model its configuration describes "
+            f"({type(error).__name__}: {reason})"
+        ) from error
     tracker = state["optimizer"].get("tracker") or {}
     return TrainedModel(model, config, tracker.get("vector"), file.parent, state["step"])
 

@@ -46,6 +46,19 @@ def _init_conv_bn(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def kaiming_init(model: nn.Module) -> None:
+    """He initialization (He et al. 2015): conv and linear weights ``N(0, 2/fan_in)``, except
+    the last linear layer (the logits, no ReLU after it): ``N(0, 1/fan_in)``; biases 0. The
+    paper's SimpleCNN with PyTorch's default initialization sits on a loss plateau for its first
+    ~70 steps at lr 0.03; this removes it."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    for m in layers:
+        gain = "linear" if m is layers[-1] else "relu"
+        nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity=gain)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 # --------------------------------------------------------------------------------------------
 # SimpleCNN and MLP
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,20 @@ CHECKPOINT_FILE = "checkpoint.pt"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "curves.png"
 TABLE_FILE = "summary.md"
+# What every checkpoint written by the training engine holds (Trainer.state_dict).
+CHECKPOINT_KEYS = ("config", "step", "epoch", "model", "optimizer")
+# What torch.load raises for a truncated file or one that is not a torch checkpoint.
+UNREADABLE = (
+    RuntimeError,
+    EOFError,
+    pickle.UnpicklingError,
+    KeyError,
+    IndexError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    UnicodeDecodeError,
+)
 
 Record = dict[str, Any]
 
@@ -67,8 +82,25 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only).
+    A truncated file, one that is not a torch checkpoint, or a torch file that is not a training
+    checkpoint (no :data:`CHECKPOINT_KEYS`) raises ``ValueError`` naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except UNREADABLE as error:
+        reason = (str(error).splitlines() or [""])[0].split(". ")[0]
+        raise ValueError(
+            f"checkpoint {path} cannot be read: it is truncated or not a checkpoint written by "
+            f"eigensam ({type(error).__name__}: {reason})"
+        ) from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        held = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"checkpoint {path} is not an eigensam training checkpoint: it lacks {missing} "
+            f"(it holds {held})"
+        )
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,40 +142,65 @@ def read_records(path: Path) -> list[Record]:
 # Statistics and tables
 
 
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%).
+def _check_df(df: object) -> int:
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+    return df
 
-    Solves ``P(|T| ≤ t) = 0.95`` by bisection on the closed form of ``P(|T| ≤ t)`` for integer
-    ``df`` (Abramowitz & Stegun 26.7.3-4), with ``θ = atan(t/√df)``, ``c = cos²θ``:
+
+def t_central(t: float, df: int) -> float:
+    """``P(|T| ≤ t)`` for Student's t with integer ``df`` degrees of freedom, ``t ≥ 0``, in
+    closed form (Abramowitz & Stegun 26.7.3-4), with ``θ = atan(t/√df)``, ``c = cos²θ``:
     even df: ``sin θ · Σ_{j<df/2} a_j c^j``, ``a_0 = 1``, ``a_j = a_{j−1}(2j−1)/(2j)``;
     odd df: ``(2/π)(θ + sin θ cos θ · Σ_{j<(df−1)/2} b_j c^j)``, ``b_0 = 1``,
     ``b_j = b_{j−1}(2j)/(2j+1)`` (no sum for df = 1).
     """
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
-        raise ValueError(f"df must be an integer >= 1, got {df!r}")
-
-    def central(t: float) -> float:
-        theta = math.atan(t / math.sqrt(df))
-        c = math.cos(theta) ** 2
-        if df % 2 == 0:
-            term, total = 1.0, 1.0
-            for j in range(1, df // 2):
-                term *= c * (2 * j - 1) / (2 * j)
-                total += term
-            return math.sin(theta) * total
-        term, total = 1.0, 1.0 if df > 1 else 0.0
-        for j in range(1, (df - 1) // 2):
-            term *= c * (2 * j) / (2 * j + 1)
+    df = _check_df(df)
+    theta = math.atan(t / math.sqrt(df))
+    c = math.cos(theta) ** 2
+    if df % 2 == 0:
+        term, total = 1.0, 1.0
+        for j in range(1, df // 2):
+            term *= c * (2 * j - 1) / (2 * j)
             total += term
-        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+        return math.sin(theta) * total
+    term, total = 1.0, 1.0 if df > 1 else 0.0
+    for j in range(1, (df - 1) // 2):
+        term *= c * (2 * j) / (2 * j + 1)
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
 
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%): solves
+    ``t_central(t, df) = 0.95`` by bisection."""
+    df = _check_df(df)
     low, high = 0.0, 1.0
-    while central(high) < 0.95:
+    while t_central(high, df) < 0.95:
         high *= 2
     for _ in range(100):
         mid = (low + high) / 2
-        low, high = (mid, high) if central(mid) < 0.95 else (low, mid)
+        low, high = (mid, high) if t_central(mid, df) < 0.95 else (low, mid)
     return (low + high) / 2
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float | int | None]:
+    """Paired comparison of ``a`` and ``b`` (same seeds, same order): the mean difference
+    ``d̄ = mean(a_i − b_i)``, the half-width of its 95% Student-t interval, and the two-sided
+    p-value of the paired t-test ``t = d̄ / (s_d/√n)`` with ``n − 1`` degrees of freedom
+    (None for fewer than two pairs; 0 or 1 when all differences are equal)."""
+    if len(a) != len(b):
+        raise ValueError(f"a and b must pair up, got {len(a)} and {len(b)} values")
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean, half = mean_ci(diffs)
+    if n < 2:
+        return {"n": n, "mean_diff": mean, "ci": None, "p": None}
+    std = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if std == 0:
+        return {"n": n, "mean_diff": mean, "ci": 0.0, "p": 1.0 if mean == 0 else 0.0}
+    t = abs(mean) / (std / math.sqrt(n))
+    return {"n": n, "mean_diff": mean, "ci": half, "p": 1.0 - t_central(t, n - 1)}
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
@@ -235,6 +292,17 @@ def mean_curve(
     return xs, [math.fsum(points[k]) / len(points[k]) for k in xs]
 
 
+def finish_panel(ax: Any, title: str, xlabel: str) -> None:
+    """Title, x label, grid, and a legend, or "not measured" on a panel without lines."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+
+
 def plot_curves(groups: Mapping[str, Sequence[Sequence[Record]]], path: Path, title: str) -> None:
     """A PNG with one panel per :data:`PANELS` entry and one line per group (its runs' mean)."""
     fig = Figure(figsize=(12, 8.5), layout="constrained")
@@ -244,12 +312,6 @@ def plot_curves(groups: Mapping[str, Sequence[Sequence[Record]]], path: Path, ti
             xs, ys = mean_curve(runs, kind, x, y)
             if xs:
                 ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=name)
-        ax.set_title(panel_title)
-        ax.set_xlabel(x)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        finish_panel(ax, panel_title, x)
     fig.suptitle(title)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -40,7 +40,7 @@ import math
 import sys
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from eigensam.hessian.eigen import lanczos, random_unit_vector
 from eigensam.hessian.hvp import BACKENDS, HessianOperator
 from eigensam.hessian.metrics import abs_cosine, align
 from eigensam.hessian.tracker import METHODS as EIG_METHODS
+from eigensam.hessian.tracker import SCHEDULES as EIG_SCHEDULES
 from eigensam.lab import tracking
 from eigensam.lab.data import (
     DATASETS,
@@ -67,12 +68,14 @@ from eigensam.lab.data import (
     default_augmentation,
     load_dataset,
 )
-from eigensam.lab.models import MODELS, build_model
+from eigensam.lab.models import MODELS, build_model, kaiming_init
 from eigensam.optim import EGR, SAM, XSAM, EigenSAM, ReverseSAM
+from eigensam.optim.eigen_sam import AUTO
 
 METHODS = ("sgd", "sam", "asam", "eigen-sam", "x-sam", "reverse-sam", "egr")
 DEFAULT_ALPHA = {"eigen-sam": 0.2, "x-sam": 1.0}
 LR_SCHEDULES = ("cosine", "constant")
+INITS = ("default", "kaiming")
 HESSIAN_MODES = ("train", "eval")
 EVAL_BATCH_SIZE = 256  # faster than larger batches for the CPU-sized models
 # Fields that may differ between a run and its resumption: they do not change the result.
@@ -98,6 +101,7 @@ class TrainConfig:
     augment: bool = _opt(True, "random crop (pad 4) and flip as in data.default_augmentation")
     model: str = _opt("simplecnn", f"one of {', '.join(MODELS)}")
     width: float = _opt(1.0, "width multiplier of the model")
+    init: str = _opt("default", "weight initialization: default (PyTorch's) or kaiming (He)")
     method: str = _opt("sgd", f"one of {', '.join(METHODS)}")
     epochs: int = _opt(200, "number of epochs")
     batch_size: int = _opt(256, "mini-batch size")
@@ -108,22 +112,31 @@ class TrainConfig:
     nesterov: bool = _opt(False, "Nesterov momentum")
     label_smoothing: float = _opt(0.0, "label smoothing of the training loss")
     rho: float = _opt(0.05, "perturbation radius (SAM family, EGR coefficient)")
-    alpha: float | None = _opt(None, "Eigen-SAM (default 0.2) / X-SAM (default 1, in [0, 2])")
+    alpha: float | str | None = _opt(
+        None, "Eigen-SAM (default 0.2, or auto) / X-SAM (default 1, in [0, 2])"
+    )
+    target_align: float = _opt(0.0, "Eigen-SAM alpha=auto: target Align(eps, v) per step")
     eta: float = _opt(0.01, "ASAM: T = |w| + eta")
     eig_interval: int = _opt(100, "Eigen-SAM/X-SAM: eigenvector refresh interval p (steps)")
     eig_iters: int = _opt(5, "Eigen-SAM/X-SAM: Hessian-vector products per refresh q")
     eig_method: str = _opt("power", f"Eigen-SAM/X-SAM solver: one of {', '.join(EIG_METHODS)}")
+    eig_schedule: str = _opt("burst", "Eigen-SAM/X-SAM: products all at once (burst) or spread")
     hvp: str = _opt("autograd", f"Hessian-vector products: one of {', '.join(BACKENDS)}")
     hessian_mode: str = _opt("train", "model mode during the optimizer's Hessian products")
     seed: int = _opt(0, "seed of initialization, shuffling, augmentation, dropout")
     track_every: int = _opt(0, "measure sharpness every k steps (0: off)")
     track_iters: int = _opt(20, "Lanczos budget (Hessian-vector products) per measurement")
     track_tol: float = _opt(1e-3, "Lanczos stops at relative residual ‖Hv − λv‖/|λ| ≤ tol")
+    track_batches: int = _opt(0, "also measure on this many fixed unaugmented training batches")
     log_every: int = _opt(10, "log the mean training loss every n steps")
     device: str = _opt("cpu", "torch device, e.g. cpu, cuda, cuda:1")
     out_dir: str | None = _opt(None, "run folder (default runs/<dataset>-<model>-<method>-seed<s>)")
     checkpoint_every_epochs: int = _opt(1, "checkpoint every n epochs (and at the end)")
     checkpoint_every_steps: int = _opt(0, "also checkpoint every n steps (0: off)")
+    snapshot_epochs: list[int] = field(
+        default_factory=list,
+        metadata={"help": "keep a copy of the checkpoint after these epochs"},
+    )
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, (*DATASETS, SYNTHETIC))
@@ -136,6 +149,7 @@ class TrainConfig:
         _check_bool("augment", self.augment)
         _check_choice("model", self.model, tuple(MODELS))
         _check_real("width", self.width, 0, low_open=True)
+        _check_choice("init", self.init, INITS)
         _check_choice("method", self.method, METHODS)
         _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
@@ -148,20 +162,27 @@ class TrainConfig:
             raise ValueError("nesterov=True needs momentum > 0, got momentum=0")
         _check_real("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         _check_real("rho", self.rho, 0)
-        if self.alpha is not None:
+        if self.alpha == AUTO and self.method != "eigen-sam":
+            raise ValueError(f"alpha='auto' is defined for method eigen-sam, got {self.method!r}")
+        if self.alpha is not None and self.alpha != AUTO:
             _check_real("alpha", self.alpha, 0)
-        if self.method == "x-sam" and not 0 <= self.resolved_alpha <= 2:
+        _check_real("target_align", self.target_align, 1 - math.sqrt(2), 1, high_open=True)
+        if self.method == "x-sam" and not 0 <= float(self.resolved_alpha) <= 2:
             raise ValueError(f"alpha must be in [0, 2] for method x-sam, got {self.alpha}")
         _check_real("eta", self.eta, 0)
         _check_int("eig_interval", self.eig_interval, 1)
         _check_int("eig_iters", self.eig_iters, 1)
         _check_choice("eig_method", self.eig_method, EIG_METHODS)
+        _check_choice("eig_schedule", self.eig_schedule, EIG_SCHEDULES)
+        if self.eig_schedule == "spread" and self.eig_method != "power":
+            raise ValueError(f"eig_schedule spread needs eig_method power, got {self.eig_method!r}")
         _check_choice("hvp", self.hvp, BACKENDS)
         _check_choice("hessian_mode", self.hessian_mode, HESSIAN_MODES)
         _check_int("seed", self.seed, 0)
         _check_int("track_every", self.track_every, 0)
         _check_int("track_iters", self.track_iters, 1)
         _check_real("track_tol", self.track_tol, 0, low_open=True)
+        _check_int("track_batches", self.track_batches, 0)
         _check_int("log_every", self.log_every, 1)
         _check_optional_str("device", self.device)
         try:
@@ -174,11 +195,20 @@ class TrainConfig:
         _check_optional_str("out_dir", self.out_dir)
         _check_int("checkpoint_every_epochs", self.checkpoint_every_epochs, 1)
         _check_int("checkpoint_every_steps", self.checkpoint_every_steps, 0)
+        if not isinstance(self.snapshot_epochs, list):
+            raise TypeError(
+                f"snapshot_epochs must be a list of epochs, got {self.snapshot_epochs!r}"
+            )
+        for epoch in self.snapshot_epochs:
+            _check_int("snapshot_epochs entry", epoch, 1)
 
     @property
-    def resolved_alpha(self) -> float:
-        """``alpha``, or the method's default when it is None (0 for methods without alpha)."""
-        return DEFAULT_ALPHA.get(self.method, 0.0) if self.alpha is None else float(self.alpha)
+    def resolved_alpha(self) -> float | str:
+        """``alpha`` ('auto' or a number), or the method's default when it is None (0 for
+        methods without alpha)."""
+        if self.alpha is None:
+            return DEFAULT_ALPHA.get(self.method, 0.0)
+        return AUTO if self.alpha == AUTO else float(self.alpha)
 
     @property
     def run_dir(self) -> Path:
@@ -267,10 +297,35 @@ def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        mark = getattr(error, "problem_mark", None)
+        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+        reason = getattr(error, "problem", None) or type(error).__name__
+        raise ValueError(f"config file {path} is not valid YAML{where}: {reason}") from error
     if not isinstance(values, Mapping):
-        raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
-    return config_from_dict({**values, **(overrides or {})})
+        raise ValueError(
+            f"config file {path}: expected a mapping of field: value, got {type(values).__name__}"
+        )
+    try:
+        return config_from_dict({**values, **(overrides or {})})
+    except (ValueError, TypeError) as combined:
+        error: Exception = combined
+        source = f"config file {path} with the overrides {dict(overrides or {})}"
+        try:  # blame the file when it is wrong on its own, else the overrides
+            config_from_dict(values)
+        except (ValueError, TypeError) as own:
+            source, error = f"config file {path}", own
+        raise type(error)(f"{source}: {error}") from error
+
+
+def checkpoint_config(state: Mapping[str, Any], file: Path) -> TrainConfig:
+    """The configuration a checkpoint (from :func:`tracking.load_checkpoint`) was written with."""
+    try:
+        return config_from_dict(state["config"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"checkpoint {file} holds an invalid configuration: {error}") from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +347,7 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
         eig_interval=config.eig_interval,
         eig_iters=config.eig_iters,
         eig_method=config.eig_method,
+        eig_schedule=config.eig_schedule,
         hvp=config.hvp,
         hessian_mode=config.hessian_mode,
         seed=config.seed,
@@ -303,7 +359,7 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     if config.method == "asam":
         return SAM(model, sgd, config.rho, adaptive=True, eta=config.eta, **base)
     if config.method == "eigen-sam":
-        return EigenSAM(model, sgd, config.rho, **tracked, **base)
+        return EigenSAM(model, sgd, config.rho, target_align=config.target_align, **tracked, **base)
     if config.method == "x-sam":
         return XSAM(model, sgd, config.rho, **tracked, **base)
     if config.method == "reverse-sam":
@@ -325,8 +381,9 @@ def make_scheduler(config: TrainConfig, optimizer: Optimizer, total_steps: int) 
 class SharpnessProbe:
     """λ₁ of a batch loss by Lanczos, and the alignment of the optimizer's perturbation with v₁.
 
-    The Lanczos start is the previous measurement's eigenvector (warm start); the first start is
-    a random unit vector from a private generator seeded with ``seed``.
+    The Lanczos start is the previous measurement's eigenvector on the same stream of batches
+    (warm start): one for the training batches, one per fixed batch; the first start is a random
+    unit vector from a private generator seeded with ``seed``.
     """
 
     def __init__(self, iters: int, tol: float, seed: int):
@@ -334,21 +391,26 @@ class SharpnessProbe:
         self.tol = tol
         self.generator = torch.Generator().manual_seed(seed)
         self.vector: Tensor | None = None
+        self.fixed_vectors: dict[int, Tensor] = {}
 
     def top_eigenpair(
-        self, closure: Callable[[], Tensor], model: nn.Module
+        self, closure: Callable[[], Tensor], model: nn.Module, stream: int | None = None
     ) -> tuple[dict[str, Any], Tensor, Tensor]:
         """Record of λ₁, its residual ``‖Hv − λv‖`` (absolute and relative to |λ|), convergence
-        and number of products; v₁; and the flat gradient, all in train mode."""
+        and number of products; v₁; and the flat gradient, all in train mode. ``stream`` names
+        the fixed batch measured (None: the training batch), whose last v₁ is the warm start."""
         params = list(model.parameters())
         with HessianOperator(closure, params, backend="autograd", model=model, mode="train") as op:
-            start = self.vector
+            start = self.vector if stream is None else self.fixed_vectors.get(stream)
             if start is None:
                 start = random_unit_vector(op.dim, generator=self.generator, dtype=op.dtype)
             top = lanczos(op.matvec, start.to(op.device), self.iters, k=1, which="LA", tol=self.tol)
             grad = op.gradient()
         pair = top[0]
-        self.vector = pair.eigenvector.detach().cpu()
+        if stream is None:
+            self.vector = pair.eigenvector.detach().cpu()
+        else:
+            self.fixed_vectors[stream] = pair.eigenvector.detach().cpu()
         relative = pair.residual / abs(pair.eigenvalue) if pair.eigenvalue != 0 else math.inf
         record = {
             "lambda1": pair.eigenvalue,
@@ -361,9 +423,15 @@ class SharpnessProbe:
         return record, pair.eigenvector, grad
 
     def measure(
-        self, closure: Callable[[], Tensor], model: nn.Module, optimizer: Optimizer
+        self,
+        closure: Callable[[], Tensor],
+        model: nn.Module,
+        optimizer: Optimizer,
+        fixed: Sequence[Callable[[], Tensor]] = (),
     ) -> dict[str, Any]:
-        """One tracking record for the step the optimizer is about to take on this batch."""
+        """One tracking record for the step the optimizer is about to take on this batch; with
+        ``fixed`` closures (fixed batches), also the mean of λ₁, Align and |cos| over them of
+        the perturbation the optimizer would apply on each (``fixed_*`` keys)."""
         record, v1, grad = self.top_eigenpair(closure, model)
         eps, tracker = applied_perturbation(optimizer, grad, closure)
         record["align_of"] = "gradient" if eps is grad else "perturbation"
@@ -374,14 +442,44 @@ class SharpnessProbe:
             vector = tracker.vector
             record["opt_eigenvalue"] = tracker.eigenvalue
             record["opt_vector_cos"] = None if vector is None else abs_cosine(vector, v1)
+        if fixed:
+            values: dict[str, list[float]] = {"lambda1": [], "align": [], "abs_cos": []}
+            for stream, fixed_closure in enumerate(fixed):
+                pair, v1, grad = self.top_eigenpair(fixed_closure, model, stream)
+                eps = perturbation_with(optimizer, tracker, grad)
+                values["lambda1"].append(pair["lambda1"])
+                if float(eps.norm()) > 0:
+                    values["align"].append(align(eps, v1))
+                    values["abs_cos"].append(abs_cosine(eps, v1))
+            record.update({f"fixed_{key}": _mean(vals) for key, vals in values.items()})
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "vector": self.vector}
+        return {
+            "generator": self.generator.get_state(),
+            "vector": self.vector,
+            "fixed_vectors": dict(self.fixed_vectors),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.vector = state["vector"]
+        self.fixed_vectors = dict(state.get("fixed_vectors", {}))
+
+
+def perturbation_with(optimizer: Optimizer, tracker: Any, grad: Tensor) -> Tensor:
+    """The perturbation ε the optimizer applies for ``grad`` when its eigenvector tracker is
+    ``tracker`` (``grad`` itself for SGD and EGR, which apply none)."""
+    if isinstance(optimizer, EGR) or not isinstance(optimizer, SAM):
+        return grad
+    if tracker is None:
+        return optimizer.perturbation(grad)
+    saved = optimizer.tracker
+    optimizer.tracker = tracker
+    try:
+        return optimizer.perturbation(grad)
+    finally:
+        optimizer.tracker = saved
 
 
 def applied_perturbation(
@@ -397,21 +495,20 @@ def applied_perturbation(
     if isinstance(optimizer, EGR) or not isinstance(optimizer, SAM):
         return grad, None
     tracker = getattr(optimizer, "tracker", None)
-    if tracker is None or not tracker.due(optimizer.sam_steps):
-        return optimizer.perturbation(grad), tracker
-    preview = copy.deepcopy(tracker)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    preview.update(closure, params, optimizer.model)
-    optimizer.tracker = preview
-    try:
-        eps = optimizer.perturbation(grad)
-    finally:
-        optimizer.tracker = tracker
-    return eps, preview
+    if tracker is not None and tracker.due(optimizer.sam_steps):
+        tracker = copy.deepcopy(tracker)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        tracker.update(closure, params, optimizer.model)
+    return perturbation_with(optimizer, tracker, grad), tracker
 
 
 # --------------------------------------------------------------------------------------------
 # The run
+
+
+def snapshot_file(epoch: int) -> str:
+    """File name of the checkpoint kept after ``epoch`` (``snapshot_epochs``)."""
+    return f"checkpoint-epoch{epoch}.pt"
 
 
 def check_device(name: str) -> torch.device:
@@ -457,9 +554,12 @@ def _mean(values: list[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def check_same_run(saved: TrainConfig, given: TrainConfig, where: Path) -> None:
+def check_same_run(
+    saved: TrainConfig, given: TrainConfig, where: Path, subject: str | None = None
+) -> None:
     """Refuse to continue the run in ``where`` (started with ``saved``) with a configuration that
-    differs in a field other than :data:`RESUME_FREE_FIELDS`."""
+    differs in a field other than :data:`RESUME_FREE_FIELDS`. ``subject`` replaces "the run in
+    ``where`` was started" in the message."""
     changed = [
         f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(given, f.name)!r}"
         for f in dataclasses.fields(TrainConfig)
@@ -467,8 +567,9 @@ def check_same_run(saved: TrainConfig, given: TrainConfig, where: Path) -> None:
     ]
     if changed:
         raise ValueError(
-            f"the run in {where} was started with a different configuration ({'; '.join(changed)});"
-            " resume it with its own configuration or start a new run in another out_dir"
+            f"{subject or f'the run in {where} was started'} with a different configuration "
+            f"({'; '.join(changed)}); resume it with its own configuration or start a new run in "
+            "another out_dir"
         )
 
 
@@ -516,7 +617,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(
             config.model, data.num_classes, data.in_channels, data.image_size, config.width
-        ).to(self.device)
+        )
+        if config.init == "kaiming":
+            kaiming_init(self.model)
+        self.model.to(self.device)
         self.optimizer = make_optimizer(config, self.model)
         augment = default_augmentation(config.dataset) if config.augment else None
         self.loader = BatchLoader(
@@ -530,18 +634,27 @@ class Trainer:
         self.scheduler = make_scheduler(config, self.optimizer, self.total_steps)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.probe = None
+        self.fixed_closures: list[Callable[[], Tensor]] = []
         if config.track_every > 0:
             self.probe = SharpnessProbe(config.track_iters, config.track_tol, config.seed)
+            self.fixed_closures = [
+                make_closure(self.model, self.criterion, images, labels)
+                for images, labels in self.fixed_batches(config.track_batches)
+            ]
         self.step = 0
         self.epoch = 0
         self.checkpoint_step: int | None = None
+        self._quiet_bar = False
         self.records: list[tracking.Record] = []
         self.sums = {"epoch_loss": 0.0, "epoch_steps": 0, "window_loss": 0.0, "window_steps": 0}
         self.seconds = {"train": 0.0, "track": 0.0, "eval": 0.0}
         self._clock = time.perf_counter()
         checkpoint = self.dir / tracking.CHECKPOINT_FILE
         if resume is not None and checkpoint.is_file():
-            self._restore(tracking.load_checkpoint(checkpoint))
+            state = tracking.load_checkpoint(checkpoint)
+            written = f"checkpoint {checkpoint} was written by a run"
+            check_same_run(checkpoint_config(state, checkpoint), config, checkpoint, written)
+            self._restore(state, checkpoint)
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             tracking.write_yaml(self.dir / tracking.CONFIG_FILE, config.to_dict())
@@ -579,11 +692,20 @@ class Trainer:
             "records": list(self.records),
         }
 
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
+    def _restore(self, state: Mapping[str, Any], file: Path) -> None:
+        """Load a checkpoint's state; one that does not fit this run raises ``ValueError``
+        naming ``file`` (nothing is written before)."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["loader"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            reason = (str(error).splitlines() or [""])[0]
+            raise ValueError(
+                f"checkpoint {file} does not fit this run's model and optimizer "
+                f"({type(error).__name__}: {reason})"
+            ) from error
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -614,6 +736,7 @@ class Trainer:
             unit="step",
             disable=not sys.stdout.isatty(),
         )
+        self._quiet_bar = bar.disable
         self._clock = time.perf_counter()
         try:
             while self.epoch < config.epochs:
@@ -650,7 +773,7 @@ class Trainer:
         closure = make_closure(self.model, self.criterion, images, labels)
         if self.probe is not None and self.step % config.track_every == 0:
             self._lap("train")
-            record = self.probe.measure(closure, self.model, self.optimizer)
+            record = self.probe.measure(closure, self.model, self.optimizer, self.fixed_closures)
             self._lap("track")
             self._log({"kind": "track", "step": self.step, "epoch": self.epoch, **record})
         lr = self.optimizer.param_groups[0]["lr"]
@@ -686,25 +809,38 @@ class Trainer:
         self._lap("eval")
         record.update({f"{k}_seconds": v for k, v in self.seconds.items()})
         self._log(record)
+        if self._quiet_bar:  # no progress bar: one line per epoch
+            print(
+                f"{self.dir.name}: epoch {self.epoch + 1}/{self.config.epochs}, train loss "
+                f"{record['train_loss']:.4f}, test acc {record['test_acc']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.sums["epoch_loss"], self.sums["epoch_steps"] = 0.0, 0
         self.epoch += 1
         if (
             self.epoch % self.config.checkpoint_every_epochs == 0
             or self.epoch == self.config.epochs
+            or self.epoch in self.config.snapshot_epochs
         ):
             self._checkpoint()
+        if self.epoch in self.config.snapshot_epochs:
+            tracking.save_checkpoint(self.dir / snapshot_file(self.epoch), self.state_dict())
+
+    def fixed_batches(self, count: int) -> list[tuple[Tensor, Tensor]]:
+        """The first ``count`` batches of ``batch_size`` training samples, not augmented, on
+        the run's device (fewer when the training set is smaller)."""
+        train, size = self.data.train, self.config.batch_size
+        stop = min(count * size, len(train))
+        return [
+            (train.images[i : i + size].to(self.device), train.labels[i : i + size].to(self.device))
+            for i in range(0, stop, size)
+        ]
 
     def final_sharpness(self) -> dict[str, Any]:
         """λ₁ (Lanczos, as in tracking) of the training loss at the current weights on a fixed
         batch: the first ``batch_size`` training samples, not augmented."""
-        train = self.data.train
-        count = min(self.config.batch_size, len(train))
-        closure = make_closure(
-            self.model,
-            self.criterion,
-            train.images[:count].to(self.device),
-            train.labels[:count].to(self.device),
-        )
+        closure = make_closure(self.model, self.criterion, *self.fixed_batches(1)[0])
         assert self.probe is not None
         record, _, _ = self.probe.top_eigenpair(closure, self.model)
         return record
@@ -743,6 +879,9 @@ class Trainer:
             "last_tracked_lambda1": tracks[-1]["lambda1"] if tracks else None,
             "mean_align": _mean([r["align"] for r in tracks if r["align"] is not None]),
             "mean_abs_cos": _mean([r["abs_cos"] for r in tracks if r["abs_cos"] is not None]),
+            "mean_fixed_align": _mean(
+                [r["fixed_align"] for r in tracks if r.get("fixed_align") is not None]
+            ),
             "align_of": tracks[0]["align_of"] if tracks else None,
             "train_seconds": self.seconds["train"],
             "track_seconds": self.seconds["track"],

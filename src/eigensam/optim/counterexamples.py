@@ -8,8 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eigensam.hessian.hvp import HessianOperator, call_closure, check_backend, unflatten
-from eigensam.optim.sam import SAM
+from eigensam.hessian.hvp import (
+    HessianOperator,
+    call_closure,
+    check_backend,
+    flatten,
+    unflatten,
+)
+from eigensam.optim.sam import SAM, unit
 
 
 class ReverseSAM(SAM):
@@ -32,7 +38,9 @@ class EGR(SAM):
             raise ValueError("adaptive=True is not defined for EGR")
         self.hvp = check_backend(hvp)
 
-    def step(self, closure: Callable[[], Tensor] | None = None, scaler: Any = None) -> Tensor:
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None, scaler: Any = None
+    ) -> Tensor:
         """Gradient of ``f + ρ‖∇f‖`` on the closure's batch, then the base step."""
         if closure is None:
             raise TypeError(
@@ -45,20 +53,26 @@ class EGR(SAM):
         if not self._finite(loss):
             self._nonfinite("gradient", None)
             return loss
-        params = self._params()
-        grad = self._flat_grad()
-        norm = grad.norm()
-        if float(norm) > 0:
+        self._grads()
+        # The Hessian is taken over the parameters that require gradients (frozen ones are
+        # constants of the loss).
+        params = [p for p in self._params() if p.requires_grad]
+        grad = flatten([p.grad for p in params], params)
+        if bool(grad.any()):
             with HessianOperator(
                 closure, params, backend=self.hvp, model=self.model, mode=None, base_grad=grad
             ) as op:
-                hg = op.matvec(grad / norm)
-            rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
+                hg = op.matvec(unit(grad))
+            if not bool(torch.isfinite(hg).all()):
+                self._nonfinite("Hessian-vector product", None)
+                return loss
+            rhos = [g["rho"] for g in self.param_groups for p in g["params"] if p.requires_grad]
             with torch.no_grad():
+                # A parameter the loss does not depend on has no gradient and a zero Hessian
+                # row: it keeps no gradient, so the base optimizer skips it.
                 for p, h, rho in zip(params, unflatten(hg, params), rhos, strict=True):
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad.add_(h, alpha=rho)
+                    if p.grad is not None:
+                        p.grad.add_(h, alpha=rho)
         self.base_optimizer.step()
         self.sam_steps += 1
         return loss

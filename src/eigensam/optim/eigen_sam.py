@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -12,7 +13,7 @@ from torch.optim import Optimizer
 
 from eigensam.hessian.hvp import Evaluation, unflatten
 from eigensam.hessian.tracker import EigenTracker
-from eigensam.optim.sam import SAM, check_nonnegative
+from eigensam.optim.sam import SAM, check_nonnegative, unit
 
 
 class TrackedSAM(SAM):
@@ -21,7 +22,9 @@ class TrackedSAM(SAM):
 
     ``hvp`` picks the Hessian-vector-product backend (``"fd-forward"``, ``"fd-central"`` or
     ``"autograd"``, see :mod:`eigensam.hessian.hvp`), ``eig_method`` the solver (``"power"`` as in
-    the paper, or ``"lanczos"`` for the algebraically largest eigenvalue at the same cost), and
+    the paper, or ``"lanczos"`` for the algebraically largest eigenvalue at the same cost),
+    ``eig_schedule`` how the products are spent (``"burst"``: all every ``eig_interval`` steps, as
+    the paper; ``"spread"``: one every ``eig_interval // eig_iters`` steps), and
     ``hessian_mode`` whether ``model`` is in train mode (default; the loss being optimized) or
     eval mode (as the official Eigen-SAM code) during the products. Without ``model`` the
     products run in whatever mode the model is in and cannot protect its BatchNorm statistics.
@@ -45,13 +48,14 @@ class TrackedSAM(SAM):
         eig_interval: int = 100,
         eig_iters: int = 5,
         eig_method: str = "power",
+        eig_schedule: str = "burst",
         hvp: str = "autograd",
         hessian_mode: str = "train",
         seed: int = 0,
         reuse_gradient: bool = True,
         **kwargs: Any,
     ):
-        self._alpha = check_nonnegative("alpha", alpha)
+        self._alpha = self._check_alpha(alpha)
         super().__init__(params, base_optimizer, rho, **kwargs)
         if hessian_mode not in ("train", "eval"):
             raise ValueError(f"hessian_mode must be 'train' or 'eval', got {hessian_mode!r}")
@@ -59,16 +63,26 @@ class TrackedSAM(SAM):
             raise TypeError(f"reuse_gradient must be a bool, got {reuse_gradient!r}")
         self.reuse_gradient = reuse_gradient
         self.tracker = EigenTracker(
-            eig_interval, eig_iters, method=eig_method, backend=hvp, mode=hessian_mode, seed=seed
+            eig_interval,
+            eig_iters,
+            method=eig_method,
+            backend=hvp,
+            mode=hessian_mode,
+            seed=seed,
+            schedule=eig_schedule,
         )
         self._reusable: Evaluation | None = None
 
     def _extra_defaults(self) -> dict[str, Any]:
         return {"alpha": self._alpha}
 
+    def _check_alpha(self, alpha: object) -> Any:
+        """Validate an ``alpha`` value (a real number ≥ 0)."""
+        return check_nonnegative("alpha", alpha)
+
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_nonnegative("alpha", group["alpha"])
+        self._check_alpha(group["alpha"])
 
     def _before_first_pass(self, closure: Callable[[], Tensor], scaler: Any) -> None:
         self._reusable = None
@@ -84,7 +98,7 @@ class TrackedSAM(SAM):
         reusable, self._reusable = self._reusable, None
         if reusable is None:
             return super()._first_pass(closure)
-        return reusable.apply(self._params())
+        return reusable.apply()
 
     def update_eigenvector(self, closure: Callable[[], Tensor], scaler: Any = None) -> None:
         """Refresh the top-eigenvector estimate on the closure's batch (manual loops call this
@@ -115,6 +129,31 @@ class TrackedSAM(SAM):
         self.tracker.load_state_dict(state_dict["tracker"])
 
 
+AUTO = "auto"
+
+
+def auto_alpha(grad_cos: float, target_cos: float) -> float:
+    """The smallest ``α ≥ 0`` for which Eigen-SAM's ``ε ∝ ĝ + α·sign(c)·v̂⊥`` (Eq. 8) reaches
+    ``cos(ε, v̂) = target_cos``, where ``c = ⟨ĝ, v̂⟩ = grad_cos``.
+
+    With ``a = |c|`` and ``b = √(1 − a²) = ‖v̂⊥‖``, ``ĝ ⊥ v̂⊥`` gives
+    ``cos(ε, v̂) = (a + α b²) / √(1 + α² b²)``, increasing in α from ``a`` (α = 0) to 1
+    (α = 1/a, where ε ∥ v̂). Solving ``cos = τ`` on that branch:
+    ``α = (τ² − a²) / (b·(τ√(1 − τ²) + a·b))``; 0 when ``a ≥ τ`` (already aligned enough).
+    """
+    a = min(abs(float(grad_cos)), 1.0)
+    tau = float(target_cos)
+    if a >= tau:
+        return 0.0
+    b = math.sqrt(1.0 - a * a)
+    return (tau * tau - a * a) / (b * (tau * math.sqrt(1.0 - tau * tau) + a * b))
+
+
+def align_to_cos(target_align: float) -> float:
+    """``|cos|`` equivalent to ``Align = 1 − √(2 − 2|cos|)`` (paper §4.3)."""
+    return 1.0 - (1.0 - target_align) ** 2 / 2.0
+
+
 class EigenSAM(TrackedSAM):
     """Eigen-SAM: SAM whose perturbation is pulled toward the top Hessian eigenvector ``v̂``.
 
@@ -122,21 +161,57 @@ class EigenSAM(TrackedSAM):
     (paper Eq. 7-8; ``v̂⊥`` is not renormalized, as in the paper and its official code;
     ``sign(0)`` is taken as +1). Until the first estimate exists the step is SAM's.
     ``α`` (``alpha``, default 0.2, paper Appendix E) may differ per param group; ``α = 0`` is SAM.
+
+    ``alpha="auto"`` (the paper's open question, §5.2/§6.4) sets one α per step so that
+    ``Align(ε, v̂)`` reaches ``target_align`` (default 0, i.e. ``|cos(ε, v̂)| = ½``): the closed
+    form :func:`auto_alpha`, capped at ``alpha_max`` (default 1). The α used last is
+    ``last_alpha``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        target_align: float = 0.0,
+        alpha_max: float = 1.0,
+        **kwargs: Any,
+    ):
+        if isinstance(target_align, bool) or not isinstance(target_align, int | float):
+            raise TypeError(
+                f"target_align must be a number in [1 - sqrt(2), 1), got {target_align!r}"
+            )
+        if not 1 - math.sqrt(2) <= target_align < 1:
+            raise ValueError(f"target_align must be in [1 - sqrt(2), 1), got {target_align}")
+        self.target_align = float(target_align)
+        self.alpha_max = check_nonnegative("alpha_max", alpha_max)
+        self.last_alpha: float | None = None
         super().__init__(*args, **kwargs)
         if any(group["adaptive"] for group in self.param_groups):
             raise ValueError("adaptive=True (ASAM) is not defined for EigenSAM; use SAM for ASAM")
+        autos = {group["alpha"] == AUTO for group in self.param_groups}
+        if len(autos) > 1:
+            raise ValueError("alpha='auto' must be used by every param group or by none")
+
+    def _check_alpha(self, alpha: object) -> Any:
+        if alpha == AUTO:
+            return AUTO
+        if isinstance(alpha, str):
+            raise ValueError(f"alpha must be a number >= 0 or 'auto', got {alpha!r}")
+        return super()._check_alpha(alpha)
 
     def _ascent_direction(self, grad: Tensor) -> list[Tensor]:
         v = self.tracker.vector
         if v is None:
             return super()._ascent_direction(grad)
-        g_hat = grad / grad.norm()
-        sign = 1.0 if float(torch.dot(grad, v)) >= 0 else -1.0
-        v_perp = v - torch.dot(v, g_hat) * g_hat
+        g_hat = unit(grad)
+        along = float(torch.dot(v, g_hat))
+        sign = 1.0 if along >= 0 else -1.0
+        v_perp = v - along * g_hat
         direction = g_hat.clone()
-        for group, part in self._group_slices():
-            direction[part].add_(v_perp[part], alpha=sign * group["alpha"])
+        if self.param_groups[0]["alpha"] == AUTO:
+            target = align_to_cos(self.target_align)
+            self.last_alpha = min(auto_alpha(along, target), self.alpha_max)
+            direction.add_(v_perp, alpha=sign * self.last_alpha)
+        else:
+            for group, part in self._group_slices():
+                direction[part].add_(v_perp[part], alpha=sign * group["alpha"])
         return unflatten(direction, self._params())

@@ -25,6 +25,14 @@ def check_nonnegative(name: str, value: object) -> float:
     return float(value)
 
 
+def unit(v: Tensor) -> Tensor:
+    """``v/‖v‖`` for a nonzero finite ``v``, computed as ``u/‖u‖`` with ``u = v/max|vᵢ|`` so the
+    squares neither overflow nor underflow (a plain float32/bfloat16 norm is inf for entries
+    above ~1e19 and 0 below ~1e-23)."""
+    u = v / v.abs().amax().clamp_min(torch.finfo(v.dtype).tiny)
+    return u / u.norm()
+
+
 class SAM(Optimizer):
     """Sharpness-Aware Minimization (Foret et al., 2021) wrapped around any base optimizer.
 
@@ -118,7 +126,7 @@ class SAM(Optimizer):
         """Per-parameter ``ε/ρ`` from the flat gradient ``g ≠ 0``: ``ĝ``, or ``T²g/‖Tg‖``."""
         params = self._params()
         if not any(group["adaptive"] for group in self.param_groups):
-            return unflatten(grad / grad.norm(), params)
+            return unflatten(unit(grad), params)
         scale = flatten(
             [
                 p.detach().abs() + group["eta"] if group["adaptive"] else torch.ones_like(p)
@@ -127,8 +135,8 @@ class SAM(Optimizer):
             ],
             params,
         )
-        scaled = scale * grad
-        return unflatten(scale * scaled / scaled.norm(), params)
+        # T·g/‖T·g‖ = T·ĝ/‖T·ĝ‖: normalizing g first keeps T·g from overflowing.
+        return unflatten(scale * unit(scale * unit(grad)), params)
 
     def _correct_descent_gradient(self) -> None:
         """Change the second-pass gradient in ``p.grad`` before the base step (none for SAM)."""
@@ -180,7 +188,7 @@ class SAM(Optimizer):
     def _add_perturbation(self, targets: list[Tensor], grad: Tensor) -> None:
         """Add ``ε`` for the flat gradient ``grad`` to ``targets`` (one tensor per parameter),
         group by group with ``foreach`` (no flat copy of ``ε``); nothing when ``grad = 0``."""
-        if float(grad.norm()) == 0:
+        if not bool(grad.any()):
             return
         directions = self._ascent_direction(grad)
         start = 0
@@ -222,8 +230,9 @@ class SAM(Optimizer):
             self._saved_params = None
 
     def _finite(self, loss: Tensor | None = None) -> bool:
-        norms = torch._foreach_norm(self._grads())
-        grad_ok = math.isfinite(float(torch.linalg.vector_norm(torch.stack(norms))))
+        # The max-norm is inf/NaN exactly when an entry is (the 2-norm of large finite ones is inf).
+        norms = torch._foreach_norm(self._grads(), ord=math.inf)
+        grad_ok = math.isfinite(float(torch.stack(norms).amax()))
         return grad_ok and (loss is None or bool(torch.isfinite(loss.detach()).all()))
 
     def _nonfinite(self, where: str, scaler: Any) -> None:
@@ -240,7 +249,10 @@ class SAM(Optimizer):
             raise FloatingPointError(f"{message}; weights were left unchanged")
         warnings.warn(f"{message}; step skipped, weights unchanged", RuntimeWarning, stacklevel=3)
 
-    def step(self, closure: Callable[[], Tensor] | None = None, scaler: Any = None) -> Tensor:
+    # Unlike torch.optim.Optimizer.step, the closure is required and the loss is a Tensor.
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None, scaler: Any = None
+    ) -> Tensor:
         """Run both passes and the base step; return the first-pass loss.
 
         ``closure`` computes the loss, calls ``backward()`` on it (``scaler.scale(loss)`` when

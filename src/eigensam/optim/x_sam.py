@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
+from torch.optim import Optimizer
 
 from eigensam.hessian.hvp import flatten, unflatten
 from eigensam.optim.eigen_sam import TrackedSAM
@@ -23,8 +26,15 @@ class XSAM(TrackedSAM):
     optimizer on the corrected gradient, ``ρ = α = 0`` the base optimizer itself.
     """
 
-    def __init__(self, *args: Any, alpha: float = 1.0, **kwargs: Any):
-        super().__init__(*args, alpha=alpha, **kwargs)
+    def __init__(
+        self,
+        params: Iterable[Any] | nn.Module | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        alpha: float = 1.0,
+        **kwargs: Any,
+    ):
+        super().__init__(params, base_optimizer, rho, alpha, **kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -38,11 +48,22 @@ class XSAM(TrackedSAM):
             return
         params = self._params()
         grad = flatten([p.grad for p in params], params)
+        if not bool(torch.isfinite(grad).all()):
+            return  # an overflow under a GradScaler: its step() sees it and skips the step
+        # Corrected as m·(u − α⟨u, v̂⟩v̂) with u = g'/m, m = max|g'ᵢ|, so that ⟨g', v̂⟩ cannot
+        # overflow the gradient's dtype; a corrected gradient that does is an error.
+        scale = grad.abs().amax().clamp_min(torch.finfo(grad.dtype).tiny)
+        grad.div_(scale)
         along = float(torch.dot(grad, v))
         for group, part in self._group_slices():
             grad[part].add_(v[part], alpha=-group["alpha"] * along)
+        grad.mul_(scale)
+        if not bool(torch.isfinite(grad).all()):
+            raise FloatingPointError(
+                f"X-SAM's corrected gradient overflows {grad.dtype}; weights were left unchanged"
+            )
+        # Parameters without a gradient (frozen, unused) stay without one: the base optimizer
+        # skips them, as it would without the correction.
         for p, g in zip(params, unflatten(grad, params), strict=True):
             if p.grad is not None:
                 p.grad.copy_(g)
-            else:
-                p.grad = g.clone()

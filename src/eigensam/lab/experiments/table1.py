@@ -1,0 +1,80 @@
+"""Table 1 (paper §6.2, Appendix E): test accuracy of SGD (twice the epochs: equal compute),
+SAM, Eigen-SAM (α = 0.2), X-SAM and ASAM, mean ± 95% CI over seeds, with paired tests."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from eigensam.lab import tracking
+from eigensam.lab.experiments.common import Plan, Results, Target, command, seeds_plan
+from eigensam.lab.experiments.report import Section, fmt, paired_claim
+from eigensam.lab.experiments.runs import Scale
+
+METHODS = ("sgd", "sam", "eigen-sam", "x-sam", "asam")
+PAPER_FILES = tuple(
+    f"{model}-{data}"
+    for model, data in itertools.product(
+        ("resnet18", "resnet50", "wrn28-10"), ("cifar10", "cifar100", "fashion-mnist", "svhn")
+    )
+)
+# Paper Table 1, ResNet-18 on Fashion-MNIST: the row closest to the CPU scale.
+PAPER_FMNIST = {"sgd": 94.9, "sam": 95.4, "eigen-sam": 95.6}
+
+
+def _fields(method: str, epochs: int) -> dict[str, object]:
+    return {"method": method, "epochs": 2 * epochs if method == "sgd" else epochs}
+
+
+def plan(scale: Scale) -> Plan:
+    """Every method and seed; SGD trains twice the epochs (Appendix E). Paper scale: the twelve
+    model-dataset configurations in configs/."""
+    if scale.name == "cpu":
+        epochs = scale.base["epochs"]
+        return seeds_plan(scale, {m: _fields(m, epochs) for m in METHODS})
+    plans: Plan = {}
+    for file in PAPER_FILES:
+        sub = seeds_plan(scale, {m: _fields(m, 200) for m in METHODS}, file=file)
+        plans.update({f"{file}/{m}": runs for m, runs in sub.items()})
+    return plans
+
+
+def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
+    results = Results.load(plan)
+    rows = [
+        "| runs | method | epochs | test acc (%) | final λ₁ | train s/step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, configs in plan.items():
+        rows.append(
+            f"| {len(results.summaries[label])} | {label} | {configs[0].epochs} | "
+            f"{fmt(results.values(label, 'test_acc'), 2, 100)} | "
+            f"{fmt(results.values(label, 'final_lambda1'), 2)} | "
+            f"{fmt(results.values(label, 'train_seconds_per_step'), 4)} |"
+        )
+    tracking.write_json(out / "table1.json", {"scale": scale.note, **results.summaries})
+    body = (
+        f"{scale.note}. Mean ± 95% CI over seeds; SGD trains twice the epochs (equal compute, "
+        "Appendix E).\n\n" + "\n".join(rows) + "\n" + results.failure_note()
+    )
+    claims = []
+    if scale.name == "cpu":
+        acc = dict(digits=2, scale=100.0, unit=" points")
+        for a, b, paper in (
+            ("sam", "sgd", "+0.5 (95.4 vs 94.9, ResNet-18, Fashion-MNIST)"),
+            ("eigen-sam", "sam", "+0.2 (95.6 vs 95.4, ResNet-18, Fashion-MNIST)"),
+            ("x-sam", "sam", "better generalization (X-SAM paper)"),
+        ):
+            claims.append(
+                paired_claim(
+                    f"{a} has a higher test accuracy than {b} (SGD with 2× epochs)",
+                    paper,
+                    *results.paired(a, b, "test_acc"),
+                    expect=1,
+                    **acc,
+                )
+            )
+    return Section("table1", "Table 1: test accuracy", command("table1", scale), body, [], claims)
+
+
+TARGET = Target("table1", "Table 1: test accuracy", plan, analyze, min_seeds=2)

@@ -1,0 +1,118 @@
+"""``eigensam reproduce``: planning of every target (configs, seeds, equal compute, shared
+runs), bad input before anything trains, and a tiny end-to-end run on synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eigensam.cli import main
+from eigensam.lab.experiments import reproduce
+from eigensam.lab.experiments.report import DOES_NOT, NOT_TESTABLE, REPRODUCES
+from eigensam.lab.experiments.runs import check_runs, make_scale
+from eigensam.lab.train import TrainConfig
+
+# Synthetic data, a quarter-width SimpleCNN: 2 steps per epoch.
+TINY = dict(
+    dataset="synthetic", train_subset=64, batch_size=32, width=0.25, track_iters=5, track_every=4
+)
+
+
+def plans(target: str, tmp_path: Path, seeds=(0, 1), scale="cpu"):
+    return reproduce.plan_targets(
+        reproduce.resolve_targets(target),
+        scale,
+        seeds,
+        tmp_path,
+        TINY if scale == "cpu" else None,
+    )
+
+
+def test_unknown_target_and_scale_are_refused():
+    with pytest.raises(ValueError, match="target must be one of fig1, table1.*all"):
+        reproduce.resolve_targets("fig9")
+    with pytest.raises(ValueError, match="scale must be one of cpu, paper"):
+        make_scale("gpu", "x")
+
+
+def test_one_seed_is_refused_where_intervals_are_needed(tmp_path):
+    with pytest.raises(ValueError, match="seeds: fig1 .* at least 2"):
+        plans("fig1", tmp_path, seeds=(3,))
+    with pytest.raises(ValueError, match="more than once"):
+        plans("fig1", tmp_path, seeds=(3, 3))
+    plans("table2", tmp_path, seeds=(3,))  # nothing to average
+
+
+def test_table1_gives_sgd_twice_the_epochs_and_every_method_all_seeds(tmp_path):
+    _, plan = plans("table1", tmp_path, seeds=(0, 1, 2))
+    runs = plan["table1"]
+    assert set(runs) == {"sgd", "sam", "eigen-sam", "x-sam", "asam"}
+    assert all([c.seed for c in configs] == [0, 1, 2] for configs in runs.values())
+    assert runs["sgd"][0].epochs == 2 * runs["sam"][0].epochs
+    assert runs["eigen-sam"][0].resolved_alpha == 0.2 and runs["sam"][0].rho == 0.05
+
+
+def test_targets_share_runs(tmp_path):
+    _, plan = plans("all", tmp_path)
+    fig1, fig3, table34 = plan["fig1"], plan["fig3"], plan["table3-4"]
+    assert fig3["α=0.2"][0].run_dir == fig1["eigen-sam"][0].run_dir
+    assert fig3["α=0 (SAM)"][0].run_dir == fig1["sam"][0].run_dir
+    assert fig3["X-SAM α=1.0"][0].run_dir == fig1["x-sam"][0].run_dir
+    assert table34["p=20 burst"][0].run_dir == fig1["eigen-sam"][0].run_dir
+    assert fig3["α=auto"][0].alpha == "auto"
+    assert table34["p=20 spread"][0].eig_schedule == "spread"
+    burst = [table34[f"p={p} burst"][0].eig_interval for p in (10, 20, 50, 100)]
+    assert burst == [10, 20, 50, 100]
+    configs = [c for p in plan.values() for runs in p.values() for c in runs]
+    assert len(check_runs(configs)) < len(configs)  # shared runs train once
+
+
+def test_paper_scale_plans_the_paper_configs():
+    scale = make_scale("paper", "runs/x")
+    table1 = reproduce.TARGETS["table1"].plan(scale)
+    assert len(table1) == 12 * 5
+    sgd = table1["resnet18-cifar100/sgd"][0]
+    assert (sgd.model, sgd.dataset, sgd.epochs, sgd.rho) == ("resnet18", "cifar100", 400, 0.1)
+    fig1 = reproduce.TARGETS["fig1"].plan(scale)["sam"][0]
+    assert (fig1.model, fig1.dataset, fig1.epochs) == ("simplecnn", "cifar10", 200)
+    with pytest.raises(ValueError, match="table2 .* not implemented"):
+        reproduce.TARGETS["table2"].plan(scale)
+
+
+def test_a_run_folder_from_another_configuration_is_refused(tmp_path):
+    _, plan = plans("fig1", tmp_path)
+    config = plan["fig1"]["sam"][0]
+    config.run_dir.mkdir(parents=True)
+    from eigensam.lab import tracking
+
+    other = TrainConfig(**{**config.to_dict(), "lr": 0.5})
+    tracking.write_yaml(config.run_dir / tracking.CONFIG_FILE, other.to_dict())
+    with pytest.raises(ValueError, match="different configuration.*lr"):
+        plans("fig1", tmp_path)
+
+
+def test_cli_reports_bad_input_before_training(tmp_path, capsys):
+    assert main(["reproduce", "fig1", "--seeds", "1", "--out", str(tmp_path)]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
+    assert not any(tmp_path.iterdir())
+
+
+def test_fig1_and_fig5_end_to_end_on_synthetic_data(tmp_path):
+    overrides = {**TINY, "width": 0.125, "epochs": 2, "snapshot_epochs": [1], "eig_interval": 2}
+    report = tmp_path / "report.md"
+    sections = reproduce.reproduce(
+        "fig1", "cpu", (0, 1), tmp_path, report=report, overrides=overrides
+    )
+    assert [s.target for s in sections] == ["fig1"]
+    verdicts = {c.verdict for s in sections for c in s.claims}
+    assert verdicts <= {REPRODUCES, DOES_NOT, NOT_TESTABLE} and len(sections[0].claims) == 6
+    text = report.read_text()
+    assert "## Verdicts" in text and "fig1-fig1.png" in text
+    assert (tmp_path / "report_figures" / "fig1-fig1.png").is_file()
+    assert (tmp_path / "fig1" / "fig1.json").is_file()
+    # fig5 reuses fig1's runs (nothing retrained) and measures their mid-training snapshots.
+    fig5 = reproduce.reproduce("fig5", "cpu", (0, 1), tmp_path, overrides=overrides)
+    assert "power/warm" in (tmp_path / "fig5" / "fig5.json").read_text()
+    assert fig5[0].claims
