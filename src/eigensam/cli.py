@@ -18,6 +18,7 @@ from typing import Any
 
 from eigensam.lab import experiments, sde
 from eigensam.lab.checkpoints import fixed_batches, load_trained
+from eigensam.lab.distributed import is_main
 from eigensam.lab.experiments import reproduce
 from eigensam.lab.reports import power_convergence_report, spectrum_report
 from eigensam.lab.train import METHODS, TrainConfig, Trainer, load_config
@@ -168,7 +169,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         )
     )
     code = _execute(plan.run, "run the same command again")
-    if code == 0:
+    if code == 0 and is_main():
         out = Path(args.out)
         print(f"wrote {out / experiments.COMPARISON_TABLE} and {out / experiments.COMPARISON_PLOT}")
     return code
@@ -211,7 +212,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 def _run_train(args: argparse.Namespace) -> int:
     trainer = _prepare(lambda: Trainer(_train_config(args), args.resume))
     code = _execute(trainer.run, f"run: eigensam train --resume {trainer.dir}")
-    if code == 0:
+    if code == 0 and trainer.ranks.main:
         print((trainer.dir / "summary.md").read_text(encoding="utf-8"), end="")
         print(f"run folder: {trainer.dir}")
     return code

@@ -30,7 +30,7 @@ def plans(target: str, tmp_path: Path, seeds=(0, 1), scale="cpu"):
 
 
 def test_unknown_target_and_scale_are_refused():
-    with pytest.raises(ValueError, match="target must be one of fig1, table1.*all"):
+    with pytest.raises(ValueError, match="target must be one of fig1, table1, fig4.*all"):
         reproduce.resolve_targets("fig9")
     with pytest.raises(ValueError, match="scale must be one of cpu, paper"):
         make_scale("gpu", "x")
@@ -61,6 +61,8 @@ def test_targets_share_runs(tmp_path):
     assert fig3["X-SAM α=1.0"][0].run_dir == fig1["x-sam"][0].run_dir
     assert table34["p=20 burst"][0].run_dir == fig1["eigen-sam"][0].run_dir
     assert fig3["α=auto"][0].alpha == "auto"
+    assert len(fig3["α=0.4"]) == len(table34["p=50 burst"]) == 2  # sweeps: first 3 seeds
+    assert len(plans("fig3", tmp_path, seeds=(0, 1, 2, 3))[1]["fig3"]["α=0.4"]) == 3
     assert table34["p=20 spread"][0].eig_schedule == "spread"
     burst = [table34[f"p={p} burst"][0].eig_interval for p in (10, 20, 50, 100)]
     assert burst == [10, 20, 50, 100]
@@ -99,6 +101,15 @@ def test_cli_reports_bad_input_before_training(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_table2_report_without_runs(tmp_path):
+    report = tmp_path / "report.md"
+    sections = reproduce.reproduce("table2", "cpu", (0,), tmp_path, report=report)
+    assert [c.verdict for c in sections[0].claims] == [NOT_TESTABLE]
+    text = report.read_text()
+    assert "## Verdicts" in text and "not testable on CPU" in text and "Deviations" in text
+
+
+@pytest.mark.slow  # 8 tiny training runs: about a minute on an idle 2-core CPU
 def test_fig1_and_fig5_end_to_end_on_synthetic_data(tmp_path):
     overrides = {**TINY, "width": 0.125, "epochs": 2, "snapshot_epochs": [1], "eig_interval": 2}
     report = tmp_path / "report.md"

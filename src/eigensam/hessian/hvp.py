@@ -53,6 +53,8 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from eigensam.hessian.distributed import is_ddp
+
 Closure = Callable[[], Tensor]
 BACKENDS = ("autograd", "fd-central", "fd-forward")
 MODES = ("train", "eval", None)
@@ -285,6 +287,11 @@ class HessianOperator:
     (the graph-building call of ``"autograd"``, ``gradient()`` of ``"fd-forward"``), kept when
     ``model`` is given and every module already was in the requested mode: it is then the first
     pass of an optimizer step on the same batch, and Eigen-SAM reuses it.
+
+    ``reduce`` (optional) is applied to every product :meth:`matvec` returns and to
+    :meth:`gradient`: under ``torch.distributed``,
+    :class:`~eigensam.hessian.distributed.MeanAcrossRanks` makes them those of the global batch
+    loss (the closure then runs this process's shard; ``base_grad`` is this process's gradient).
     """
 
     def __init__(
@@ -297,12 +304,21 @@ class HessianOperator:
         mode: str | None = "train",
         fd_scale: float | None = None,
         base_grad: Tensor | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ):
         self.closure = closure
+        self.reduce = reduce
+        self._reduced_grad: Tensor | None = None
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("params must contain at least one tensor with requires_grad=True")
         self.backend = check_backend(backend)
+        if is_ddp(model):
+            raise TypeError(
+                "model is a DistributedDataParallel wrapper; pass its .module, run the products "
+                "inside eigensam.hessian.distributed.local_forward(wrapper) and average them with "
+                "reduce=MeanAcrossRanks() (DDP's reducer does not support double backward)"
+            )
         self.model = model
         self.mode = check_mode(mode)
         if mode == "eval" and model is None:
@@ -392,7 +408,14 @@ class HessianOperator:
         return grads
 
     def gradient(self) -> Tensor:
-        """Flat ``∇L(w)`` (computed once and cached)."""
+        """Flat ``∇L(w)`` (computed once and cached), passed through ``reduce`` when given."""
+        if self.reduce is None:
+            return self._local_gradient()
+        if self._reduced_grad is None:
+            self._reduced_grad = self.reduce(self._local_gradient())
+        return self._reduced_grad
+
+    def _local_gradient(self) -> Tensor:
         if self._base_grad is None:
             with torch.no_grad():
                 self._base_grad = flatten(self._evaluate(at_w=True), self.params).detach()
@@ -416,10 +439,14 @@ class HessianOperator:
         return float(self.fd_scale * (1.0 + w_norm) / v.norm())
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``H v`` for a flat vector ``v`` of length ``dim``."""
+        """``H v`` for a flat vector ``v`` of length ``dim`` (passed through ``reduce``)."""
         if v.shape != (self.dim,):
             raise ValueError(f"v must have shape ({self.dim},), got {tuple(v.shape)}")
         self.num_matvecs += 1
+        hv = self._local_matvec(v)
+        return hv if self.reduce is None else self.reduce(hv)
+
+    def _local_matvec(self, v: Tensor) -> Tensor:
         if self.backend == "autograd":
             try:
                 product = self._split_matvec(v) if self.parts else self._exact_matvec(v)
@@ -436,7 +463,7 @@ class HessianOperator:
             h = self.step_size(v)
             plus = self._shifted_gradient(v, h)
             if self.backend == "fd-forward":
-                product = (plus - self.gradient()) / h
+                product = (plus - self._local_gradient()) / h
             else:
                 product = (plus - self._shifted_gradient(v, -h)) / (2 * h)
         return product

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +48,9 @@ class EigenTracker:
     the latest update (the loss and gradient at ``w`` it computed, or None), for an optimizer
     that reuses it as its first pass. ``update`` accepts a
     :class:`~eigensam.hessian.hvp.SplitClosure` (memory-lean exact products).
+    ``reduce`` is passed to the :class:`HessianOperator` (under ``torch.distributed``,
+    :class:`~eigensam.hessian.distributed.MeanAcrossRanks`: the products, hence ``v̂``, are those
+    of the global batch loss and identical on every rank).
     """
 
     def __init__(
@@ -59,8 +62,10 @@ class EigenTracker:
         backend: str = "autograd",
         mode: str | None = "train",
         seed: int = 0,
+        reduce: Callable[[Tensor], Tensor] | None = None,
         schedule: str = "burst",
     ):
+        self.reduce = reduce
         self.interval = check_positive_int("eig_interval", interval)
         self.iters = check_positive_int("eig_iters", iters)
         if method not in METHODS:
@@ -117,7 +122,10 @@ class EigenTracker:
             )
         mode = self.mode if model is not None else None
         self.evaluation = None
-        with HessianOperator(closure, params, backend=self.backend, model=model, mode=mode) as op:
+        operator = HessianOperator(
+            closure, params, backend=self.backend, model=model, mode=mode, reduce=self.reduce
+        )
+        with operator as op:
             if self.method == "power":
                 spread = self.schedule == "spread" and self.vector is not None
                 result = power_iteration(op.matvec, v0, 1 if spread else self.iters)

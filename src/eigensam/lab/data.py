@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn")
 SYNTHETIC = "synthetic"
@@ -532,6 +533,12 @@ def default_augmentation(name: str) -> dict[str, Any]:
     return {"flip": name in ("cifar10", "cifar100", "fashion-mnist"), "pad": 4}
 
 
+def _shard_positions(n: int, rank: int, world: int) -> Tensor:
+    """The positions of an epoch's order that ``DistributedSampler`` assigns to ``rank``."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False)
+    return torch.tensor(list(sampler), dtype=torch.long)
+
+
 def _draw_augmentation(
     n: int, generator: torch.Generator, flip: bool, pad: int
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -590,6 +597,12 @@ class BatchLoader:
     augmentation are drawn from ``generator`` only, so an epoch is fixed by the generator state
     at its start. ``state_dict`` returns that state and the number of batches already handed
     out; ``load_state_dict`` rewinds to it, and the next iteration resumes after those batches.
+
+    ``shard=(rank, world_size)``: this process's part of every epoch under data parallelism.
+    All ranks draw the same order and augmentation (same generator seed); rank ``r`` keeps the
+    positions ``torch.utils.data.DistributedSampler`` gives it (``r, r + N, ...``, the order
+    padded to a multiple of ``N``), so with ``batch_size = B / N`` the ranks' batch ``b``
+    together are the samples of batch ``b`` of one process with batch ``B`` (padding aside).
     """
 
     def __init__(
@@ -600,8 +613,13 @@ class BatchLoader:
         augment: dict[str, Any] | None,
         generator: torch.Generator,
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.batch_size = _check_int("batch_size", batch_size, 1)
+        rank, world = shard
+        _check_int("shard world size", world, 1)
+        _check_int("shard rank", rank, 0, world - 1)
+        self.shard = shard
         if drop_last and batch_size > len(data):
             raise ValueError(
                 f"batch_size={batch_size} with drop_last=True exceeds the {len(data)} samples"
@@ -617,15 +635,15 @@ class BatchLoader:
         self.augment = augment
         self.generator = generator
         self.drop_last = drop_last
+        self._positions = _shard_positions(len(data), rank, world)
         self._epoch_state = generator.get_state()
         self._batches_done = 0
         self._in_epoch = False
         self._skip = 0
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return len(self.data) // self.batch_size
-        return math.ceil(len(self.data) / self.batch_size)
+        size = len(self._positions)
+        return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self._epoch_state = self.generator.get_state()
@@ -635,6 +653,10 @@ class BatchLoader:
         if self.augment is not None:
             pad = self.augment["pad"]
             offsets, flips = _draw_augmentation(n, self.generator, self.augment["flip"], pad)
+        if self.shard[1] > 1:
+            order = order[self._positions]
+            offsets = None if offsets is None else offsets[:, self._positions]
+            flips = None if flips is None else flips[self._positions]
         start, self._skip = self._skip, 0
         self._batches_done = start
         self._in_epoch = True

@@ -49,16 +49,18 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
+from eigensam.hessian.distributed import MeanAcrossRanks, check_same_across_ranks
 from eigensam.hessian.eigen import lanczos, random_unit_vector
 from eigensam.hessian.hvp import BACKENDS, HessianOperator
 from eigensam.hessian.metrics import abs_cosine, align
 from eigensam.hessian.tracker import METHODS as EIG_METHODS
 from eigensam.hessian.tracker import SCHEDULES as EIG_SCHEDULES
-from eigensam.lab import tracking
+from eigensam.lab import distributed, tracking
 from eigensam.lab.data import (
     DATASETS,
     SYNTHETIC,
@@ -71,6 +73,7 @@ from eigensam.lab.data import (
 from eigensam.lab.models import MODELS, build_model, kaiming_init
 from eigensam.optim import EGR, SAM, XSAM, EigenSAM, ReverseSAM
 from eigensam.optim.eigen_sam import AUTO
+from eigensam.optim.sam import SHARPNESS
 
 METHODS = ("sgd", "sam", "asam", "eigen-sam", "x-sam", "reverse-sam", "egr")
 DEFAULT_ALPHA = {"eigen-sam": 0.2, "x-sam": 1.0}
@@ -123,6 +126,7 @@ class TrainConfig:
     eig_schedule: str = _opt("burst", "Eigen-SAM/X-SAM: products all at once (burst) or spread")
     hvp: str = _opt("autograd", f"Hessian-vector products: one of {', '.join(BACKENDS)}")
     hessian_mode: str = _opt("train", "model mode during the optimizer's Hessian products")
+    sharpness: str = _opt("global", "under torchrun: global (averaged) or local (m-sharpness) ε")
     seed: int = _opt(0, "seed of initialization, shuffling, augmentation, dropout")
     track_every: int = _opt(0, "measure sharpness every k steps (0: off)")
     track_iters: int = _opt(20, "Lanczos budget (Hessian-vector products) per measurement")
@@ -178,6 +182,11 @@ class TrainConfig:
             raise ValueError(f"eig_schedule spread needs eig_method power, got {self.eig_method!r}")
         _check_choice("hvp", self.hvp, BACKENDS)
         _check_choice("hessian_mode", self.hessian_mode, HESSIAN_MODES)
+        _check_choice("sharpness", self.sharpness, SHARPNESS)
+        if self.sharpness == "local" and self.method in ("sgd", "egr"):
+            raise ValueError(
+                f"sharpness='local' needs an ascent step; method {self.method} has none"
+            )
         _check_int("seed", self.seed, 0)
         _check_int("track_every", self.track_every, 0)
         _check_int("track_iters", self.track_iters, 1)
@@ -334,7 +343,8 @@ def checkpoint_config(state: Mapping[str, Any], file: Path) -> TrainConfig:
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     """``torch.optim.SGD`` for ``sgd``, else the method's wrapper around it (given the module, so
-    its BatchNorm statistics are protected), with the configuration's hyperparameters."""
+    its BatchNorm statistics are protected; under torchrun the DDP wrapper), with the
+    configuration's hyperparameters."""
     base = dict(
         lr=config.lr,
         momentum=config.momentum,
@@ -354,6 +364,8 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
     )
     if config.method == "sgd":
         return sgd(model.parameters(), **base)
+    if config.method != "egr":
+        base["sharpness"] = config.sharpness
     if config.method == "sam":
         return SAM(model, sgd, config.rho, **base)
     if config.method == "asam":
@@ -383,10 +395,14 @@ class SharpnessProbe:
 
     The Lanczos start is the previous measurement's eigenvector on the same stream of batches
     (warm start): one for the training batches, one per fixed batch; the first start is a random
-    unit vector from a private generator seeded with ``seed``.
+    unit vector from a private generator seeded with ``seed``. ``reduce`` averages the
+    products over the ranks (the global batch's Hessian, see :mod:`eigensam.hessian.distributed`).
     """
 
-    def __init__(self, iters: int, tol: float, seed: int):
+    def __init__(
+        self, iters: int, tol: float, seed: int, reduce: Callable[[Tensor], Tensor] | None = None
+    ):
+        self.reduce = reduce
         self.iters = iters
         self.tol = tol
         self.generator = torch.Generator().manual_seed(seed)
@@ -400,7 +416,10 @@ class SharpnessProbe:
         and number of products; v₁; and the flat gradient, all in train mode. ``stream`` names
         the fixed batch measured (None: the training batch), whose last v₁ is the warm start."""
         params = list(model.parameters())
-        with HessianOperator(closure, params, backend="autograd", model=model, mode="train") as op:
+        operator = HessianOperator(
+            closure, params, backend="autograd", model=model, mode="train", reduce=self.reduce
+        )
+        with operator as op:
             start = self.vector if stream is None else self.fixed_vectors.get(stream)
             if start is None:
                 start = random_unit_vector(op.dim, generator=self.generator, dtype=op.dtype)
@@ -534,9 +553,15 @@ def make_closure(
     return closure
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: TensorData, device: torch.device) -> tuple[float, float]:
     """Mean cross-entropy (without label smoothing) and accuracy of ``model`` in eval mode."""
+    total_loss, correct = evaluation_sums(model, data, device)
+    return total_loss / len(data), correct / len(data)
+
+
+@torch.no_grad()
+def evaluation_sums(model: nn.Module, data: TensorData, device: torch.device) -> tuple[float, int]:
+    """Summed cross-entropy and number of correct predictions of ``model`` in eval mode."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
@@ -547,7 +572,7 @@ def evaluate(model: nn.Module, data: TensorData, device: torch.device) -> tuple[
         total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())
     model.train(was_training)
-    return total_loss / len(data), correct / len(data)
+    return total_loss, correct
 
 
 def _mean(values: list[float]) -> float | None:
@@ -581,6 +606,14 @@ class Trainer:
     has none) and ``config`` must match the one it was started with (``out_dir``, ``data_dir``
     and ``download`` aside). Without ``resume``, the run folder must not hold a run yet.
     ``data`` may pass the already loaded splits of ``config``'s dataset.
+
+    Under ``torchrun`` (or in a process group already initialized) every process runs a Trainer
+    with the same configuration (checked: ``ValueError`` naming the fields that differ). The
+    model is wrapped in ``DistributedDataParallel``; ``batch_size`` is the global batch, split
+    evenly over the ranks by a ``DistributedSampler`` layout of each epoch (so N processes run
+    the algorithm of one process, ``sharpness="global"``); the logged training loss is the
+    global batch's; evaluation is sharded and summed over the ranks; rank 0 alone writes the run
+    folder (logs, checkpoints, summary); a resumed run loads rank 0's checkpoint on every rank.
     """
 
     def __init__(
@@ -603,7 +636,18 @@ class Trainer:
             )
         self.config = config
         self.dir = config.run_dir
-        self.device = check_device(config.device)
+        self.ranks = distributed.join(config.device)
+        device = config.device
+        if self.ranks.distributed:
+            check_same_across_ranks("the training configuration", config.to_dict())
+            if config.batch_size % self.ranks.world_size:
+                raise ValueError(
+                    f"batch_size {config.batch_size} (the global batch) must be divisible by the "
+                    f"number of processes, {self.ranks.world_size}"
+                )
+            if device == "cuda":
+                device = f"cuda:{self.ranks.local_rank}"
+        self.device = check_device(device)
         if data is None:
             data = load_dataset(
                 config.dataset,
@@ -621,14 +665,21 @@ class Trainer:
         if config.init == "kaiming":
             kaiming_init(self.model)
         self.model.to(self.device)
-        self.optimizer = make_optimizer(config, self.model)
+        self.net: nn.Module = self.model  # what the training closure calls
+        reduce = None
+        if self.ranks.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            reduce = MeanAcrossRanks()
+        self.optimizer = make_optimizer(config, self.net)
         augment = default_augmentation(config.dataset) if config.augment else None
         self.loader = BatchLoader(
             data.train,
-            config.batch_size,
+            config.batch_size // self.ranks.world_size,
             shuffle=True,
             augment=augment,
             generator=torch.Generator().manual_seed(config.seed),
+            shard=(self.ranks.rank, self.ranks.world_size),
         )
         self.total_steps = config.epochs * len(self.loader)
         self.scheduler = make_scheduler(config, self.optimizer, self.total_steps)
@@ -636,7 +687,7 @@ class Trainer:
         self.probe = None
         self.fixed_closures: list[Callable[[], Tensor]] = []
         if config.track_every > 0:
-            self.probe = SharpnessProbe(config.track_iters, config.track_tol, config.seed)
+            self.probe = SharpnessProbe(config.track_iters, config.track_tol, config.seed, reduce)
             self.fixed_closures = [
                 make_closure(self.model, self.criterion, images, labels)
                 for images, labels in self.fixed_batches(config.track_batches)
@@ -655,10 +706,12 @@ class Trainer:
             written = f"checkpoint {checkpoint} was written by a run"
             check_same_run(checkpoint_config(state, checkpoint), config, checkpoint, written)
             self._restore(state, checkpoint)
-        else:
+        elif self.ranks.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             tracking.write_yaml(self.dir / tracking.CONFIG_FILE, config.to_dict())
-        tracking.write_records(self.dir / tracking.METRICS_FILE, self.records)
+        if self.ranks.main:
+            tracking.write_records(self.dir / tracking.METRICS_FILE, self.records)
+        distributed.barrier()
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -670,7 +723,21 @@ class Trainer:
 
     def _log(self, record: tracking.Record) -> None:
         self.records.append(record)
-        tracking.append_record(self.dir / tracking.METRICS_FILE, record)
+        if self.ranks.main:
+            tracking.append_record(self.dir / tracking.METRICS_FILE, record)
+
+    def _mean_over_ranks(self, value: float) -> float:
+        return distributed.sum_across_ranks([value])[0] / self.ranks.world_size
+
+    def _evaluate(self, data: TensorData) -> tuple[float, float]:
+        """Mean loss and accuracy on ``data``; under torchrun each rank takes a shard."""
+        if not self.ranks.distributed:
+            return evaluate(self.model, data, self.device)
+        distributed.broadcast_buffers(self.model)
+        part = distributed.rank_shard(data, self.ranks)
+        total_loss, correct = evaluation_sums(self.model, part, self.device)
+        total_loss, correct = distributed.sum_across_ranks([total_loss, correct])
+        return total_loss / len(data), correct / len(data)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run bit for bit."""
@@ -719,7 +786,9 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         self._lap("train")
-        tracking.save_checkpoint(self.dir / tracking.CHECKPOINT_FILE, self.state_dict())
+        distributed.broadcast_buffers(self.model)  # rank 0's state is every rank's state
+        if self.ranks.main:
+            tracking.save_checkpoint(self.dir / tracking.CHECKPOINT_FILE, self.state_dict())
         self.checkpoint_step = self.step
 
     # -- training ------------------------------------------------------------------------------
@@ -734,9 +803,9 @@ class Trainer:
             initial=self.step,
             desc=f"{config.method} seed {config.seed}",
             unit="step",
-            disable=not sys.stdout.isatty(),
+            disable=not sys.stdout.isatty() or not self.ranks.main,
         )
-        self._quiet_bar = bar.disable
+        self._quiet_bar = bar.disable and self.ranks.main  # rank 0 alone reports progress
         self._clock = time.perf_counter()
         try:
             while self.epoch < config.epochs:
@@ -770,18 +839,19 @@ class Trainer:
 
     def _train_step(self, images: Tensor, labels: Tensor) -> None:
         config = self.config
-        closure = make_closure(self.model, self.criterion, images, labels)
+        closure = make_closure(self.net, self.criterion, images, labels)
         if self.probe is not None and self.step % config.track_every == 0:
             self._lap("train")
-            record = self.probe.measure(closure, self.model, self.optimizer, self.fixed_closures)
+            local = make_closure(self.model, self.criterion, images, labels)
+            record = self.probe.measure(local, self.model, self.optimizer, self.fixed_closures)
             self._lap("track")
             self._log({"kind": "track", "step": self.step, "epoch": self.epoch, **record})
         lr = self.optimizer.param_groups[0]["lr"]
         if isinstance(self.optimizer, SAM):
-            loss = float(self.optimizer.step(closure).detach())
+            loss = self._mean_over_ranks(float(self.optimizer.step(closure).detach()))
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            loss = float(closure().detach())
+            loss = self._mean_over_ranks(float(closure().detach()))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss}; weights were left unchanged")
             self.optimizer.step()
@@ -803,9 +873,9 @@ class Trainer:
         record: tracking.Record = {"kind": "eval", "epoch": self.epoch + 1, "step": self.step}
         steps = self.sums["epoch_steps"]
         record["train_loss"] = self.sums["epoch_loss"] / steps if steps else None
-        record["test_loss"], record["test_acc"] = evaluate(self.model, self.data.test, self.device)
+        record["test_loss"], record["test_acc"] = self._evaluate(self.data.test)
         if self.data.val is not None:
-            record["val_loss"], record["val_acc"] = evaluate(self.model, self.data.val, self.device)
+            record["val_loss"], record["val_acc"] = self._evaluate(self.data.val)
         self._lap("eval")
         record.update({f"{k}_seconds": v for k, v in self.seconds.items()})
         self._log(record)
@@ -824,7 +894,7 @@ class Trainer:
             or self.epoch in self.config.snapshot_epochs
         ):
             self._checkpoint()
-        if self.epoch in self.config.snapshot_epochs:
+        if self.epoch in self.config.snapshot_epochs and self.ranks.main:
             tracking.save_checkpoint(self.dir / snapshot_file(self.epoch), self.state_dict())
 
     def fixed_batches(self, count: int) -> list[tuple[Tensor, Tensor]]:
@@ -888,11 +958,14 @@ class Trainer:
             "eval_seconds": self.seconds["eval"],
             "train_seconds_per_step": self.seconds["train"] / steps,
         }
-        title = f"{config.method} on {config.dataset} ({config.model}), seed {config.seed}"
-        tracking.plot_curves({config.method: [self.records]}, self.dir / tracking.PLOT_FILE, title)
-        table = tracking.summary_table({config.method: [summary]})
-        tracking.write_text(self.dir / tracking.TABLE_FILE, f"# {title}\n\n{table}")
-        tracking.write_json(self.dir / tracking.SUMMARY_FILE, summary)
+        if self.ranks.main:
+            title = f"{config.method} on {config.dataset} ({config.model}), seed {config.seed}"
+            records = {config.method: [self.records]}
+            tracking.plot_curves(records, self.dir / tracking.PLOT_FILE, title)
+            table = tracking.summary_table({config.method: [summary]})
+            tracking.write_text(self.dir / tracking.TABLE_FILE, f"# {title}\n\n{table}")
+            tracking.write_json(self.dir / tracking.SUMMARY_FILE, summary)
+        distributed.barrier()  # the other ranks may read the summary (compare) after this
         return summary
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from eigensam.hessian.distributed import local_forward
 from eigensam.hessian.hvp import (
     HessianOperator,
     call_closure,
@@ -29,13 +30,16 @@ class EGR(SAM):
     """Explicit gradient regularization: descends ``f(w) + ρ‖∇f(w)‖`` (paper Appendix A).
 
     Its gradient is ``∇f + ρ·H ĝ`` with ``ĝ = ∇f/‖∇f‖`` and ``H = ∇²f``; the Hessian-vector
-    product uses the ``hvp`` backend (default exact double backward) on the same batch.
+    product uses the ``hvp`` backend (default exact double backward) on the same batch; under
+    DDP it runs on the inner module and is averaged over the replicas.
     """
 
     def __init__(self, *args: Any, hvp: str = "autograd", **kwargs: Any):
         super().__init__(*args, **kwargs)
         if any(group["adaptive"] for group in self.param_groups):
             raise ValueError("adaptive=True is not defined for EGR")
+        if self.sharpness == "local":
+            raise ValueError("sharpness='local' is not defined for EGR, which has no ascent step")
         self.hvp = check_backend(hvp)
 
     def step(  # type: ignore[override]
@@ -48,6 +52,7 @@ class EGR(SAM):
             )
         if scaler is not None:
             raise ValueError("EGR does not support a GradScaler")
+        self._check_ranks()
         self.zero_grad(set_to_none=True)
         loss = call_closure(closure)
         if not self._finite(loss):
@@ -59,9 +64,16 @@ class EGR(SAM):
         params = [p for p in self._params() if p.requires_grad]
         grad = flatten([p.grad for p in params], params)
         if bool(grad.any()):
-            with HessianOperator(
-                closure, params, backend=self.hvp, model=self.model, mode=None, base_grad=grad
-            ) as op:
+            operator = HessianOperator(
+                closure,
+                params,
+                backend=self.hvp,
+                model=self.model,
+                mode=None,
+                base_grad=grad,
+                reduce=self.reduce,
+            )
+            with local_forward(self.ddp), operator as op:
                 hg = op.matvec(unit(grad))
             if not bool(torch.isfinite(hg).all()):
                 self._nonfinite("Hessian-vector product", None)

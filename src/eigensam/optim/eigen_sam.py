@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from eigensam.hessian.distributed import local_forward
 from eigensam.hessian.hvp import Evaluation, unflatten
 from eigensam.hessian.tracker import EigenTracker
 from eigensam.optim.sam import SAM, check_nonnegative, unit
@@ -28,13 +29,17 @@ class TrackedSAM(SAM):
     ``hessian_mode`` whether ``model`` is in train mode (default; the loss being optimized) or
     eval mode (as the official Eigen-SAM code) during the products. Without ``model`` the
     products run in whatever mode the model is in and cannot protect its BatchNorm statistics.
+    Under ``DistributedDataParallel`` (``model`` the DDP wrapper) the products run on the inner
+    module and are averaged over the replicas: ``v̂`` is the global batch loss's, the same on
+    every rank, at one all-reduce per product.
 
     ``reuse_gradient`` (default True): on a refresh step, the gradient the refresh computed at
     ``w`` on the same batch (same RNG state, same mode, BatchNorm statistics updated once) is the
     step's first pass, bit for bit what the closure would give again, so the closure runs once
     less. It applies when ``model`` is given, ``hessian_mode`` is the mode the model is in
-    (train) and the backend evaluates the whole batch at ``w`` (``"autograd"`` with a plain
-    closure, ``"fd-forward"``). Pass a :class:`~eigensam.hessian.hvp.SplitClosure` to ``step``
+    (train), the model is not under DDP (there the refresh's gradient is this replica's) and the
+    backend evaluates the whole batch at ``w`` (``"autograd"`` with a plain closure,
+    ``"fd-forward"``). Pass a :class:`~eigensam.hessian.hvp.SplitClosure` to ``step``
     for memory-lean exact products (see :mod:`eigensam.hessian.hvp`).
     """
 
@@ -69,9 +74,16 @@ class TrackedSAM(SAM):
             backend=hvp,
             mode=hessian_mode,
             seed=seed,
+            reduce=self.reduce,
             schedule=eig_schedule,
         )
         self._reusable: Evaluation | None = None
+
+    def _rank_signature(self) -> dict[str, Any]:
+        """SAM's, plus the refresh schedule (replicas must run the same products)."""
+        t = self.tracker
+        settings = (t.interval, t.iters, t.method, t.schedule, t.backend, t.mode)
+        return {**super()._rank_signature(), "eigenvector refresh": settings}
 
     def _extra_defaults(self) -> dict[str, Any]:
         return {"alpha": self._alpha}
@@ -88,7 +100,7 @@ class TrackedSAM(SAM):
         self._reusable = None
         if self.tracker.due(self.sam_steps):
             self.update_eigenvector(closure, scaler)
-            if self.reuse_gradient:
+            if self.reuse_gradient and self.ddp is None:
                 self._reusable = self.tracker.evaluation
             self.tracker.evaluation = None
 
@@ -106,7 +118,8 @@ class TrackedSAM(SAM):
         A non-finite product (fp16 overflow) keeps the previous estimate, with a warning."""
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         try:
-            self.tracker.update(closure, self._params(), self.model, loss_scale=scale)
+            with local_forward(self.ddp):
+                self.tracker.update(closure, self._params(), self.model, loss_scale=scale)
         except FloatingPointError as error:
             if scaler is None and self.on_nonfinite == "raise":
                 raise

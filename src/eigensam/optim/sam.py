@@ -9,11 +9,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from eigensam.hessian.distributed import (
+    MeanAcrossRanks,
+    all_ranks_true,
+    check_same_across_ranks,
+    is_ddp,
+    require_process_group,
+    unwrap,
+)
 from eigensam.hessian.hvp import BufferSnapshot, call_closure, flatten, unflatten
 
 NONFINITE_POLICIES = ("raise", "skip")
+SHARPNESS = ("global", "local")
 
 
 def check_nonnegative(name: str, value: object) -> float:
@@ -50,6 +60,15 @@ class SAM(Optimizer):
     ``model``, when given, has all its buffers (BatchNorm running statistics and
     ``num_batches_tracked``) restored after the second pass, so only the first pass updates them.
 
+    Under ``DistributedDataParallel`` pass the DDP wrapper as ``model`` (or as ``params``) and
+    let the closure call the wrapper. ``sharpness="global"`` (default): DDP all-reduces the
+    first-pass gradient, every replica applies the same ``ε``, and ``N`` processes with batch
+    ``B`` each run the algorithm of one process with batch ``N·B``. ``sharpness="local"``
+    (m-sharpness, Foret et al. 2021 §4.1): the first pass runs under ``no_sync()``, each
+    replica perturbs with its own gradient and only the second-pass gradient is averaged. The
+    ranks check once, at the first step, that they hold the same optimizer configuration and
+    parameter shapes (``ValueError`` otherwise).
+
     ``on_nonfinite``: what to do when the loss or a gradient is NaN/inf without a GradScaler:
     ``"raise"`` (``FloatingPointError``) or ``"skip"`` (warn, leave weights and base state
     untouched). With a GradScaler, overflow skips the step as ``GradScaler.step`` does.
@@ -65,6 +84,7 @@ class SAM(Optimizer):
         eta: float = 0.0,
         model: nn.Module | None = None,
         on_nonfinite: str = "raise",
+        sharpness: str = "global",
         **base_kwargs: Any,
     ):
         if isinstance(params, nn.Module):
@@ -77,6 +97,16 @@ class SAM(Optimizer):
             )
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
+        if sharpness not in SHARPNESS:
+            raise ValueError(f"sharpness must be one of {SHARPNESS}, got {sharpness!r}")
+        if sharpness == "local":
+            require_process_group("sharpness='local'")
+            if not is_ddp(model):
+                raise TypeError(
+                    "sharpness='local' needs the DistributedDataParallel model (as model= or "
+                    "as the first argument), whose no_sync() keeps each replica's first-pass "
+                    f"gradient; got model={type(model).__name__}"
+                )
         defaults = dict(
             rho=check_nonnegative("rho", rho),
             adaptive=adaptive,
@@ -107,7 +137,12 @@ class SAM(Optimizer):
         for group in self.param_groups:
             self._check_group(group)
         self.defaults.update(self.base_optimizer.defaults)
-        self.model = model
+        self.ddp: DistributedDataParallel | None = model if is_ddp(model) else None
+        self.model = unwrap(model)
+        self.sharpness = sharpness
+        # Averages Hessian-vector products over the replicas (Eigen-SAM, X-SAM, EGR).
+        self.reduce = None if self.ddp is None else MeanAcrossRanks()
+        self._ranks_checked = self.ddp is None
         self.on_nonfinite = on_nonfinite
         self.sam_steps = 0
         self._saved_params: list[Tensor] | None = None
@@ -146,8 +181,12 @@ class SAM(Optimizer):
 
     def _first_pass(self, closure: Callable[[], Tensor]) -> Tensor:
         """Fill ``p.grad`` with the gradient at ``w`` (gradients are already zeroed) and return
-        the loss. Variants may override it: distributed m-sharpness runs it without the gradient
-        all-reduce, Eigen-SAM reuses the gradient its eigenvector refresh computed."""
+        the loss. With ``sharpness="local"`` it runs under DDP's ``no_sync()`` (this replica's
+        gradient); Eigen-SAM may reuse the gradient its eigenvector refresh computed."""
+        if self.sharpness == "local":
+            assert self.ddp is not None
+            with self.ddp.no_sync():
+                return call_closure(closure)
         return call_closure(closure)
 
     def _second_pass(self, closure: Callable[[], Tensor]) -> None:
@@ -200,6 +239,7 @@ class SAM(Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to ``w + ε`` using the gradients now in ``p.grad`` (saving ``w``)."""
+        self._check_ranks()
         params = self._params()
         grad = self._flat_grad()
         self._saved_params = [p.detach().clone() for p in params]
@@ -230,10 +270,35 @@ class SAM(Optimizer):
             self._saved_params = None
 
     def _finite(self, loss: Tensor | None = None) -> bool:
+        """Whether ``loss`` (first pass) and the gradients are finite; with ``sharpness="local"``
+        the first-pass answer is agreed over the replicas, so all of them skip or step."""
         # The max-norm is inf/NaN exactly when an entry is (the 2-norm of large finite ones is inf).
         norms = torch._foreach_norm(self._grads(), ord=math.inf)
         grad_ok = math.isfinite(float(torch.stack(norms).amax()))
-        return grad_ok and (loss is None or bool(torch.isfinite(loss.detach()).all()))
+        ok = grad_ok and (loss is None or bool(torch.isfinite(loss.detach()).all()))
+        if self.sharpness == "local" and loss is not None:
+            return all_ranks_true(ok)
+        return ok
+
+    def _rank_signature(self) -> dict[str, Any]:
+        """What every replica must agree on: optimizer, sharpness, hyperparameters, shapes."""
+        scalars = (bool, int, float, str, type(None))
+        return {
+            "optimizer": type(self).__name__,
+            "base_optimizer": type(self.base_optimizer).__name__,
+            "sharpness": self.sharpness,
+            "parameter shapes": [tuple(p.shape) for p in self._params()],
+            "param_groups": [
+                {k: v for k, v in group.items() if isinstance(v, scalars)}
+                for group in self.param_groups
+            ],
+        }
+
+    def _check_ranks(self) -> None:
+        """Once, under DDP: every replica holds the same :meth:`_rank_signature`."""
+        if not self._ranks_checked:
+            check_same_across_ranks("the optimizer configuration", self._rank_signature())
+            self._ranks_checked = True
 
     def _nonfinite(self, where: str, scaler: Any) -> None:
         """Handle a NaN/inf in ``where``: the whole step is skipped (or raises)."""
@@ -264,6 +329,7 @@ class SAM(Optimizer):
                 f"{type(self).__name__}.step() needs a closure that computes the loss, calls "
                 "backward() and returns the loss; in a manual loop use first_step()/second_step()"
             )
+        self._check_ranks()
         self._before_first_pass(closure, scaler)
         self.zero_grad(set_to_none=True)
         loss = self._first_pass(closure)

@@ -11,6 +11,7 @@ from typing import Any
 
 from eigensam.lab import tracking
 from eigensam.lab.data import DataSplits, load_dataset
+from eigensam.lab.distributed import barrier, is_main
 from eigensam.lab.train import (
     TrainConfig,
     Trainer,
@@ -58,12 +59,13 @@ class Comparison:
                 resume = run_dir if (run_dir / tracking.CONFIG_FILE).is_file() else None
                 summary = Trainer(config, resume, self.data).run()
                 status = f"trained in {summary['train_seconds']:.0f} s"
-            print(
-                f"[{number}/{len(self.configs)}] {method} seed {seed}: {status}, "
-                f"test acc {summary['test_acc']:.4f}",
-                file=sys.stderr,
-                flush=True,
-            )
+            if is_main():
+                print(
+                    f"[{number}/{len(self.configs)}] {method} seed {seed}: {status}, "
+                    f"test acc {summary['test_acc']:.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             summaries.setdefault(method, []).append(summary)
             metrics = tracking.read_records(run_dir / tracking.METRICS_FILE)
             records.setdefault(method, []).append(metrics)
@@ -74,10 +76,12 @@ class Comparison:
             f"seeds {', '.join(map(str, seeds))}"
         )
         table = tracking.summary_table(summaries)
-        self.out.mkdir(parents=True, exist_ok=True)
-        tracking.write_text(self.out / COMPARISON_TABLE, f"# Comparison: {title}\n\n{table}")
-        tracking.plot_curves(records, self.out / COMPARISON_PLOT, f"{title} (mean over seeds)")
-        print(table, end="")
+        if is_main():  # under torchrun, rank 0 writes the comparison
+            self.out.mkdir(parents=True, exist_ok=True)
+            tracking.write_text(self.out / COMPARISON_TABLE, f"# Comparison: {title}\n\n{table}")
+            tracking.plot_curves(records, self.out / COMPARISON_PLOT, f"{title} (mean over seeds)")
+            print(table, end="")
+        barrier()
         return table
 
 

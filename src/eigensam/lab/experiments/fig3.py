@@ -50,7 +50,10 @@ def plan(scale: Scale) -> Plan:
     """Every α and seed (paper scale: ResNet-18 on CIFAR-100, as the paper's Figure 3)."""
     file = None if scale.name == "cpu" else "resnet18-cifar100"
     return {
-        label: [scale.config(seed, file=file, **fields) for seed in scale.seeds]
+        label: [
+            scale.config(seed, file=file, **fields)
+            for seed in (scale.sweep_seeds if "track_every" in fields else scale.seeds)
+        ]
         for label, fields in _groups(scale).items()
     }
 

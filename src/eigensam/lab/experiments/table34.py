@@ -38,7 +38,14 @@ def plan(scale: Scale) -> Plan:
     scale: ResNet-18 on CIFAR-10)."""
     file = None if scale.name == "cpu" else "resnet18-cifar10"
     return {
-        label: [scale.config(seed, file=file, **fields) for seed in scale.seeds]
+        label: [
+            scale.config(seed, file=file, **fields)
+            for seed in (
+                scale.sweep_seeds
+                if "eig_interval" in fields or "eig_schedule" in fields
+                else scale.seeds
+            )
+        ]
         for label, fields in _groups(scale).items()
     }
 

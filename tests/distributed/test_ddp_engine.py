@@ -1,0 +1,117 @@
+"""The engine and the command on 2 gloo processes: torchrun, sharding, rank-0 output, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from harness import run_ranks
+
+import eigensam
+from eigensam.lab import tracking
+from eigensam.lab.train import TrainConfig, Trainer
+
+HERE = Path(__file__).parent
+SRC = Path(eigensam.__file__).parents[1]
+# 96 synthetic samples, global batch 32: 3 steps per epoch, 16 samples per rank and step.
+CONFIG = dict(
+    dataset="synthetic",
+    train_subset=96,
+    model="simplecnn",
+    width=0.25,
+    epochs=3,
+    batch_size=32,
+    log_every=1,
+    method="eigen-sam",
+    eig_interval=2,
+    eig_iters=3,
+    track_every=2,
+    track_iters=4,
+)
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` (a free port), with a deadline."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return subprocess.run(
+        [*command, "--nproc_per_node", "2", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+
+
+def test_kill_one_rank_then_resume_loses_no_finished_epoch(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(CONFIG))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+
+    done = torchrun("-m", "eigensam", "train", "--config", str(config_file), "--out", str(whole))
+    assert done.returncode == 0, done.stderr
+    assert f"run folder: {whole}" in done.stdout and done.stdout.count("run folder") == 1
+
+    # Rank 1 dies during the second epoch (step 5 of 9), after epoch 1's checkpoint.
+    died = torchrun(str(HERE / "die_at_step.py"), str(config_file), str(killed), "1", "5")
+    assert died.returncode != 0
+    saved = tracking.load_checkpoint(killed / tracking.CHECKPOINT_FILE)
+    assert (saved["epoch"], saved["step"]) == (1, 3)
+    evals = [
+        r for r in tracking.read_records(killed / tracking.METRICS_FILE) if r["kind"] == "eval"
+    ]
+    assert [r["epoch"] for r in evals] == [1]
+
+    resumed = torchrun("-m", "eigensam", "train", "--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    a = tracking.load_checkpoint(whole / tracking.CHECKPOINT_FILE)
+    b = tracking.load_checkpoint(killed / tracking.CHECKPOINT_FILE)
+    assert a["step"] == b["step"] == 9
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["optimizer"]["tracker"]["vector"], b["optimizer"]["tracker"]["vector"])
+    assert without_timing(a["records"]) == without_timing(b["records"])
+    logged = [tracking.read_records(run / tracking.METRICS_FILE) for run in (whole, killed)]
+    assert without_timing(logged[0]) == without_timing(logged[1])  # each record once
+
+    # Two processes with 16 samples each run the algorithm of one with the batch of 32.
+    single = Trainer(TrainConfig(**{**CONFIG, "out_dir": str(tmp_path / "single")}))
+    single.run()
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-3, atol=1e-4)
+
+
+def mismatched_config_worker(rank: int, world: int, folder: Path) -> None:
+    config = TrainConfig(**{**CONFIG, "out_dir": str(folder / "run"), "rho": 0.05 * (rank + 1)})
+    with pytest.raises(ValueError, match=r"disagree on the training configuration.*'rho': 0\.1"):
+        Trainer(config)
+    odd = dataclasses.replace(config, rho=0.05, batch_size=31)
+    with pytest.raises(ValueError, match="batch_size 31 .* divisible by the number of proc"):
+        Trainer(odd)
+    assert not (folder / "run").exists()
+
+
+def test_mismatched_configuration_fails_fast(tmp_path: Path) -> None:
+    run_ranks(mismatched_config_worker, tmp_path)
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run(
+        [sys.executable, "-m", "eigensam", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "usage: eigensam" in done.stdout
