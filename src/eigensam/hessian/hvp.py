@@ -38,7 +38,7 @@ makes it sum the products of the parts instead, ``H v = sum_k (d^2 L_k) v``, wit
 alive at a time: the same product (the Hessian is linear in the loss) at a fraction of the memory,
 the graph rebuilt for every product (``benchmarks/bench_optimizers.py`` measures both).
 Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) was measured too and dropped: on
-SimpleCNN it needed 1.9x the memory and 1.8x the time of the retained double-backward graph.
+SimpleCNN it needed 2.0x the memory and 2.2x the time of the retained double-backward graph.
 """
 
 from __future__ import annotations
