@@ -45,3 +45,6 @@ test-slow: install data
 bench: install data
 	$(VENV)/bin/pip install -q -e ".[bench]"
 	$(PY) benchmarks/bench_optimizers.py
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) benchmarks/bench_optimizers.py --device cuda; \
+	fi

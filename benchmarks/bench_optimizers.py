@@ -1,169 +1,236 @@
-"""Step time and peak memory of SGD, SAM, Eigen-SAM and X-SAM, and HVP cost/accuracy per backend.
+"""What Eigen-SAM and X-SAM cost next to SGD and SAM: step time, peak memory, HVP backends.
 
-``eigen-sam`` and ``x-sam`` use their defaults; ``eigen-sam/<hvp backend>`` and
-``eigen-sam/lanczos`` change one option.
+Three tables, printed as Markdown and written to ``benchmarks/results/cost-<device>.json`` with
+the machine description (CPU model, threads, torch version, load average):
 
-Model: the paper's 6-layer SimpleCNN on Fashion-MNIST-shaped batches (real Fashion-MNIST when it
-is installed, else random images). Prints Markdown tables. Run:
+1. **Step time** at ``p = --interval``, ``q = 5``: per round, every method runs one refresh step
+   and ``--plain-steps`` steps without a refresh; the per-step time averaged over the interval
+   is ``(t_refresh + (p − 1)·t_plain) / p``. Plain steps run round robin (one step of each
+   method in turn) and ratios are medians of per-cycle ratios, so load from other jobs on a
+   shared machine hits all methods alike. ``time outside the closure`` is the share of a plain
+   step spent in the optimizer (perturbation, restore, update). Models: the paper's ReLU
+   SimpleCNN and a smooth variant (GeLU, average pooling) where ``hvp="fd-forward"`` is
+   accurate.
+2. **Peak memory** growth over 2 steps with a refresh each, one fresh process per optimizer
+   (Linux VmHWM after a reset, minus the resident size after setup; on CUDA
+   ``max_memory_allocated``), on SimpleCNN and ResNet-18 (half width) with BatchNorm.
+3. **HVP backends**: time per product over gradient time, peak memory growth (fresh process)
+   and accuracy against the exact product, for double backward with the graph kept across
+   products, the same part by part (``SplitClosure``), forward-over-reverse (``torch.func``,
+   measured here only), and finite differences.
 
-    python benchmarks/bench_optimizers.py [--batch-size 128] [--rounds 3] [--steps 100]
+Run (``make bench`` runs the default, about 6 minutes on a 2-core CPU):
 
-Step times are medians over rounds of ``--steps`` consecutive steps (one Eigen-SAM interval, so
-its eigenvector refresh is averaged in); methods are interleaved round by round so machine noise
-hits them alike, and ratios are taken within this one run. Peak memory is the growth of the peak
-resident set size (Linux VmHWM, reset after setup) over the size after setup, each optimizer in its
-own subprocess, over 20 steps with eig_interval 10.
+    python benchmarks/bench_optimizers.py [--device cpu|cuda] [--rounds 5] [--interval 100]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from common import load_images
-from torch import nn
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp
 
 from eigensam import SAM, XSAM, EigenSAM
+from eigensam.atomic import atomic_write
 from eigensam.hessian.eigen import power_iteration
-from eigensam.hessian.hvp import BACKENDS, HessianOperator
+from eigensam.hessian.hvp import HessianOperator, SplitClosure, flatten, split_closure, unflatten
 from eigensam.lab.models import build_model
 
-METHODS = (
-    "sgd",
-    "sam",
-    "eigen-sam",
-    "eigen-sam/fd-forward",
-    "eigen-sam/fd-central",
-    "eigen-sam/lanczos",
-    "x-sam",
-)
+PARTS = 4  # micro-batches of the memory-lean exact products
+TIME_METHODS = {
+    "simplecnn": ("sgd", "sam", "eigen-sam", "eigen-sam/no-reuse", "eigen-sam/split", "x-sam"),
+    "gelu-cnn": ("sgd", "sam", "eigen-sam", "eigen-sam/fd-forward"),
+}
+MEMORY_METHODS = {
+    "simplecnn": ("sgd", "sam", "eigen-sam", "eigen-sam/split", "x-sam", "x-sam/split"),
+    "resnet18": ("sgd", "sam", "eigen-sam", "eigen-sam/eval-split", "x-sam", "x-sam/eval-split"),
+}
+HVP_BACKENDS = ("autograd", "autograd/split", "forward-over-reverse", "fd-central", "fd-forward")
 
 
-def batches(batch_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y, _ = load_images(batch_size * count)
-    return list(zip(x.split(batch_size), y.split(batch_size), strict=True))
+# -- models, data, optimizers ---------------------------------------------------------------
 
 
-def make_optimizer(method: str, model: nn.Module, eig_interval: int) -> torch.optim.Optimizer:
+def make_model(name: str, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model = build_model("resnet18", num_classes=10, in_channels=3, image_size=32, width=0.5)
+        return model.to(device)
+    model = build_model("simplecnn", num_classes=10, in_channels=1, image_size=28)
+    if name == "gelu-cnn":  # smooth: no ReLU or max-pool kinks
+        for parent in model.modules():
+            for child_name, child in parent.named_children():
+                if isinstance(child, nn.ReLU):
+                    setattr(parent, child_name, nn.GELU())
+                elif isinstance(child, nn.MaxPool2d):
+                    setattr(parent, child_name, nn.AvgPool2d(2))
+    return model.to(device)
+
+
+def make_batches(model: str, batch_size: int, count: int, device: str) -> list[tuple[Tensor, ...]]:
+    if model == "resnet18":
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size * count, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (batch_size * count,), generator=g)
+    else:
+        x, y, _ = load_images(batch_size * count)
+    return [
+        (a.to(device), b.to(device))
+        for a, b in zip(x.split(batch_size), y.split(batch_size), strict=True)
+    ]
+
+
+def make_optimizer(method: str, model: nn.Module, interval: int) -> torch.optim.Optimizer:
     sgd = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), **sgd)
     if method == "sam":
         return SAM(model, torch.optim.SGD, rho=0.05, **sgd)
     name, _, variant = method.partition("/")
-    options = (
-        {"eig_method": "lanczos"} if variant == "lanczos" else {"hvp": variant} if variant else {}
-    )
+    options: dict[str, Any] = {
+        "no-reuse": {"reuse_gradient": False},
+        "fd-forward": {"hvp": "fd-forward"},
+        "eval-split": {"hessian_mode": "eval"},
+    }.get(variant, {})
     cls = EigenSAM if name == "eigen-sam" else XSAM
     return cls(
-        model, torch.optim.SGD, rho=0.05, eig_interval=eig_interval, eig_iters=5, **options, **sgd
+        model, torch.optim.SGD, rho=0.05, eig_interval=interval, eig_iters=5, **options, **sgd
     )
 
 
-def run_steps(model, opt, data) -> float:
-    start = time.perf_counter()
-    for x, y in data:
+class Stepper:
+    """One method's model and optimizer; ``step`` runs one training step on a batch and returns
+    the time spent inside the closure (to separate the optimizer's own overhead)."""
 
-        def closure(x=x, y=y):
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
+    def __init__(self, method: str, model_name: str, device: str, interval: int):
+        self.method = method
+        self.model = make_model(model_name, device)
+        self.opt = make_optimizer(method, self.model, interval)
+        self.split = method.endswith("split")
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        inside = 0.0
+        split = split_closure(self.model, nn.functional.cross_entropy, x, y, PARTS)
+
+        def closure() -> Tensor:
+            nonlocal inside
+            start = time.perf_counter()
+            loss = split.closure()
+            inside += time.perf_counter() - start
             return loss
 
-        if isinstance(opt, SAM):
-            opt.step(closure)
+        if isinstance(self.opt, SAM):
+            self.opt.step(SplitClosure(closure, split.parts) if self.split else closure)
         else:
-            opt.zero_grad()
+            self.opt.zero_grad()
             closure()
-            opt.step()
-    return (time.perf_counter() - start) / len(data)
+            self.opt.step()
+        return inside
+
+    def refresh_next(self) -> None:
+        if isinstance(self.opt, EigenSAM | XSAM):
+            self.opt.sam_steps = 0
 
 
-def time_steps(args) -> dict[str, float]:
-    data = batches(args.batch_size, args.steps)
-    runs = {}
-    for method in METHODS:
-        torch.manual_seed(0)
-        model = build_model("simplecnn", num_classes=10, in_channels=1, image_size=28)
-        runs[method] = (model, make_optimizer(method, model, args.steps))
-        run_steps(*runs[method], data[:3])  # warm-up; Eigen-SAM's next refresh is in the rounds
-    times = {m: [] for m in METHODS}
-    for _ in range(args.rounds):
-        for method in METHODS:
-            opt = runs[method][1]
-            if isinstance(opt, EigenSAM | XSAM):
-                opt.sam_steps = 0  # the first step of each round refreshes the eigenvector
-            times[method].append(run_steps(*runs[method], data))
-    return {m: statistics.median(t) for m, t in times.items()}
+class Clock:
+    """Wall time on CPU; CUDA events (synchronized) on a GPU."""
 
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
 
-def hvp_table(args) -> list[dict[str, float | str]]:
-    torch.manual_seed(0)
-    model = build_model("simplecnn", num_classes=10, in_channels=1, image_size=28)
-    ((x, y),) = batches(args.batch_size, 1)
-
-    def closure():
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    params = list(model.parameters())
-    vectors = [torch.randn(sum(p.numel() for p in params)) for _ in range(args.hvps)]
-    vectors = [v / v.norm() for v in vectors]
-    with HessianOperator(closure, params, backend="autograd", model=model) as op:
-        exact = [op.matvec(v) for v in vectors]
-        top = power_iteration(op.matvec, vectors[0], 100).eigenvector
-        exact_top = op.matvec(top)
-    start = time.perf_counter()
-    for _ in range(args.hvps):
-        model.zero_grad()
-        closure()
-    grad_time = (time.perf_counter() - start) / args.hvps
-    rows = []
-    for backend in BACKENDS:
-        with HessianOperator(closure, params, backend=backend, model=model) as op:
-            op.matvec(vectors[0])  # builds the graph (autograd) / base gradient (fd-forward)
+    def time(self, fn: Callable[[], Any]) -> float:
+        if not self.cuda:
             start = time.perf_counter()
-            products = [op.matvec(v) for v in vectors]
-            elapsed = (time.perf_counter() - start) / args.hvps
-            top_cosine = float(nn.functional.cosine_similarity(op.matvec(top), exact_top, dim=0))
-        cosine = min(
-            float(nn.functional.cosine_similarity(p, e, dim=0))
-            for p, e in zip(products, exact, strict=True)
-        )
-        rows.append(
-            {
-                "backend": backend,
-                "hvp_over_grad": elapsed / grad_time,
-                "min_cosine": cosine,
-                "top_cosine": top_cosine,
-            }
-        )
-    return rows
+            fn()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return begin.elapsed_time(end) / 1e3
 
 
-def peak_memory(method: str, args) -> float:
-    """Peak RSS growth (MiB) of ``--steps`` steps of ``method``, measured in a fresh process."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--memory-child",
-            method,
-            "--batch-size",
-            str(args.batch_size),
-            "--steps",
-            str(args.steps),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_growth_mib"]
+# -- 1. step time ---------------------------------------------------------------------------
+
+
+def time_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per round: each method's refresh step, then ``--plain-steps`` cycles of one plain step
+    per method (round robin, so load changes on a shared machine hit all methods alike).
+    Ratios are medians of per-cycle ratios; over the interval ``p`` a method costs
+    ``((p − 1)·plain + refresh) / p``."""
+    methods = TIME_METHODS[model_name]
+    clock = Clock(args.device)
+    data = make_batches(model_name, args.batch_size, args.plain_steps + 1, args.device)
+    steppers = {m: Stepper(m, model_name, args.device, args.interval) for m in methods}
+    for s in steppers.values():  # warm-up, including one refresh
+        s.refresh_next()
+        for x, y in data[:2]:
+            s.step(x, y)
+    refresh: dict[str, list[float]] = {m: [] for m in methods}
+    plain: dict[str, list[float]] = {m: [] for m in methods}
+    inside: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.rounds):
+        for m, s in steppers.items():
+            s.refresh_next()
+            x, y = data[0]
+            refresh[m].append(clock.time(lambda s=s, x=x, y=y: s.step(x, y)))
+        for x, y in data[1:]:
+            for m, s in steppers.items():
+                plain[m].append(
+                    clock.time(lambda s=s, x=x, y=y, m=m: inside[m].append(s.step(x, y)))
+                )
+    p = args.interval
+    per_round = args.plain_steps
+
+    def round_median(m: str, r: int) -> float:
+        return statistics.median(plain[m][r * per_round : (r + 1) * per_round])
+
+    def ratio(m: str, base: str) -> float:
+        """``m``'s step over the interval / ``base``'s plain step: medians of per-cycle and
+        per-round ratios."""
+        plain_ratio = statistics.median(a / b for a, b in zip(plain[m], plain[base], strict=True))
+        refresh_ratio = statistics.median(
+            refresh[m][r] / round_median(base, r) for r in range(args.rounds)
+        )
+        return ((p - 1) * plain_ratio + refresh_ratio) / p
+
+    def refresh_cost(m: str) -> float:
+        """Extra time of a refresh step over a plain step, in SGD steps."""
+        return statistics.median(
+            (refresh[m][r] - round_median(m, r)) / round_median("sgd", r)
+            for r in range(args.rounds)
+        )
+
+    return [
+        {
+            "model": model_name,
+            "method": m,
+            "plain_step_s": statistics.median(plain[m]),
+            "refresh_step_s": statistics.median(refresh[m]),
+            "over_sgd": ratio(m, "sgd"),
+            "over_sam": ratio(m, "sam"),
+            "refresh_in_sgd_steps": refresh_cost(m),
+            "overhead": 1 - sum(inside[m]) / sum(plain[m]),
+        }
+        for m in methods
+    ]
+
+
+# -- 2. peak memory, each in a fresh process ------------------------------------------------
 
 
 def rss_kib(field: str) -> int:
@@ -173,55 +240,284 @@ def rss_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def memory_child(method: str, args) -> None:
-    data = batches(args.batch_size, min(args.steps, 20))
-    torch.manual_seed(0)
-    model = build_model("simplecnn", num_classes=10, in_channels=1, image_size=28)
-    opt = make_optimizer(method, model, eig_interval=10)
-    warm = nn.Conv2d(1, 1, 3)  # load kernels and start autograd threads before the baseline
-    warm(data[0][0][:2]).sum().backward()
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the peak (VmHWM) to the current resident size
-    base = rss_kib("VmRSS")
-    run_steps(model, opt, data)
-    print(json.dumps({"peak_growth_mib": (rss_kib("VmHWM") - base) / 1024}))
+class PeakMemory:
+    """Peak memory growth (MiB) of what runs between ``start()`` and ``stop()``."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        warm = nn.Conv2d(1, 1, 3)  # load kernels and start autograd threads before the baseline
+        warm(torch.randn(2, 1, 5, 5)).sum().backward()
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak (VmHWM) to the current resident size
+        self.base = rss_kib("VmRSS") * 1024
+
+    def stop(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (rss_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+def child(kind: str, name: str, model_name: str, args: argparse.Namespace) -> float:
+    """Run ``python this --child ...`` and return the peak memory growth it prints."""
+    command = [sys.executable, __file__, "--child", kind, name, model_name, "--device", args.device]
+    command += ["--memory-batch-size", str(args.memory_batch_size[model_name])]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def memory_child(method: str, model_name: str, args: argparse.Namespace) -> float:
+    """Peak growth of 2 steps with a refresh each (``eig_interval = 1``)."""
+    data = make_batches(model_name, args.memory_batch_size[model_name], 2, args.device)
+    stepper = Stepper(method, model_name, args.device, interval=1)
+    meter = PeakMemory(args.device)
+    meter.start()
+    for x, y in data:
+        stepper.step(x, y)
+    return meter.stop()
+
+
+def memory_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    peaks = {m: child("memory", m, model_name, args) for m in MEMORY_METHODS[model_name]}
+    return [
+        {
+            "model": model_name,
+            "batch_size": args.memory_batch_size[model_name],
+            "method": m,
+            "peak_mib": peak,
+            "over_sgd": peak / peaks["sgd"],
+            "over_sam": peak / peaks["sam"],
+        }
+        for m, peak in peaks.items()
+    ]
+
+
+# -- 3. HVP backends ------------------------------------------------------------------------
+
+
+class Products:
+    """``v ↦ H v`` on one batch for each backend of the table."""
+
+    def __init__(self, model_name: str, batch_size: int, device: str):
+        self.model = make_model(model_name, device)
+        ((self.x, self.y),) = make_batches(model_name, batch_size, 1, device)
+        self.params = list(self.model.parameters())
+        self.dim = sum(p.numel() for p in self.params)
+        self.split = split_closure(self.model, nn.functional.cross_entropy, self.x, self.y, PARTS)
+
+    def gradient(self) -> None:
+        self.model.zero_grad()
+        self.split.closure()
+
+    def run(self, backend: str, vectors: list[Tensor], clock: Clock) -> tuple[list[Tensor], float]:
+        """Products with each vector and the time per product after the first (which builds
+        the graph or the base gradient)."""
+        if backend == "forward-over-reverse":
+            names = [n for n, _ in self.model.named_parameters()]
+            primals = {n: p.detach() for n, p in self.model.named_parameters()}
+
+            def loss(params: dict[str, Tensor]) -> Tensor:
+                out = functional_call(self.model, params, (self.x,))
+                return nn.functional.cross_entropy(out, self.y)
+
+            def matvec(v: Tensor) -> Tensor:
+                tangents = dict(zip(names, unflatten(v, self.params), strict=True))
+                _, hv = jvp(grad(loss), (primals,), (tangents,))
+                return flatten([hv[n] for n in names], self.params)
+
+            return self._timed(matvec, vectors, clock)
+        name, _, split = backend.partition("/")
+        closure = self.split if split else self.split.closure
+        with HessianOperator(closure, self.params, backend=name, model=self.model) as op:
+            return self._timed(op.matvec, vectors, clock)
+
+    @staticmethod
+    def _timed(matvec: Callable[[Tensor], Tensor], vectors: list[Tensor], clock: Clock):
+        products = [matvec(vectors[0])]
+        elapsed = 0.0
+        for v in vectors[1:]:
+            elapsed += clock.time(lambda v=v: products.append(matvec(v)))
+        return products, elapsed / (len(vectors) - 1)
+
+
+def hvp_memory_child(backend: str, model_name: str, args: argparse.Namespace) -> float:
+    """Peak growth of 5 products (the gradient alone for backend ``"gradient"``)."""
+    products = Products(model_name, args.memory_batch_size[model_name], args.device)
+    vectors = [torch.randn(products.dim, device=args.device) for _ in range(5)]
+    meter = PeakMemory(args.device)
+    meter.start()
+    if backend == "gradient":
+        products.gradient()
+    else:
+        products.run(backend, vectors, Clock(args.device))
+    return meter.stop()
+
+
+def hvp_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    clock = Clock(args.device)
+    products = Products(model_name, args.memory_batch_size[model_name], args.device)
+    g = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(products.dim, generator=g).to(args.device) for _ in range(args.hvps)]
+    vectors = [v / v.norm() for v in vectors]
+    exact, _ = products.run("autograd", vectors, clock)
+    closure = products.split.closure
+    with HessianOperator(closure, products.params, backend="autograd", model=products.model) as op:
+        top = power_iteration(op.matvec, vectors[0], 50).eigenvector
+    exact_top, _ = products.run("autograd", [top, top], clock)
+    products.gradient()
+    grad_time = statistics.median(clock.time(products.gradient) for _ in range(args.hvps))
+    grad_memory = child("hvp-memory", "gradient", model_name, args)
+    rows = []
+    for backend in HVP_BACKENDS:
+        result, per_product = products.run(backend, vectors, clock)
+        along_top, _ = products.run(backend, [top, top], clock)
+        rel = [float((p - e).norm() / e.norm()) for p, e in zip(result, exact, strict=True)]
+        cos = [
+            float(nn.functional.cosine_similarity(p, e, dim=0))
+            for p, e in zip(result, exact, strict=True)
+        ]
+        peak = child("hvp-memory", backend, model_name, args)
+        rows.append(
+            {
+                "model": model_name,
+                "backend": backend,
+                "hvp_over_grad": per_product / grad_time,
+                "peak_mib": peak,
+                "peak_over_grad": peak / grad_memory,
+                "max_rel_error": max(rel),
+                "min_cosine": min(cos),
+                "top_cosine": float(
+                    nn.functional.cosine_similarity(along_top[1], exact_top[1], dim=0)
+                ),
+            }
+        )
+    return rows
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def machine(device: str) -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def markdown(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key in columns:
+            value = row[key]
+            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TIME_COLUMNS = {
+    "model": "model",
+    "method": "method",
+    "plain_step_s": "s/step (no refresh)",
+    "over_sgd": "over the interval / SGD",
+    "over_sam": "/ SAM",
+    "refresh_in_sgd_steps": "refresh cost (SGD steps)",
+    "overhead": "time outside the closure",
+}
+MEMORY_COLUMNS = {
+    "model": "model",
+    "batch_size": "batch",
+    "method": "method",
+    "peak_mib": "peak growth (MiB)",
+    "over_sgd": "/ SGD",
+    "over_sam": "/ SAM",
+}
+HVP_COLUMNS = {
+    "model": "model",
+    "backend": "backend",
+    "hvp_over_grad": "time per product / gradient",
+    "peak_mib": "peak growth (MiB)",
+    "peak_over_grad": "/ gradient's",
+    "max_rel_error": "max rel. error",
+    "min_cosine": "min cosine, random v",
+    "top_cosine": "cosine along v1",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=100, help="steps per round (= eig_interval)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-size", type=int, default=128, help="step-time batch")
+    parser.add_argument("--interval", type=int, default=100, help="p, steps per refresh")
+    parser.add_argument("--plain-steps", type=int, default=6, help="steps per round, no refresh")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--hvps", type=int, default=10)
-    parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--hvps", type=int, default=4)
+    parser.add_argument("--simplecnn-memory-batch", type=int, default=256)
+    parser.add_argument("--resnet-memory-batch", type=int, default=16)
+    parser.add_argument("--sections", default="time,memory,hvp", help="comma-separated subset")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-batch-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_child:
-        memory_child(args.memory_child, args)
+    if args.child:
+        kind, name, model_name = args.child
+        args.memory_batch_size = {model_name: args.memory_batch_size}
+        run = memory_child if kind == "memory" else hvp_memory_child
+        print(json.dumps({"peak_mib": run(name, model_name, args)}))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
-    times = time_steps(args)
-    memory = {m: peak_memory(m, args) for m in METHODS}
-    print("\n| method | step time (ms) | / SGD | / SAM | peak memory growth (MiB) | / SGD |")
-    print("|---|---|---|---|---|---|")
-    for m in METHODS:
-        print(
-            f"| {m} | {times[m] * 1e3:.2f} | {times[m] / times['sgd']:.3f} | "
-            f"{times[m] / times['sam']:.3f} | {memory[m]:.1f} | "
-            f"{memory[m] / max(memory['sgd'], 1e-9):.2f} |"
-        )
-    print(
-        "\n| HVP backend | HVP time / gradient time | min cosine to exact HVP, random v "
-        "| cosine along top eigenvector |"
-    )
-    print("|---|---|---|---|")
-    rows = hvp_table(args)
-    for row in rows:
-        print(
-            f"| {row['backend']} | {row['hvp_over_grad']:.2f} | {row['min_cosine']:.5f} "
-            f"| {row['top_cosine']:.5f} |"
-        )
-    fastest = min((r for r in rows if r["min_cosine"] >= 0.99), key=lambda r: r["hvp_over_grad"])
-    print(f"\nfastest backend with cosine >= 0.99: {fastest['backend']}")
+    args.memory_batch_size = {
+        "simplecnn": args.simplecnn_memory_batch,
+        "gelu-cnn": args.simplecnn_memory_batch,
+        "resnet18": args.resnet_memory_batch,
+    }
+    start = time.perf_counter()
+    report: dict[str, Any] = {"machine": machine(args.device), "settings": vars(args).copy()}
+    report["settings"]["out"] = str(args.out)
+    print(json.dumps(report["machine"]), flush=True)
+    sections = [
+        ("time", TIME_COLUMNS, lambda: [r for m in TIME_METHODS for r in time_table(m, args)]),
+        (
+            "memory",
+            MEMORY_COLUMNS,
+            lambda: [r for m in MEMORY_METHODS for r in memory_table(m, args)],
+        ),
+        (
+            "hvp",
+            HVP_COLUMNS,
+            lambda: [r for m in ("simplecnn", "gelu-cnn") for r in hvp_table(m, args)],
+        ),
+    ]
+    for name, columns, compute in sections:
+        if name not in args.sections.split(","):
+            continue
+        report[name] = compute()
+        print(f"\n{markdown(report[name], columns)}", flush=True)
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    report["seconds"] = time.perf_counter() - start
+    suffix = "" if args.sections == "time,memory,hvp" else "-" + args.sections.replace(",", "-")
+    path = args.out / f"cost-{args.device}{suffix}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=1) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+    print(f"\n{report['seconds']:.0f} s; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,15 @@ the RNG is reset to the state it had on entry before each closure call (same dro
 module buffers (BatchNorm running statistics, ``num_batches_tracked``) are restored after each call,
 and the model is put in the requested mode. On exit the buffers, RNG state, per-module training
 flags and the parameters' ``.grad`` are exactly as they were on entry.
+
+Memory: ``"autograd"`` keeps the graph of the gradient (activations plus the backward pass's saved
+tensors) alive while the operator is open, about 2.4x the peak memory of one gradient evaluation
+on the paper's SimpleCNN. A :class:`SplitClosure` (the batch's loss as a sum of micro-batch losses)
+makes it sum the products of the parts instead, ``H v = sum_k (d^2 L_k) v``, with one part's graph
+alive at a time: the same product (the Hessian is linear in the loss) at a fraction of the memory,
+the graph rebuilt for every product (``benchmarks/bench_optimizers.py`` measures both).
+Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) was measured too and dropped: on
+SimpleCNN it needed 2.0x the memory and 2.2x the time of the retained double-backward graph.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -101,6 +111,64 @@ def call_closure(closure: Closure) -> Tensor:
             f"it returned {type(loss).__name__}"
         )
     return loss
+
+
+class SplitClosure:
+    """A whole-batch closure together with closures for its parts (micro-batches) whose losses
+    sum to the whole batch's loss, ``L = sum_k L_k``.
+
+    Calling it runs the whole-batch closure, so it can be passed wherever a closure goes (the
+    optimizers' ``step``). ``HessianOperator(backend="autograd")`` uses ``parts`` for products.
+    The sum is exact when the loss is a sum of per-sample terms; BatchNorm in train mode couples
+    the samples of a batch, so the operator refuses parts then (see :class:`HessianOperator`).
+    """
+
+    def __init__(self, closure: Closure, parts: Sequence[Closure]):
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self.closure = closure
+        self.parts = list(parts)
+        if not self.parts or not all(callable(part) for part in self.parts):
+            raise ValueError(f"parts must be a non-empty sequence of closures, got {parts!r}")
+
+    def __call__(self) -> Tensor:
+        return self.closure()
+
+
+def split_closure(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    parts: int = 1,
+    backward: Callable[[Tensor], None] | None = None,
+) -> SplitClosure:
+    """A :class:`SplitClosure` for ``loss_fn(model(inputs), targets)`` with ``parts`` micro-batches
+    (chunks of dimension 0); part ``k`` is weighted ``n_k / n``, exact for a mean-reduced
+    per-sample ``loss_fn``. ``backward(loss)`` is called on each loss (default
+    ``loss.backward()``; pass ``lambda loss: scaler.scale(loss).backward()`` with a GradScaler).
+    """
+    if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= len(inputs):
+        raise ValueError(f"parts must be an int in [1, {len(inputs)}] (batch size), got {parts!r}")
+
+    def closure_on(x: Tensor, y: Tensor, weight: float) -> Closure:
+        def closure() -> Tensor:
+            loss = loss_fn(model(x), y)
+            if weight != 1.0:
+                loss = loss * weight
+            if backward is None:
+                loss.backward()
+            else:
+                backward(loss)
+            return loss
+
+        return closure
+
+    n = len(inputs)
+    chunks = zip(inputs.chunk(parts), targets.chunk(parts), strict=True)
+    return SplitClosure(
+        closure_on(inputs, targets, 1.0), [closure_on(x, y, len(x) / n) for x, y in chunks]
+    )
 
 
 _backward_signature = inspect.signature(torch.Tensor.backward)
@@ -179,6 +247,27 @@ class FrozenState:
             p.grad = g
 
 
+@dataclass
+class Evaluation:
+    """What one closure call at ``w`` left behind: the loss, the gradients of ``params`` (those
+    requiring gradients), the module buffers after it (one BatchNorm update) and the RNG state
+    after it. ``apply`` puts the gradients, buffers and RNG state in place, as if the closure had
+    just run; it returns the loss (detached)."""
+
+    loss: Tensor
+    params: list[Tensor]
+    grads: list[Tensor | None]
+    buffers: BufferSnapshot
+    rng: RNGSnapshot
+
+    def apply(self) -> Tensor:
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
+        self.buffers.restore()
+        self.rng.restore()
+        return self.loss
+
+
 class HessianOperator:
     """``H = ∇²L(w)`` of a closure's loss at the current parameters, as ``v ↦ H v`` on flat
     vectors (see the module docstring for backends and the guarantees while it is open).
@@ -188,6 +277,16 @@ class HessianOperator:
     ``base_grad`` (flat ``∇L(w)``, optional) saves one gradient evaluation for ``"fd-forward"``;
     it must come from the same batch, RNG state and mode. ``num_matvecs`` counts products and
     ``num_closure_calls`` counts loss evaluations.
+
+    With a :class:`SplitClosure` the ``"autograd"`` backend computes each product part by part
+    (memory-lean, graph rebuilt per product); it raises ValueError if a BatchNorm layer of
+    ``model`` is in train mode during the products, since the parts' batch statistics would
+    differ from the whole batch's. The finite-difference backends use the whole-batch closure.
+
+    ``evaluation`` is the :class:`Evaluation` of the first whole-batch closure call at ``w``
+    (the graph-building call of ``"autograd"``, ``gradient()`` of ``"fd-forward"``), kept when
+    ``model`` is given and every module already was in the requested mode: it is then the first
+    pass of an optimizer step on the same batch, and Eigen-SAM reuses it.
 
     ``reduce`` (optional) is applied to every product :meth:`matvec` returns and to
     :meth:`gradient`: under ``torch.distributed``,
@@ -233,8 +332,11 @@ class HessianOperator:
                 f"base_grad must have shape ({self.dim},), got {tuple(base_grad.shape)}"
             )
         self._base_grad = base_grad
+        self.parts = closure.parts if isinstance(closure, SplitClosure) else None
         self._graph_grads: list[Tensor] | None = None
         self._frozen: FrozenState | None = None
+        self._record = False
+        self.evaluation: Evaluation | None = None
         self.num_matvecs = 0
         self.num_closure_calls = 0
 
@@ -248,6 +350,23 @@ class HessianOperator:
 
     def __enter__(self) -> HessianOperator:
         self._frozen = FrozenState(self.params, self.model, self.mode)
+        modes = self._frozen.modes
+        self._record = bool(modes) and all(m.training == was for m, was in modes)
+        self.evaluation = None
+        if self.parts is not None and self.backend == "autograd" and len(self.parts) > 1:
+            batchnorm = [
+                name
+                for name, m in (self.model.named_modules() if self.model is not None else ())
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            ]
+            if batchnorm:
+                self._frozen.restore()
+                self._frozen = None
+                raise ValueError(
+                    f"a SplitClosure with {len(self.parts)} parts changes the batch statistics of "
+                    f"BatchNorm layers in train mode ({', '.join(batchnorm)}): use mode='eval' "
+                    "or a closure with one part"
+                )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -256,8 +375,12 @@ class HessianOperator:
         self._frozen.restore()
         self._frozen = None
 
-    def _evaluate(self, build_graph: bool = False) -> list[Tensor | None]:
-        """Gradients of the closure's loss at the current parameters, side effects undone."""
+    def _evaluate(
+        self, closure: Closure | None = None, build_graph: bool = False, at_w: bool = False
+    ) -> list[Tensor | None]:
+        """Gradients of the loss of ``closure`` (default: the whole-batch closure) at the current
+        parameters, side effects undone; ``at_w`` marks an evaluation at ``w`` that may be kept
+        as ``evaluation``."""
         if self._frozen is None:
             raise RuntimeError("HessianOperator must be used inside `with HessianOperator(...)`")
         self._frozen.rng.restore()
@@ -265,11 +388,19 @@ class HessianOperator:
             p.grad = None
         context = graph_building_backward() if build_graph else contextlib.nullcontext()
         with context:
-            call_closure(self.closure)
+            loss = call_closure(self.closure if closure is None else closure)
         self.num_closure_calls += 1
+        grads = [p.grad for p in self.params]
+        if at_w and self._record and closure is None and self.evaluation is None:
+            self.evaluation = Evaluation(
+                loss.detach(),
+                self.params,
+                [None if g is None else g.detach() for g in grads],
+                BufferSnapshot(self.model),
+                RNGSnapshot(p.device for p in self.params),
+            )
         if not build_graph:  # the graph may hold the buffers: they are restored on exit
             self._frozen.buffers.restore()
-        grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         if all(g is None for g in grads):
@@ -287,7 +418,7 @@ class HessianOperator:
     def _local_gradient(self) -> Tensor:
         if self._base_grad is None:
             with torch.no_grad():
-                self._base_grad = flatten(self._evaluate(), self.params).detach()
+                self._base_grad = flatten(self._evaluate(at_w=True), self.params).detach()
         return self._base_grad
 
     @torch.no_grad()
@@ -318,7 +449,7 @@ class HessianOperator:
     def _local_matvec(self, v: Tensor) -> Tensor:
         if self.backend == "autograd":
             try:
-                return self._exact_matvec(v)
+                product = self._split_matvec(v) if self.parts else self._exact_matvec(v)
             except RuntimeError as error:
                 if not any(marker in str(error) for marker in NO_DOUBLE_BACKWARD):
                     raise
@@ -328,30 +459,51 @@ class HessianOperator:
                     f"kernels; torch said: {str(error).splitlines()[0]}); use a finite-difference "
                     "backend: hvp='fd-central' or hvp='fd-forward'"
                 ) from error
-        h = self.step_size(v)
-        plus = self._shifted_gradient(v, h)
-        if self.backend == "fd-forward":
-            return (plus - self._local_gradient()) / h
-        return (plus - self._shifted_gradient(v, -h)) / (2 * h)
+        else:
+            h = self.step_size(v)
+            plus = self._shifted_gradient(v, h)
+            if self.backend == "fd-forward":
+                product = (plus - self._local_gradient()) / h
+            else:
+                product = (plus - self._shifted_gradient(v, -h)) / (2 * h)
+        return product
 
     def _exact_matvec(self, v: Tensor) -> Tensor:
+        """Double backward through the whole batch's gradient graph, kept across products."""
         if self._graph_grads is None:
-            grads = self._evaluate(build_graph=True)
-            pairs = [(g, p) for g, p in zip(grads, self.params, strict=True) if g is not None]
-            if any(g.grad_fn is None for g, _ in pairs):
-                raise RuntimeError("the gradient has no graph: does the loss depend on params?")
-            self._graph_grads = [g for g, _ in pairs]
-            self._graph_params = [p for _, p in pairs]
+            grads = self._evaluate(build_graph=True, at_w=True)
+            self._graph_grads = self._graph_of(grads)
             self._base_grad = flatten(grads, self.params).detach()
-        chunks = dict(zip(map(id, self.params), unflatten(v, self.params), strict=True))
-        dot = sum(
-            (g * chunks[id(p)]).sum()
-            for g, p in zip(self._graph_grads, self._graph_params, strict=True)
-        )
+        return self._double_backward(self._graph_grads, v, retain_graph=True)
+
+    def _split_matvec(self, v: Tensor) -> Tensor:
+        """``sum_k (d^2 L_k) v`` over the SplitClosure's parts, one part's graph at a time."""
+        assert self.parts is not None and self._frozen is not None
+        product = None
+        for part in self.parts:
+            graph = self._graph_of(self._evaluate(part, build_graph=True))
+            hv = self._double_backward(graph, v, retain_graph=False)
+            del graph
+            self._frozen.buffers.restore()
+            product = hv if product is None else product.add_(hv)
+        assert product is not None
+        return product
+
+    def _graph_of(self, grads: list[Tensor | None]) -> list[Tensor]:
+        """The gradients as built with a graph (zeros for parameters the loss does not reach)."""
+        if any(g is not None and g.grad_fn is None for g in grads):
+            raise RuntimeError("the gradient has no graph: does the loss depend on params?")
+        return [
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params, strict=True)
+        ]
+
+    def _double_backward(self, graph: list[Tensor], v: Tensor, retain_graph: bool) -> Tensor:
+        """Flat ``∇(∇L·v)`` through the gradient ``graph`` (one tensor per parameter)."""
+        pairs = [(g, c) for g, c in zip(graph, unflatten(v, self.params), strict=True) if g.grad_fn]
+        dot = sum((g * c).sum() for g, c in pairs)
         hv = torch.autograd.grad(
-            cast(Tensor, dot), self._graph_params, retain_graph=True, allow_unused=True
+            cast(Tensor, dot), self.params, retain_graph=retain_graph, allow_unused=True
         )
-        by_param = dict(zip(map(id, self._graph_params), hv, strict=True))
-        return flatten([by_param.get(id(p)) for p in self.params], self.params).detach()
+        return flatten(hv, self.params).detach()
 
     __call__ = matvec

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from eigensam.hessian.eigen import EigenResult, check_positive_int, lanczos, power_iteration
 from eigensam.hessian.hvp import (
     Closure,
+    Evaluation,
     HessianOperator,
     check_backend,
     check_mode,
@@ -43,7 +44,10 @@ class EigenTracker:
 
     ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``vector`` spans
     all ``params``; parameters with ``requires_grad=False`` are constants of the loss, and ``v̂``
-    is 0 on them.
+    is 0 on them. ``evaluation`` is the operator's :class:`~eigensam.hessian.hvp.Evaluation` of
+    the latest update (the loss and gradient at ``w`` it computed, or None), for an optimizer
+    that reuses it as its first pass. ``update`` accepts a
+    :class:`~eigensam.hessian.hvp.SplitClosure` (memory-lean exact products).
     ``reduce`` is passed to the :class:`HessianOperator` (under ``torch.distributed``,
     :class:`~eigensam.hessian.distributed.MeanAcrossRanks`: the products, hence ``v̂``, are those
     of the global batch loss and identical on every rank).
@@ -81,6 +85,7 @@ class EigenTracker:
         self.vector: Tensor | None = None
         self.eigenvalue: float | None = None
         self.residual: float | None = None
+        self.evaluation: Evaluation | None = None
         self.num_updates = 0
 
     @property
@@ -116,6 +121,7 @@ class EigenTracker:
                 [c for c, p in zip(chunks, params, strict=True) if p.requires_grad], trainable
             )
         mode = self.mode if model is not None else None
+        self.evaluation = None
         operator = HessianOperator(
             closure, params, backend=self.backend, model=model, mode=mode, reduce=self.reduce
         )
@@ -125,6 +131,7 @@ class EigenTracker:
                 result = power_iteration(op.matvec, v0, 1 if spread else self.iters)
             else:
                 result = lanczos(op.matvec, v0, self.iters, k=1, which="LA")[0]
+        self.evaluation = op.evaluation
         found = iter(unflatten(result.eigenvector.detach(), trainable))
         self.vector = flatten([next(found) if p.requires_grad else None for p in params], params)
         self.eigenvalue = result.eigenvalue / loss_scale

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from eigensam.hessian.distributed import local_forward
-from eigensam.hessian.hvp import unflatten
+from eigensam.hessian.hvp import Evaluation, unflatten
 from eigensam.hessian.tracker import EigenTracker
 from eigensam.optim.sam import SAM, check_nonnegative, unit
 
@@ -32,6 +32,15 @@ class TrackedSAM(SAM):
     Under ``DistributedDataParallel`` (``model`` the DDP wrapper) the products run on the inner
     module and are averaged over the replicas: ``v̂`` is the global batch loss's, the same on
     every rank, at one all-reduce per product.
+
+    ``reuse_gradient`` (default True): on a refresh step, the gradient the refresh computed at
+    ``w`` on the same batch (same RNG state, same mode, BatchNorm statistics updated once) is the
+    step's first pass, bit for bit what the closure would give again, so the closure runs once
+    less. It applies when ``model`` is given, ``hessian_mode`` is the mode the model is in
+    (train), the model is not under DDP (there the refresh's gradient is this replica's) and the
+    backend evaluates the whole batch at ``w`` (``"autograd"`` with a plain closure,
+    ``"fd-forward"``). Pass a :class:`~eigensam.hessian.hvp.SplitClosure` to ``step``
+    for memory-lean exact products (see :mod:`eigensam.hessian.hvp`).
     """
 
     def __init__(
@@ -48,12 +57,16 @@ class TrackedSAM(SAM):
         hvp: str = "autograd",
         hessian_mode: str = "train",
         seed: int = 0,
+        reuse_gradient: bool = True,
         **kwargs: Any,
     ):
         self._alpha = self._check_alpha(alpha)
         super().__init__(params, base_optimizer, rho, **kwargs)
         if hessian_mode not in ("train", "eval"):
             raise ValueError(f"hessian_mode must be 'train' or 'eval', got {hessian_mode!r}")
+        if not isinstance(reuse_gradient, bool):
+            raise TypeError(f"reuse_gradient must be a bool, got {reuse_gradient!r}")
+        self.reuse_gradient = reuse_gradient
         self.tracker = EigenTracker(
             eig_interval,
             eig_iters,
@@ -64,6 +77,7 @@ class TrackedSAM(SAM):
             reduce=self.reduce,
             schedule=eig_schedule,
         )
+        self._reusable: Evaluation | None = None
 
     def _rank_signature(self) -> dict[str, Any]:
         """SAM's, plus the refresh schedule (replicas must run the same products)."""
@@ -83,8 +97,20 @@ class TrackedSAM(SAM):
         self._check_alpha(group["alpha"])
 
     def _before_first_pass(self, closure: Callable[[], Tensor], scaler: Any) -> None:
+        self._reusable = None
         if self.tracker.due(self.sam_steps):
             self.update_eigenvector(closure, scaler)
+            if self.reuse_gradient and self.ddp is None:
+                self._reusable = self.tracker.evaluation
+            self.tracker.evaluation = None
+
+    def _first_pass(self, closure: Callable[[], Tensor]) -> Tensor:
+        """The refresh's evaluation at ``w`` when there is one (see ``reuse_gradient``), else
+        the closure's."""
+        reusable, self._reusable = self._reusable, None
+        if reusable is None:
+            return super()._first_pass(closure)
+        return reusable.apply()
 
     def update_eigenvector(self, closure: Callable[[], Tensor], scaler: Any = None) -> None:
         """Refresh the top-eigenvector estimate on the closure's batch (manual loops call this

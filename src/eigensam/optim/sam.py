@@ -220,11 +220,21 @@ class SAM(Optimizer):
         """The flat perturbation ``ε`` this optimizer would apply for the flat gradient ``grad``
         (for measurements such as Align(ε, v₁); nothing is changed)."""
         params = self._params()
+        eps = [torch.zeros_like(p) for p in params]
+        self._add_perturbation(eps, grad)
+        return flatten(eps, params)
+
+    def _add_perturbation(self, targets: list[Tensor], grad: Tensor) -> None:
+        """Add ``ε`` for the flat gradient ``grad`` to ``targets`` (one tensor per parameter),
+        group by group with ``foreach`` (no flat copy of ``ε``); nothing when ``grad = 0``."""
         if not bool(grad.any()):
-            return torch.zeros_like(grad)
-        rhos = [group["rho"] for group in self.param_groups for _ in group["params"]]
+            return
         directions = self._ascent_direction(grad)
-        return flatten([d * rho for d, rho in zip(directions, rhos, strict=True)], params)
+        start = 0
+        for group in self.param_groups:
+            end = start + len(group["params"])
+            torch._foreach_add_(targets[start:end], directions[start:end], alpha=group["rho"])
+            start = end
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -233,7 +243,7 @@ class SAM(Optimizer):
         params = self._params()
         grad = self._flat_grad()
         self._saved_params = [p.detach().clone() for p in params]
-        torch._foreach_add_(params, unflatten(self.perturbation(grad), params))
+        self._add_perturbation(params, grad)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
