@@ -277,17 +277,25 @@ PANELS = (
 )
 
 
-def mean_curve(
+def points_by_x(
     runs: Sequence[Sequence[Record]], kind: str, x: str, y: str
-) -> tuple[list[float], list[float]]:
-    """``(xs, ys)``: at every ``x`` where some run has a finite ``y`` in a record of ``kind``,
-    the mean of those runs' values."""
+) -> dict[float, list[float]]:
+    """Every ``x`` where some run has a finite ``y`` in a record of ``kind``, with those runs'
+    values."""
     points: dict[float, list[float]] = {}
     for records in runs:
         for record in records:
             value = record.get(y)
             if record.get("kind") == kind and value is not None and math.isfinite(value):
                 points.setdefault(record[x], []).append(value)
+    return points
+
+
+def mean_curve(
+    runs: Sequence[Sequence[Record]], kind: str, x: str, y: str
+) -> tuple[list[float], list[float]]:
+    """``(xs, ys)``: at every ``x`` of :func:`points_by_x`, the mean of the runs' values."""
+    points = points_by_x(runs, kind, x, y)
     xs = sorted(points)
     return xs, [math.fsum(points[k]) / len(points[k]) for k in xs]
 

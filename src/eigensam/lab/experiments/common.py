@@ -38,6 +38,20 @@ def seeds_plan(scale: Scale, groups: dict[str, dict[str, Any]], file: str | None
     }
 
 
+def sweep_plan(
+    scale: Scale, groups: dict[str, dict[str, Any]], shared: set[str], file: str | None = None
+) -> Plan:
+    """A sweep's plan: the ``shared`` groups (fig1's settings) with every seed, the others with
+    :attr:`Scale.sweep_seeds`."""
+    return {
+        label: [
+            scale.config(seed, file=file, **fields)
+            for seed in (scale.seeds if label in shared else scale.sweep_seeds)
+        ]
+        for label, fields in groups.items()
+    }
+
+
 @dataclass
 class Results:
     """Summaries and metric records of a plan's finished runs; runs that diverged or are

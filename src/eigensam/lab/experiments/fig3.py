@@ -15,7 +15,7 @@ from eigensam.hessian.analysis import trace
 from eigensam.hessian.dataset import DatasetHessian
 from eigensam.lab import tracking
 from eigensam.lab.checkpoints import fixed_batches, load_trained
-from eigensam.lab.experiments.common import Plan, Results, Target, command
+from eigensam.lab.experiments.common import Plan, Results, Target, command, sweep_plan
 from eigensam.lab.experiments.report import Section, fmt, paired_claim, save_figure
 from eigensam.lab.experiments.runs import Scale
 from eigensam.lab.reports import spectrum_report
@@ -49,13 +49,7 @@ def _groups(scale: Scale) -> dict[str, dict[str, Any]]:
 def plan(scale: Scale) -> Plan:
     """Every α and seed (paper scale: ResNet-18 on CIFAR-100, as the paper's Figure 3)."""
     file = None if scale.name == "cpu" else "resnet18-cifar100"
-    return {
-        label: [
-            scale.config(seed, file=file, **fields)
-            for seed in (scale.sweep_seeds if "track_every" in fields else scale.seeds)
-        ]
-        for label, fields in _groups(scale).items()
-    }
+    return sweep_plan(scale, _groups(scale), {"α=0 (SAM)", "α=0.2", "X-SAM α=1.0"}, file)
 
 
 def run_trace(config: TrainConfig) -> float:

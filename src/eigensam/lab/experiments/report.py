@@ -114,12 +114,7 @@ def band(
     """``(xs, means, half-widths)``: at every ``x`` where at least one run has a finite ``y``
     in a record of ``kind``, the mean over runs and the half-width of its 95% interval (0 for
     a single run)."""
-    points: dict[float, list[float]] = {}
-    for records in runs:
-        for record in records:
-            value = record.get(y)
-            if record.get("kind") == kind and value is not None and math.isfinite(value):
-                points.setdefault(record[x], []).append(value)
+    points = tracking.points_by_x(runs, kind, x, y)
     xs = sorted(points)
     stats = [tracking.mean_ci(points[k]) for k in xs]
     return xs, [m for m, _ in stats], [h or 0.0 for _, h in stats]
@@ -142,11 +137,7 @@ def plot_band(
         low = [m - h for m, h in zip(means, halves, strict=True)]
         high = [m + h for m, h in zip(means, halves, strict=True)]
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_title(title)
-    ax.set_xlabel(x)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize="small")
+    tracking.finish_panel(ax, title, x)
 
 
 def save_figure(fig: Any, path: Path) -> Path:

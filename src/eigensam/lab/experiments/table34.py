@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from eigensam.lab import tracking
-from eigensam.lab.experiments.common import Plan, Results, Target, command
+from eigensam.lab.experiments.common import Plan, Results, Target, command, sweep_plan
 from eigensam.lab.experiments.fig1 import paired_runs, per_run
 from eigensam.lab.experiments.report import Section, fmt, not_testable, paired_claim
 from eigensam.lab.experiments.runs import Scale
@@ -37,17 +37,8 @@ def plan(scale: Scale) -> Plan:
     """SAM, Eigen-SAM at every p (burst) and at the default p (spread), every seed (paper
     scale: ResNet-18 on CIFAR-10)."""
     file = None if scale.name == "cpu" else "resnet18-cifar10"
-    return {
-        label: [
-            scale.config(seed, file=file, **fields)
-            for seed in (
-                scale.sweep_seeds
-                if "eig_interval" in fields or "eig_schedule" in fields
-                else scale.seeds
-            )
-        ]
-        for label, fields in _groups(scale).items()
-    }
+    default = scale.base.get("eig_interval", 100)
+    return sweep_plan(scale, _groups(scale), {"SAM", f"p={default} burst"}, file)
 
 
 def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
