@@ -71,10 +71,11 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     axes = fig.subplots(2, 2).ravel()
     groups = results.records
     plot_band(axes[0], groups, "track", "step", "fixed_align", "Align(ε, v₁), 2 fixed batches")
-    plot_band(axes[1], groups, "track", "step", "fixed_lambda1", "λ₁, 2 fixed batches")
+    plot_band(axes[1], groups, "track", "step", "fixed_lambda1", "λ₁, 2 fixed batches (log)")
+    axes[1].set_yscale("log")
     plot_band(axes[2], groups, "train", "step", "loss", "train loss")
     plot_band(axes[3], groups, "eval", "epoch", "test_acc", "test accuracy")
-    fig.suptitle(f"Figure 1 at {scale.note} (mean, 95% band over seeds; SGD: Align of ∇f)")
+    fig.suptitle(f"Figure 1 at {scale.note}\n(mean, 95% band over seeds; SGD: Align of ∇f)")
     figure = save_figure(fig, out / "fig1.png")
 
     align = {m: list(per_run(results, m, "fixed_align").values()) for m in METHODS}

@@ -102,7 +102,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(f"α sensitivity at {scale.note} (mean ± 95% CI over seeds)")
+    fig.suptitle(f"α sensitivity at {scale.note}\n(mean ± 95% CI over seeds)")
     figures = [save_figure(fig, out / "fig3-alpha.png")]
     figures += _spectra(plan, results, out)
 

@@ -30,7 +30,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     plot_band(axes[0], results.records, "eval", "epoch", "train_loss", "train loss (epoch mean)")
     plot_band(axes[1], results.records, "eval", "epoch", "test_loss", "test loss")
     plot_band(axes[2], results.records, "eval", "epoch", "test_acc", "test accuracy")
-    fig.suptitle(f"Appendix A counterexamples at {scale.note} (95% bands over seeds)")
+    fig.suptitle(f"Appendix A counterexamples at {scale.note}\n(95% bands over seeds)")
     figure = save_figure(fig, out / "fig4.png")
     tracking.write_json(out / "fig4.json", {"scale": scale.note, **results.summaries})
     rows = [
