@@ -18,8 +18,9 @@ def plan(scale: Scale) -> Plan:
 
 
 def sde_config(scale: Scale) -> SDEConfig:
-    """``eigensam sde``'s defaults (CPU) or :meth:`SDEConfig.paper`, with the scale's seeds."""
-    fields = {"seeds": tuple(scale.seeds), **scale.overrides}
+    """``eigensam sde``'s defaults (CPU, with the scale's sweep seeds: the third-order terms
+    make it the slowest study) or :meth:`SDEConfig.paper` with the scale's seeds."""
+    fields = {"seeds": tuple(scale.sweep_seeds), **scale.overrides}
     fields = {k: v for k, v in fields.items() if k in SDEConfig.__dataclass_fields__}
     return SDEConfig(**fields) if scale.name == "cpu" else SDEConfig.paper(**fields)
 

@@ -64,8 +64,8 @@ CPU_DEVIATIONS = (
     "sharpness measured every 30 steps on the training batch and on 2 fixed unaugmented "
     "batches of 128 (Lanczos, relative residual 1e-3, at most 20 products)",
     "the sweeps (fig3's α values other than 0, 0.2 and X-SAM's 1; table3-4's p other than 20 "
-    "and the spread schedule) use the first 3 seeds, the paper's own number of repeats, to fit "
-    "the CPU time; paired tests use the seeds both settings have",
+    "and the spread schedule) and the SDE study (fig2) use the first 3 seeds, the paper's own "
+    "number of repeats, to fit the CPU time; paired tests use the seeds both settings have",
 )
 PAPER_NOTE = (
     "paper scale: the configurations in configs/ (ResNet-18/50, WideResNet-28-10, 200 epochs, "
