@@ -43,6 +43,14 @@ def unit(v: Tensor) -> Tensor:
     return u / u.norm()
 
 
+def plain_norm_is_accurate(norm: float, dtype: torch.dtype) -> bool:
+    """Whether a plain 2-norm ``norm`` of a ``dtype`` vector is accurate: its squares neither
+    overflowed nor lost entries to underflow (``√tiny·10⁴ ≤ norm ≤ √max·10⁻⁴``; about
+    1e-15 to 1e15 in float32 and bfloat16, never in float16)."""
+    info = torch.finfo(dtype)
+    return math.sqrt(info.tiny) * 1e4 <= norm <= math.sqrt(info.max) * 1e-4
+
+
 class SAM(Optimizer):
     """Sharpness-Aware Minimization (Foret et al., 2021) wrapped around any base optimizer.
 
@@ -146,6 +154,7 @@ class SAM(Optimizer):
         self.on_nonfinite = on_nonfinite
         self.sam_steps = 0
         self._saved_params: list[Tensor] | None = None
+        self._perturbed = False
 
     # -- hooks for the variants -------------------------------------------------------------
 
@@ -226,15 +235,30 @@ class SAM(Optimizer):
 
     def _add_perturbation(self, targets: list[Tensor], grad: Tensor) -> None:
         """Add ``ε`` for the flat gradient ``grad`` to ``targets`` (one tensor per parameter),
-        group by group with ``foreach`` (no flat copy of ``ε``); nothing when ``grad = 0``."""
-        if not bool(grad.any()):
+        group by group with ``foreach``; nothing when ``grad = 0``.
+
+        For SAM's own direction ``ĝ`` (not ASAM, not a variant) with an accurate plain norm, ``ε``
+        is added as ``(ρ/‖g‖)·g`` straight from views of ``grad`` (no temporary vectors); else
+        through :meth:`_ascent_direction`, which is safe for any finite ``g``."""
+        norm = float(torch.linalg.vector_norm(grad))
+        if self._direction_is_normalized_gradient() and plain_norm_is_accurate(norm, grad.dtype):
+            directions, scale = unflatten(grad, self._params()), 1.0 / norm
+        elif norm == 0 and not bool(grad.any()):
             return
-        directions = self._ascent_direction(grad)
+        else:
+            directions, scale = self._ascent_direction(grad), 1.0
         start = 0
         for group in self.param_groups:
             end = start + len(group["params"])
-            torch._foreach_add_(targets[start:end], directions[start:end], alpha=group["rho"])
+            alpha = group["rho"] * scale
+            torch._foreach_add_(targets[start:end], directions[start:end], alpha=alpha)
             start = end
+
+    def _direction_is_normalized_gradient(self) -> bool:
+        """Whether ``ε/ρ`` is ``ĝ``: plain SAM, whose :meth:`_ascent_direction` is not
+        overridden, with no ASAM group."""
+        overridden = type(self)._ascent_direction is not SAM._ascent_direction
+        return not overridden and not any(group["adaptive"] for group in self.param_groups)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -242,7 +266,7 @@ class SAM(Optimizer):
         self._check_ranks()
         params = self._params()
         grad = self._flat_grad()
-        self._saved_params = [p.detach().clone() for p in params]
+        self._save_params(params)
         self._add_perturbation(params, grad)
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -250,7 +274,7 @@ class SAM(Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, scaler: Any = None) -> None:
         """Restore ``w`` and let the base optimizer step with the gradients now in ``p.grad``."""
-        if self._saved_params is None:
+        if not self._perturbed:
             raise RuntimeError("second_step() called without a first_step() before it")
         self._restore_params()
         self._grads()
@@ -264,17 +288,37 @@ class SAM(Optimizer):
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
+    def _save_params(self, params: list[Tensor]) -> None:
+        """Copy ``w`` into a buffer kept between steps (allocated again only when the
+        parameters change), so a step allocates no copy of the weights."""
+        saved = self._saved_params
+        if saved is None or [(s.shape, s.dtype, s.device) for s in saved] != [
+            (p.shape, p.dtype, p.device) for p in params
+        ]:
+            self._saved_params = [p.detach().clone() for p in params]
+        else:
+            torch._foreach_copy_(saved, [p.detach() for p in params])
+        self._perturbed = True
+
+    @torch.no_grad()
     def _restore_params(self) -> None:
-        if self._saved_params is not None:
+        if self._perturbed:
+            assert self._saved_params is not None
             torch._foreach_copy_(self._params(), self._saved_params)
-            self._saved_params = None
+            self._perturbed = False
 
     def _finite(self, loss: Tensor | None = None) -> bool:
         """Whether ``loss`` (first pass) and the gradients are finite; with ``sharpness="local"``
         the first-pass answer is agreed over the replicas, so all of them skip or step."""
-        # The max-norm is inf/NaN exactly when an entry is (the 2-norm of large finite ones is inf).
-        norms = torch._foreach_norm(self._grads(), ord=math.inf)
-        grad_ok = math.isfinite(float(torch.stack(norms).amax()))
+        grads = self._grads()
+        # A finite 2-norm proves every entry finite (one cheap foreach reduction); only when it
+        # is not, the max-norm tells NaN/inf entries from finite ones whose squares overflow.
+        grad_ok = math.isfinite(
+            float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        )
+        if not grad_ok:
+            norms = torch._foreach_norm(grads, ord=math.inf)
+            grad_ok = math.isfinite(float(torch.stack(norms).amax()))
         ok = grad_ok and (loss is None or bool(torch.isfinite(loss.detach()).all()))
         if self.sharpness == "local" and loss is not None:
             return all_ranks_true(ok)
