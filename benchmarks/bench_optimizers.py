@@ -10,16 +10,24 @@ the machine description (CPU model, threads, torch version, load average):
    shared machine hits all methods alike. ``time outside the closure`` is the share of a plain
    step spent in the optimizer (perturbation, restore, update). Models: the paper's ReLU
    SimpleCNN and a smooth variant (GeLU, average pooling) where ``hvp="fd-forward"`` is
-   accurate.
-2. **Peak memory** growth over 2 steps with a refresh each, one fresh process per optimizer
-   (Linux VmHWM after a reset, minus the resident size after setup; on CUDA
-   ``max_memory_allocated``), on SimpleCNN and ResNet-18 (half width) with BatchNorm.
+   accurate; on CUDA also ResNet-18 with BatchNorm at CIFAR size.
+2. **Peak memory** growth over 2 steps with a refresh each, one fresh process per optimizer, on
+   SimpleCNN and ResNet-18 with BatchNorm. On CPU: Linux VmHWM after a reset, minus the resident
+   size after setup, with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so
+   that freed tensors go back to the system and the peak is that of live memory; with glibc's
+   adaptive default the freed heap stays resident and the peak depends on allocation order
+   (SGD once measured above SAM). On CUDA: ``max_memory_allocated``.
 3. **HVP backends**: time per product over gradient time, peak memory growth (fresh process)
    and accuracy against the exact product, for double backward with the graph kept across
    products, the same part by part (``SplitClosure``), forward-over-reverse (``torch.func``,
    measured here only), and finite differences.
 
-Run (``make bench`` runs the default, about 6 minutes on a 2-core CPU):
+Method names: ``/lanczos4`` is ``eig_method="lanczos", eig_iters=4``; ``/splitK`` passes a
+``SplitClosure`` of K micro-batches (memory-lean exact products); ``/eval-splitK`` adds
+``hessian_mode="eval"`` (needed for parts with BatchNorm); ``/no-reuse`` turns off the gradient
+reuse; ``/fd-forward`` uses finite-difference products.
+
+Run (``make bench`` runs the default, about 5 minutes on a 2-core CPU):
 
     python benchmarks/bench_optimizers.py [--device cpu|cuda] [--rounds 5] [--interval 100]
 """
@@ -49,16 +57,25 @@ from eigensam.hessian.eigen import power_iteration
 from eigensam.hessian.hvp import HessianOperator, SplitClosure, flatten, split_closure, unflatten
 from eigensam.lab.models import build_model
 
-PARTS = 4  # micro-batches of the memory-lean exact products
+PARTS = 3  # micro-batches of the memory-lean exact products in the HVP table
+CNN_TIME = ("sgd", "sam", "eigen-sam", "eigen-sam/lanczos4", "eigen-sam/split3", "x-sam")
 TIME_METHODS = {
-    "simplecnn": ("sgd", "sam", "eigen-sam", "eigen-sam/no-reuse", "eigen-sam/split", "x-sam"),
+    "simplecnn": (*CNN_TIME, "eigen-sam/no-reuse"),
     "gelu-cnn": ("sgd", "sam", "eigen-sam", "eigen-sam/fd-forward"),
+    "resnet18": (*CNN_TIME[:4], "eigen-sam/eval-split3", "x-sam"),  # CUDA only
 }
 MEMORY_METHODS = {
-    "simplecnn": ("sgd", "sam", "eigen-sam", "eigen-sam/split", "x-sam", "x-sam/split"),
-    "resnet18": ("sgd", "sam", "eigen-sam", "eigen-sam/eval-split", "x-sam", "x-sam/eval-split"),
+    "simplecnn": ("sgd", "sam", "eigen-sam", "eigen-sam/split3", "x-sam", "x-sam/split3"),
+    "resnet18": ("sgd", "sam", "eigen-sam", "eigen-sam/eval-split3", "x-sam", "x-sam/eval-split3"),
 }
-HVP_BACKENDS = ("autograd", "autograd/split", "forward-over-reverse", "fd-central", "fd-forward")
+HVP_BACKENDS = (
+    "autograd",
+    f"autograd/split{PARTS}",
+    "forward-over-reverse",
+    "fd-central",
+    "fd-forward",
+)
+LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # see the module docstring
 
 
 # -- models, data, optimizers ---------------------------------------------------------------
@@ -66,8 +83,9 @@ HVP_BACKENDS = ("autograd", "autograd/split", "forward-over-reverse", "fd-centra
 
 def make_model(name: str, device: str) -> nn.Module:
     torch.manual_seed(0)
-    if name == "resnet18":
-        model = build_model("resnet18", num_classes=10, in_channels=3, image_size=32, width=0.5)
+    if name == "resnet18":  # half width on CPU, the paper's full width on CUDA
+        width = 1.0 if device == "cuda" else 0.5
+        model = build_model("resnet18", num_classes=10, in_channels=3, image_size=32, width=width)
         return model.to(device)
     model = build_model("simplecnn", num_classes=10, in_channels=1, image_size=28)
     if name == "gelu-cnn":  # smooth: no ReLU or max-pool kinks
@@ -100,15 +118,23 @@ def make_optimizer(method: str, model: nn.Module, interval: int) -> torch.optim.
     if method == "sam":
         return SAM(model, torch.optim.SGD, rho=0.05, **sgd)
     name, _, variant = method.partition("/")
-    options: dict[str, Any] = {
-        "no-reuse": {"reuse_gradient": False},
-        "fd-forward": {"hvp": "fd-forward"},
-        "eval-split": {"hessian_mode": "eval"},
-    }.get(variant, {})
+    options: dict[str, Any] = {"eig_iters": 5}
+    if variant == "no-reuse":
+        options["reuse_gradient"] = False
+    elif variant == "fd-forward":
+        options["hvp"] = "fd-forward"
+    elif variant.startswith("eval-split"):
+        options["hessian_mode"] = "eval"
+    elif variant.startswith("lanczos"):
+        options.update(eig_method="lanczos", eig_iters=int(variant.removeprefix("lanczos")))
     cls = EigenSAM if name == "eigen-sam" else XSAM
-    return cls(
-        model, torch.optim.SGD, rho=0.05, eig_interval=interval, eig_iters=5, **options, **sgd
-    )
+    return cls(model, torch.optim.SGD, rho=0.05, eig_interval=interval, **options, **sgd)
+
+
+def parts_of(method: str) -> int:
+    """K of a ``/splitK`` or ``/eval-splitK`` method, else 1."""
+    variant = method.partition("/")[2].removeprefix("eval-")
+    return int(variant.removeprefix("split")) if variant.startswith("split") else 1
 
 
 class Stepper:
@@ -119,11 +145,11 @@ class Stepper:
         self.method = method
         self.model = make_model(model_name, device)
         self.opt = make_optimizer(method, self.model, interval)
-        self.split = method.endswith("split")
+        self.parts = parts_of(method)
 
     def step(self, x: Tensor, y: Tensor) -> float:
         inside = 0.0
-        split = split_closure(self.model, nn.functional.cross_entropy, x, y, PARTS)
+        split = split_closure(self.model, nn.functional.cross_entropy, x, y, self.parts)
 
         def closure() -> Tensor:
             nonlocal inside
@@ -133,7 +159,7 @@ class Stepper:
             return loss
 
         if isinstance(self.opt, SAM):
-            self.opt.step(SplitClosure(closure, split.parts) if self.split else closure)
+            self.opt.step(SplitClosure(closure, split.parts) if self.parts > 1 else closure)
         else:
             self.opt.zero_grad()
             closure()
@@ -269,7 +295,8 @@ def child(kind: str, name: str, model_name: str, args: argparse.Namespace) -> fl
     """Run ``python this --child ...`` and return the peak memory growth it prints."""
     command = [sys.executable, __file__, "--child", kind, name, model_name, "--device", args.device]
     command += ["--memory-batch-size", str(args.memory_batch_size[model_name])]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, **LIVE_MEMORY}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
@@ -471,7 +498,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hvps", type=int, default=4)
     parser.add_argument("--simplecnn-memory-batch", type=int, default=256)
-    parser.add_argument("--resnet-memory-batch", type=int, default=16)
+    parser.add_argument("--resnet-memory-batch", type=int, help="default: 16 on CPU, 128 on CUDA")
     parser.add_argument("--sections", default="time,memory,hvp", help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -486,14 +513,15 @@ def main() -> None:
     args.memory_batch_size = {
         "simplecnn": args.simplecnn_memory_batch,
         "gelu-cnn": args.simplecnn_memory_batch,
-        "resnet18": args.resnet_memory_batch,
+        "resnet18": args.resnet_memory_batch or (128 if args.device == "cuda" else 16),
     }
+    time_models = [m for m in TIME_METHODS if m != "resnet18" or args.device == "cuda"]
     start = time.perf_counter()
     report: dict[str, Any] = {"machine": machine(args.device), "settings": vars(args).copy()}
     report["settings"]["out"] = str(args.out)
     print(json.dumps(report["machine"]), flush=True)
     sections = [
-        ("time", TIME_COLUMNS, lambda: [r for m in TIME_METHODS for r in time_table(m, args)]),
+        ("time", TIME_COLUMNS, lambda: [r for m in time_models for r in time_table(m, args)]),
         (
             "memory",
             MEMORY_COLUMNS,

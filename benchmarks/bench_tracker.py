@@ -4,9 +4,9 @@ An Eigen-SAM run (SimpleCNN on a Fashion-MNIST subset, SGD base, ρ=0.05, α=0.2
 power-iteration tracker with ``q = --iters`` warm-started products every ``--interval`` steps)
 is trained for ``--steps`` steps. At every refresh, on the same batch and weights, we also run:
 
-- a shadow Lanczos tracker with the same ``q``, warm-started from its own previous estimate
-  (same first start vector as the power tracker; it does not steer training, so both estimators
-  see the same states);
+- a shadow Lanczos tracker with ``--lanczos-iters`` products (default: the same ``q``),
+  warm-started from its own previous estimate (same first start vector as the power tracker; it
+  does not steer training, so both estimators see the same states);
 - power iteration and Lanczos with ``q`` products from a fresh random vector (cold start);
 - a converged reference ``v₁`` (Lanczos to relative residual ``--reference-tol``).
 
@@ -15,6 +15,10 @@ steps; ``--interval 20`` (default) gives ≥ 10 refreshes in a CPU-sized run, so
 fresher than in the paper's setting. Run:
 
     python benchmarks/bench_tracker.py [--steps 300] [--interval 20] [--iters 5] [--width 0.5]
+
+Does Lanczos with fewer products match the paper's power iteration (the README's cost section)?
+
+    python benchmarks/bench_tracker.py --interval 100 --steps 800 --iters 5 --lanczos-iters 4
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class Comparison:
         self.optimizer = optimizer
         self.args = args
         self.shadow = EigenTracker(
-            args.interval, args.iters, method="lanczos", mode="train", seed=args.seed
+            args.interval, args.lanczos_iters, method="lanczos", mode="train", seed=args.seed
         )
         self.cold = torch.Generator().manual_seed(args.seed + 1)
         self.rows: list[dict[str, Any]] = []
@@ -100,6 +104,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--interval", type=int, default=20)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--lanczos-iters", type=int, default=None, help="default: --iters")
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--subset", type=int, default=10240)
@@ -110,6 +115,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     args = parser.parse_args()
+    args.lanczos_iters = args.lanczos_iters or args.iters
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -172,7 +178,7 @@ def main() -> None:
         summary.append(
             [
                 name,
-                args.iters,
+                args.lanczos_iters if name == "lanczos, warm" else args.iters,
                 f"{statistics.fmean(values):.3f}",
                 f"{statistics.fmean(later):.3f}",
                 f"{min(later):.3f}",

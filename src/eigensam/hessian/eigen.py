@@ -80,7 +80,7 @@ def power_iteration(
     for i in range(1, num_iters + 1):
         hv = matvec(v)
         eigenvalue = float(torch.dot(v, hv))
-        residual = float((hv - eigenvalue * v).norm())
+        residual = float(hv.sub(v, alpha=eigenvalue).norm())
         hv_norm = hv.norm()
         if not torch.isfinite(hv_norm):
             raise FloatingPointError(f"Hessian-vector product is not finite at iteration {i}")

@@ -479,13 +479,19 @@ class HessianOperator:
     def _split_matvec(self, v: Tensor) -> Tensor:
         """``sum_k (d^2 L_k) v`` over the SplitClosure's parts, one part's graph at a time."""
         assert self.parts is not None and self._frozen is not None
-        product = None
+        product: Tensor | None = None
         for part in self.parts:
             graph = self._graph_of(self._evaluate(part, build_graph=True))
-            hv = self._double_backward(graph, v, retain_graph=False)
+            hv = self._second_derivatives(graph, v, retain_graph=False)
             del graph
             self._frozen.buffers.restore()
-            product = hv if product is None else product.add_(hv)
+            if product is None:
+                product = flatten(hv, self.params)
+            else:  # added in place, parameter by parameter: no flat copy of this part's product
+                pairs = zip(unflatten(product, self.params), hv, strict=True)
+                reached = [(view, h) for view, h in pairs if h is not None]
+                torch._foreach_add_([view for view, _ in reached], [h for _, h in reached])
+            del hv  # before the next part's graph is built
         assert product is not None
         return product
 
@@ -499,11 +505,16 @@ class HessianOperator:
 
     def _double_backward(self, graph: list[Tensor], v: Tensor, retain_graph: bool) -> Tensor:
         """Flat ``∇(∇L·v)`` through the gradient ``graph`` (one tensor per parameter)."""
+        return flatten(self._second_derivatives(graph, v, retain_graph), self.params).detach()
+
+    def _second_derivatives(
+        self, graph: list[Tensor], v: Tensor, retain_graph: bool
+    ) -> tuple[Tensor | None, ...]:
+        """``∇(∇L·v)`` per parameter (None where the loss does not reach it)."""
         pairs = [(g, c) for g, c in zip(graph, unflatten(v, self.params), strict=True) if g.grad_fn]
         dot = sum((g * c).sum() for g, c in pairs)
-        hv = torch.autograd.grad(
+        return torch.autograd.grad(
             cast(Tensor, dot), self.params, retain_graph=retain_graph, allow_unused=True
         )
-        return flatten(hv, self.params).detach()
 
     __call__ = matvec

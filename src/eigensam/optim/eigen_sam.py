@@ -215,16 +215,17 @@ class EigenSAM(TrackedSAM):
         v = self.tracker.vector
         if v is None:
             return super()._ascent_direction(grad)
-        g_hat = unit(grad)
-        along = float(torch.dot(v, g_hat))
+        direction = unit(grad)  # ĝ
+        along = float(torch.dot(v, direction))
         sign = 1.0 if along >= 0 else -1.0
-        v_perp = v - along * g_hat
-        direction = g_hat.clone()
+        # ĝ + α·sign·(v̂ − ⟨v̂, ĝ⟩ĝ) = (1 − α·sign·⟨v̂, ĝ⟩)·ĝ + α·sign·v̂, in place on ĝ.
         if self.param_groups[0]["alpha"] == AUTO:
             target = align_to_cos(self.target_align)
             self.last_alpha = min(auto_alpha(along, target), self.alpha_max)
-            direction.add_(v_perp, alpha=sign * self.last_alpha)
+            a = sign * self.last_alpha
+            direction.mul_(1.0 - a * along).add_(v, alpha=a)
         else:
             for group, part in self._group_slices():
-                direction[part].add_(v_perp[part], alpha=sign * group["alpha"])
+                a = sign * group["alpha"]
+                direction[part].mul_(1.0 - a * along).add_(v[part], alpha=a)
         return unflatten(direction, self._params())

@@ -40,7 +40,7 @@ def unit(v: Tensor) -> Tensor:
     squares neither overflow nor underflow (a plain float32/bfloat16 norm is inf for entries
     above ~1e19 and 0 below ~1e-23)."""
     u = v / v.abs().amax().clamp_min(torch.finfo(v.dtype).tiny)
-    return u / u.norm()
+    return u.div_(u.norm())
 
 
 def plain_norm_is_accurate(norm: float, dtype: torch.dtype) -> bool:
