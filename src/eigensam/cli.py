@@ -94,16 +94,21 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> 
             )
             continue
         kinds = [t for t in (int, float, str) if t is hint or t in typing.get_args(hint)]
-        kind = _number_or_word if kinds == [float, str] else kinds[0]
+        kind = _number_or_word(kinds[0]) if kinds[1:] == [str] else kinds[0]
         parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
-def _number_or_word(text: str) -> float | str:
-    """A number if ``text`` reads as one (``--alpha 0.2``), else the word (``--alpha auto``)."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
+def _number_or_word(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parser giving a number of ``kind`` if the text reads as one (``--alpha 0.2``,
+    ``--hessian-parts 3``), else the word (``--alpha auto``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+
+    return parse
 
 
 def _config_overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -129,6 +134,7 @@ COMPARE_FLAGS = (
     "eig_iters",
     "eig_method",
     "hvp",
+    "hessian_parts",
     "track_every",
     "track_iters",
     "device",

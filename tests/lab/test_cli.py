@@ -68,6 +68,11 @@ def assert_one_line_error(err: str, *words: str) -> None:
         (["--set", "colour=red"], ["unknown config keys ['colour']", "valid keys"]),
         (["--set", "oops"], ["--set expects key=value"]),
         (["--lr", "-1"], ["lr must be a number in (0, inf)"]),
+        (["--hessian-parts", "0"], ["hessian_parts must be an integer >= 1 or 'auto', got 0"]),
+        (
+            ["--hessian-parts", "three"],
+            ["hessian_parts must be an integer >= 1 or 'auto'", "'three'"],
+        ),
     ],
 )
 def test_compare_bad_input_exits_2_with_one_clear_line(
@@ -93,6 +98,14 @@ def test_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and "compare" in out and "train" in out
     code, out, _ = run_cli(["compare", "--help"], capsys)
     assert code == 0 and "--track-every" in out and "(default: 50)" in out
+    assert "--hessian-parts" in out and "auto: 3 when allowed" in " ".join(out.split())
+
+
+@pytest.mark.parametrize(("text", "value"), [("auto", "auto"), ("3", 3), ("1", 1)])
+def test_hessian_parts_flag_reads_auto_or_an_integer(text: str, value: object) -> None:
+    argv = ["compare", "--dataset", "synthetic", "--model", "simplecnn", "--methods", "eigen-sam"]
+    args = cli.build_parser().parse_args([*argv, "--epochs", "1", "--hessian-parts", text])
+    assert cli._config_overrides(args, cli.COMPARE_FLAGS) == {"hessian_parts": value}
 
 
 def test_compare_writes_table_and_plot_and_skips_finished_runs(

@@ -12,6 +12,12 @@ Eigen-SAM/X-SAM eigenvector start; ``data_seed`` picks the training subset and v
 so that all seeds of a comparison see the same data. A checkpoint stores every RNG state, so a
 resumed run reaches the same weights, bit for bit, as an uninterrupted one.
 
+The optimizer's exact Hessian-vector products (Eigen-SAM, X-SAM, EGR with ``hvp="autograd"``)
+are summed over ``hessian_parts`` micro-batches of the batch, one part's double-backward graph
+alive at a time: the same products (up to rounding) at a fraction of the memory
+(:func:`resolve_hessian_parts` gives the number, recorded in the summary); the optimizer's passes
+use the whole batch.
+
 Sharpness tracking (``track_every = k > 0``) measures, every ``k`` steps, on the current batch and
 *before* the optimizer step, in train mode (the loss being optimized, whatever ``hessian_mode``
 the optimizer uses):
@@ -56,7 +62,7 @@ from tqdm import tqdm
 
 from eigensam.hessian.distributed import MeanAcrossRanks, check_same_across_ranks
 from eigensam.hessian.eigen import lanczos, random_unit_vector
-from eigensam.hessian.hvp import BACKENDS, HessianOperator
+from eigensam.hessian.hvp import BACKENDS, HessianOperator, SplitClosure, split_closure
 from eigensam.hessian.metrics import abs_cosine, align
 from eigensam.hessian.tracker import METHODS as EIG_METHODS
 from eigensam.hessian.tracker import SCHEDULES as EIG_SCHEDULES
@@ -80,6 +86,11 @@ DEFAULT_ALPHA = {"eigen-sam": 0.2, "x-sam": 1.0}
 LR_SCHEDULES = ("cosine", "constant")
 INITS = ("default", "kaiming")
 HESSIAN_MODES = ("train", "eval")
+# Methods whose optimizer computes Hessian-vector products (backend ``hvp``).
+HVP_METHODS = ("eigen-sam", "x-sam", "egr")
+# hessian_parts="auto": one part's double-backward graph is about 2.6x a gradient's memory on the
+# paper's SimpleCNN, so 3 parts keep an eigenvector refresh's peak near SAM's step.
+AUTO_HESSIAN_PARTS = 3
 EVAL_BATCH_SIZE = 256  # faster than larger batches for the CPU-sized models
 # Fields that may differ between a run and its resumption: they do not change the result.
 RESUME_FREE_FIELDS = ("out_dir", "data_dir", "download")
@@ -126,6 +137,11 @@ class TrainConfig:
     eig_schedule: str = _opt("burst", "Eigen-SAM/X-SAM: products all at once (burst) or spread")
     hvp: str = _opt("autograd", f"Hessian-vector products: one of {', '.join(BACKENDS)}")
     hessian_mode: str = _opt("train", "model mode during the optimizer's Hessian products")
+    hessian_parts: int | str = _opt(
+        AUTO,
+        "micro-batches of the optimizer's exact Hessian-vector products (memory); "
+        f"auto: {AUTO_HESSIAN_PARTS} when allowed, else 1",
+    )
     sharpness: str = _opt("global", "under torchrun: global (averaged) or local (m-sharpness) ε")
     seed: int = _opt(0, "seed of initialization, shuffling, augmentation, dropout")
     track_every: int = _opt(0, "measure sharpness every k steps (0: off)")
@@ -182,6 +198,8 @@ class TrainConfig:
             raise ValueError(f"eig_schedule spread needs eig_method power, got {self.eig_method!r}")
         _check_choice("hvp", self.hvp, BACKENDS)
         _check_choice("hessian_mode", self.hessian_mode, HESSIAN_MODES)
+        if self.hessian_parts != AUTO:
+            _check_int("hessian_parts", self.hessian_parts, 1, or_auto=True)
         _check_choice("sharpness", self.sharpness, SHARPNESS)
         if self.sharpness == "local" and self.method in ("sgd", "egr"):
             raise ValueError(
@@ -245,11 +263,12 @@ def _check_optional_str(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a string, got {value!r}")
 
 
-def _check_int(name: str, value: object, low: int) -> None:
+def _check_int(name: str, value: object, low: int, *, or_auto: bool = False) -> None:
+    allowed = f"an integer >= {low}" + (f" or {AUTO!r}" if or_auto else "")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
     if value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+        raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
 def _check_real(
@@ -450,8 +469,11 @@ class SharpnessProbe:
     ) -> dict[str, Any]:
         """One tracking record for the step the optimizer is about to take on this batch; with
         ``fixed`` closures (fixed batches), also the mean of λ₁, Align and |cos| over them of
-        the perturbation the optimizer would apply on each (``fixed_*`` keys)."""
-        record, v1, grad = self.top_eigenpair(closure, model)
+        the perturbation the optimizer would apply on each (``fixed_*`` keys). ``closure`` is
+        the one the optimizer gets: a :class:`SplitClosure` is measured on its whole batch and
+        its parts serve the preview of the optimizer's refresh."""
+        whole = closure.closure if isinstance(closure, SplitClosure) else closure
+        record, v1, grad = self.top_eigenpair(whole, model)
         eps, tracker = applied_perturbation(optimizer, grad, closure)
         record["align_of"] = "gradient" if eps is grad else "perturbation"
         nonzero = float(eps.norm()) > 0
@@ -544,13 +566,49 @@ def make_closure(
     model: nn.Module, criterion: nn.Module, images: Tensor, labels: Tensor
 ) -> Callable[[], Tensor]:
     """The torch.optim closure of one batch: loss, ``backward()``, return the loss."""
+    return split_closure(model, criterion, images, labels).closure
 
-    def closure() -> Tensor:
-        loss = criterion(model(images), labels)
-        loss.backward()
-        return loss
 
-    return closure
+def step_closure(
+    model: nn.Module, criterion: nn.Module, images: Tensor, labels: Tensor, parts: int
+) -> Callable[[], Tensor]:
+    """The optimizer's closure of one batch: :func:`make_closure`'s, or with ``parts > 1`` a
+    :class:`SplitClosure` whose Hessian-vector products are summed over ``parts`` micro-batches
+    (at most one per sample)."""
+    parts = min(parts, len(images))
+    split = split_closure(model, criterion, images, labels, parts)
+    return split if parts > 1 else split.closure
+
+
+def resolve_hessian_parts(config: TrainConfig, model: nn.Module, batch_size: int) -> int:
+    """The number of micro-batches of the optimizer's Hessian-vector products.
+
+    1 when the method computes no exact products (methods outside :data:`HVP_METHODS`, or
+    ``hvp`` other than ``"autograd"``). Else ``hessian_parts``, where ``"auto"`` is
+    :data:`AUTO_HESSIAN_PARTS` unless a BatchNorm layer of ``model`` is in train mode during the
+    products (``hessian_mode="train"``; always for EGR, whose products run in the model's train
+    mode), where it is 1; capped at ``batch_size`` (the per-process batch). An explicit number
+    > 1 with BatchNorm in train mode raises ``ValueError``: the parts' batch statistics would
+    differ from the batch's.
+    """
+    if config.method not in HVP_METHODS or config.hvp != "autograd":
+        return 1
+    mode = "train" if config.method == "egr" else config.hessian_mode
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    coupled = batchnorm and mode == "train"
+    if config.hessian_parts == AUTO:
+        return 1 if coupled else min(AUTO_HESSIAN_PARTS, batch_size)
+    parts = min(int(config.hessian_parts), batch_size)
+    if coupled and parts > 1:
+        fix = (
+            "hessian_parts=1" if config.method == "egr" else "hessian_mode=eval or hessian_parts=1"
+        )
+        raise ValueError(
+            f"hessian_parts={config.hessian_parts} splits the batch of the Hessian-vector "
+            f"products, but model {config.model} has BatchNorm layers in train mode during them "
+            f"(their batch statistics would differ per part); use {fix}"
+        )
+    return parts
 
 
 def evaluate(model: nn.Module, data: TensorData, device: torch.device) -> tuple[float, float]:
@@ -683,6 +741,7 @@ class Trainer:
         )
         self.total_steps = config.epochs * len(self.loader)
         self.scheduler = make_scheduler(config, self.optimizer, self.total_steps)
+        self.hessian_parts = resolve_hessian_parts(config, self.model, self.loader.batch_size)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.probe = None
         self.fixed_closures: list[Callable[[], Tensor]] = []
@@ -839,10 +898,11 @@ class Trainer:
 
     def _train_step(self, images: Tensor, labels: Tensor) -> None:
         config = self.config
-        closure = make_closure(self.net, self.criterion, images, labels)
+        parts = self.hessian_parts
+        closure = step_closure(self.net, self.criterion, images, labels, parts)
         if self.probe is not None and self.step % config.track_every == 0:
             self._lap("train")
-            local = make_closure(self.model, self.criterion, images, labels)
+            local = step_closure(self.model, self.criterion, images, labels, parts)
             record = self.probe.measure(local, self.model, self.optimizer, self.fixed_closures)
             self._lap("track")
             self._log({"kind": "track", "step": self.step, "epoch": self.epoch, **record})
@@ -937,6 +997,7 @@ class Trainer:
             "epochs": config.epochs,
             "steps": self.step,
             "num_params": sum(p.numel() for p in self.model.parameters()),
+            "hessian_parts": self.hessian_parts,
             "train_loss": last["train_loss"],
             "test_loss": last["test_loss"],
             "test_acc": last["test_acc"],
