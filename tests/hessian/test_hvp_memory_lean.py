@@ -41,7 +41,8 @@ def test_split_products_equal_whole_batch_products_float64(parts):
     lean, lean_calls = products(split, model, vectors)
     for a, b in zip(whole, lean, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12 * float(a.abs().max()))
-    assert whole_calls == 1 and lean_calls == 3 * parts  # graph rebuilt per product and part
+    # Graph rebuilt per product and part; one part is the whole batch, whose graph is kept.
+    assert whole_calls == 1 and lean_calls == (1 if parts == 1 else 3 * parts)
 
 
 def test_split_with_batchnorm_in_train_mode_is_refused_and_exact_in_eval_mode():
@@ -82,3 +83,15 @@ def test_split_closure_arguments_are_checked():
         SplitClosure(lambda: torch.zeros(()), [])
     with pytest.raises(TypeError, match="closure must be callable"):
         SplitClosure(None, [lambda: torch.zeros(())])
+
+
+def test_one_part_is_the_whole_batch_with_its_evaluation_kept_for_reuse():
+    model = net()
+    x, y = batch()
+    one = split_closure(model, nn.functional.cross_entropy, x, y, 1)
+    params = list(model.parameters())
+    whole, single = EigenTracker(1, 3, seed=3), EigenTracker(1, 3, seed=3)
+    a = whole.update(one.closure, params, model)
+    b = single.update(one, params, model)
+    assert b.eigenvalue == a.eigenvalue and torch.equal(single.vector, whole.vector)
+    assert single.evaluation is not None  # the first pass can be reused, as with a plain closure

@@ -332,7 +332,9 @@ class HessianOperator:
                 f"base_grad must have shape ({self.dim},), got {tuple(base_grad.shape)}"
             )
         self._base_grad = base_grad
-        self.parts = closure.parts if isinstance(closure, SplitClosure) else None
+        # One part is the whole batch: products then keep its graph (and may be reused).
+        split = isinstance(closure, SplitClosure) and len(closure.parts) > 1
+        self.parts = cast(SplitClosure, closure).parts if split else None
         self._graph_grads: list[Tensor] | None = None
         self._frozen: FrozenState | None = None
         self._record = False
@@ -353,7 +355,7 @@ class HessianOperator:
         modes = self._frozen.modes
         self._record = bool(modes) and all(m.training == was for m, was in modes)
         self.evaluation = None
-        if self.parts is not None and self.backend == "autograd" and len(self.parts) > 1:
+        if self.parts is not None and self.backend == "autograd":
             batchnorm = [
                 name
                 for name, m in (self.model.named_modules() if self.model is not None else ())

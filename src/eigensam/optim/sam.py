@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -230,28 +231,41 @@ class SAM(Optimizer):
         (for measurements such as Align(ε, v₁); nothing is changed)."""
         params = self._params()
         eps = [torch.zeros_like(p) for p in params]
-        self._add_perturbation(eps, grad)
+        self._add_perturbation(eps, unflatten(grad, params))
         return flatten(eps, params)
 
-    def _add_perturbation(self, targets: list[Tensor], grad: Tensor) -> None:
-        """Add ``ε`` for the flat gradient ``grad`` to ``targets`` (one tensor per parameter),
-        group by group with ``foreach``; nothing when ``grad = 0``.
+    def _add_perturbation(self, targets: list[Tensor], grads: Sequence[Tensor | None]) -> None:
+        """Add ``ε`` for the gradients ``grads`` (one per parameter, None for none) to
+        ``targets`` (one tensor per parameter), group by group with ``foreach``; nothing when
+        the gradient is 0.
 
         For SAM's own direction ``ĝ`` (not ASAM, not a variant) with an accurate plain norm, ``ε``
-        is added as ``(ρ/‖g‖)·g`` straight from views of ``grad`` (no temporary vectors); else
-        through :meth:`_ascent_direction`, which is safe for any finite ``g``."""
-        norm = float(torch.linalg.vector_norm(grad))
-        if self._direction_is_normalized_gradient() and plain_norm_is_accurate(norm, grad.dtype):
-            directions, scale = unflatten(grad, self._params()), 1.0 / norm
-        elif norm == 0 and not bool(grad.any()):
-            return
-        else:
-            directions, scale = self._ascent_direction(grad), 1.0
+        is added as ``(ρ/‖g‖)·g`` straight from the gradients (no flat copy, no temporaries);
+        else through :meth:`_ascent_direction` on the flat gradient, safe for any finite ``g``."""
+        if self._direction_is_normalized_gradient():
+            present = [g for g in grads if g is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(present))))
+            dtype = functools.reduce(torch.promote_types, [g.dtype for g in present])
+            if plain_norm_is_accurate(norm, dtype):
+                self._add_per_group(targets, grads, 1.0 / norm)
+                return
+        grad = flatten(grads, self._params())
+        if bool(grad.any()):
+            self._add_per_group(targets, self._ascent_direction(grad), 1.0)
+
+    def _add_per_group(
+        self, targets: list[Tensor], directions: Sequence[Tensor | None], scale: float
+    ) -> None:
+        """``target += ρ_group · scale · direction`` for every parameter with a direction."""
         start = 0
         for group in self.param_groups:
             end = start + len(group["params"])
-            alpha = group["rho"] * scale
-            torch._foreach_add_(targets[start:end], directions[start:end], alpha=alpha)
+            chunk = zip(targets[start:end], directions[start:end], strict=True)
+            pairs = [(t, d) for t, d in chunk if d is not None]
+            if pairs:
+                torch._foreach_add_(
+                    [t for t, _ in pairs], [d for _, d in pairs], alpha=group["rho"] * scale
+                )
             start = end
 
     def _direction_is_normalized_gradient(self) -> bool:
@@ -264,10 +278,10 @@ class SAM(Optimizer):
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to ``w + ε`` using the gradients now in ``p.grad`` (saving ``w``)."""
         self._check_ranks()
+        self._grads()  # raises if the closure computed none
         params = self._params()
-        grad = self._flat_grad()
         self._save_params(params)
-        self._add_perturbation(params, grad)
+        self._add_perturbation(params, [p.grad for p in params])
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
