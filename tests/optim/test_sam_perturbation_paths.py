@@ -1,9 +1,10 @@
 """SAM's cheap perturbation path (ρ·g/‖g‖ straight from the gradients) against the safe one."""
 
+import pytest
 import torch
 from torch import nn
 
-from eigensam import SAM
+from eigensam import SAM, EigenSAM
 from eigensam.optim.sam import plain_norm_is_accurate, unit
 
 
@@ -70,3 +71,37 @@ def test_weight_buffer_follows_new_parameter_groups():
     v = nn.Parameter(torch.randn(2, 3))
     opt.add_param_group({"params": [v]})
     step([w, v])
+
+
+@pytest.mark.parametrize("alpha", [(0.2, 0.7), ("auto", "auto")])
+def test_eigen_sam_cheap_path_is_eq_8_and_agrees_with_the_safe_direction(alpha):
+    torch.manual_seed(0)
+    a, b = (nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in (5, 7))
+    groups = [{"params": [a], "alpha": alpha[0]}, {"params": [b], "alpha": alpha[1], "rho": 0.3}]
+    opt = EigenSAM(groups, torch.optim.SGD, rho=0.1, lr=0.1)
+    v = torch.randn(12, dtype=torch.float64)
+    opt.tracker.vector = v / v.norm()
+    g = torch.randn(12, dtype=torch.float64)
+    eps = opt.perturbation(g)
+    # Eq. 8 written out: ε = ρ(ĝ + α·sign(⟨v̂, ĝ⟩)·(v̂ − ⟨v̂, ĝ⟩ĝ)) per group.
+    g_hat, v_hat = g / g.norm(), opt.tracker.vector
+    along = float(v_hat @ g_hat)
+    alphas = [opt.last_alpha] * 2 if alpha[0] == "auto" else list(alpha)
+    sign = 1.0 if along >= 0 else -1.0
+    for part, rho, al in ((slice(0, 5), 0.1, alphas[0]), (slice(5, 12), 0.3, alphas[1])):
+        expected = rho * (g_hat + al * sign * (v_hat - along * g_hat))[part]
+        torch.testing.assert_close(eps[part], expected, rtol=1e-12, atol=1e-15)
+        safe = torch.cat(opt._ascent_direction(g))[part] * rho
+        torch.testing.assert_close(eps[part], safe, rtol=1e-12, atol=1e-15)
+
+
+def test_eigen_sam_huge_gradient_takes_the_safe_path_with_the_same_direction():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(50))
+    opt = EigenSAM([w], torch.optim.SGD, rho=0.1, alpha=0.5, lr=0.1)
+    v = torch.randn(50)
+    opt.tracker.vector = v / v.norm()
+    g = torch.randn(50)
+    small, huge = opt.perturbation(g), opt.perturbation(g * 1e25)
+    assert not plain_norm_is_accurate(float((g * 1e25).norm()), torch.float32)
+    torch.testing.assert_close(huge, small, rtol=1e-5, atol=1e-7)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from eigensam.hessian.distributed import local_forward
-from eigensam.hessian.hvp import Evaluation, unflatten
+from eigensam.hessian.hvp import Evaluation, flatten, unflatten
 from eigensam.hessian.tracker import EigenTracker
-from eigensam.optim.sam import SAM, check_nonnegative, unit
+from eigensam.optim.sam import SAM, check_nonnegative, plain_norm_is_accurate, unit
 
 
 class TrackedSAM(SAM):
@@ -211,21 +211,45 @@ class EigenSAM(TrackedSAM):
             raise ValueError(f"alpha must be a number >= 0 or 'auto', got {alpha!r}")
         return super()._check_alpha(alpha)
 
+    def _mixing(self, along: float) -> list[float]:
+        """Per param group ``a = sign(⟨v̂, ĝ⟩)·α`` for ``along = ⟨v̂, ĝ⟩``, so that Eq. 8 reads
+        ``ε/ρ = ĝ + a·(v̂ − ⟨v̂, ĝ⟩ĝ) = (1 − a·⟨v̂, ĝ⟩)·ĝ + a·v̂`` (α of the group, or one α from
+        ``alpha="auto"``, recorded in ``last_alpha``)."""
+        sign = 1.0 if along >= 0 else -1.0
+        if self.param_groups[0]["alpha"] == AUTO:
+            target = align_to_cos(self.target_align)
+            self.last_alpha = min(auto_alpha(along, target), self.alpha_max)
+            return [sign * self.last_alpha] * len(self.param_groups)
+        return [sign * group["alpha"] for group in self.param_groups]
+
     def _ascent_direction(self, grad: Tensor) -> list[Tensor]:
+        """``ε/ρ`` (Eq. 8) built on ĝ in place; safe for any finite ``g`` (see :func:`unit`)."""
         v = self.tracker.vector
         if v is None:
             return super()._ascent_direction(grad)
         direction = unit(grad)  # ĝ
         along = float(torch.dot(v, direction))
-        sign = 1.0 if along >= 0 else -1.0
-        # ĝ + α·sign·(v̂ − ⟨v̂, ĝ⟩ĝ) = (1 − α·sign·⟨v̂, ĝ⟩)·ĝ + α·sign·v̂, in place on ĝ.
-        if self.param_groups[0]["alpha"] == AUTO:
-            target = align_to_cos(self.target_align)
-            self.last_alpha = min(auto_alpha(along, target), self.alpha_max)
-            a = sign * self.last_alpha
-            direction.mul_(1.0 - a * along).add_(v, alpha=a)
-        else:
-            for group, part in self._group_slices():
-                a = sign * group["alpha"]
-                direction[part].mul_(1.0 - a * along).add_(v[part], alpha=a)
+        for a, (_, part) in zip(self._mixing(along), self._group_slices(), strict=True):
+            direction[part].mul_(1.0 - a * along).add_(v[part], alpha=a)
         return unflatten(direction, self._params())
+
+    def _add_perturbation(self, targets: list[Tensor], grads: Sequence[Tensor | None]) -> None:
+        """Eq. 8 added as ``ρ(1 − a⟨v̂, ĝ⟩)/‖g‖ · g + ρa · v̂`` straight from views of the
+        gradient and ``v̂`` (no ĝ or direction vector) when the plain norm of ``g`` is accurate;
+        else through :meth:`_ascent_direction`."""
+        v = self.tracker.vector
+        params = self._params()
+        grad = flatten(grads, params)
+        norm = float(torch.linalg.vector_norm(grad))
+        if v is None or not plain_norm_is_accurate(norm, grad.dtype):
+            super()._add_perturbation(targets, grads)
+            return
+        along = float(torch.dot(v, grad)) / norm
+        g_views, v_views = unflatten(grad, params), unflatten(v, params)
+        start = 0
+        for a, group in zip(self._mixing(along), self.param_groups, strict=True):
+            end = start + len(group["params"])
+            rho, chunk = group["rho"], slice(start, end)
+            torch._foreach_add_(targets[chunk], g_views[chunk], alpha=rho * (1 - a * along) / norm)
+            torch._foreach_add_(targets[chunk], v_views[chunk], alpha=rho * a)
+            start = end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,17 +49,19 @@ class XSAM(TrackedSAM):
             return
         params = self._params()
         grad = flatten([p.grad for p in params], params)
-        if not bool(torch.isfinite(grad).all()):
-            return  # an overflow under a GradScaler: its step() sees it and skips the step
         # Corrected as m·(u − α⟨u, v̂⟩v̂) with u = g'/m, m = max|g'ᵢ|, so that ⟨g', v̂⟩ cannot
-        # overflow the gradient's dtype; a corrected gradient that does is an error.
-        scale = grad.abs().amax().clamp_min(torch.finfo(grad.dtype).tiny)
+        # overflow the gradient's dtype; a corrected gradient that does is an error. The max-norm
+        # is NaN/inf exactly when an entry is.
+        scale = grad.abs().amax()
+        if not math.isfinite(float(scale)):
+            return  # an overflow under a GradScaler: its step() sees it and skips the step
+        scale = scale.clamp_min(torch.finfo(grad.dtype).tiny)
         grad.div_(scale)
         along = float(torch.dot(grad, v))
         for group, part in self._group_slices():
             grad[part].add_(v[part], alpha=-group["alpha"] * along)
         grad.mul_(scale)
-        if not bool(torch.isfinite(grad).all()):
+        if not math.isfinite(float(grad.abs().amax())):
             raise FloatingPointError(
                 f"X-SAM's corrected gradient overflows {grad.dtype}; weights were left unchanged"
             )
