@@ -32,13 +32,14 @@ and the model is put in the requested mode. On exit the buffers, RNG state, per-
 flags and the parameters' ``.grad`` are exactly as they were on entry.
 
 Memory: ``"autograd"`` keeps the graph of the gradient (activations plus the backward pass's saved
-tensors) alive while the operator is open, about 2.4x the peak memory of one gradient evaluation
+tensors) alive while the operator is open, about 2.7x the peak memory of one gradient evaluation
 on the paper's SimpleCNN. A :class:`SplitClosure` (the batch's loss as a sum of micro-batch losses)
 makes it sum the products of the parts instead, ``H v = sum_k (d^2 L_k) v``, with one part's graph
-alive at a time: the same product (the Hessian is linear in the loss) at a fraction of the memory,
-the graph rebuilt for every product (``benchmarks/bench_optimizers.py`` measures both).
-Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) was measured too and dropped: on
-SimpleCNN it needed 2.0x the memory and 2.2x the time of the retained double-backward graph.
+alive at a time: the same product (the Hessian is linear in the loss) at a fraction of the memory
+(3 parts: about one gradient's), the graph rebuilt for every product. Forward-over-reverse
+(``torch.func.jvp`` of ``torch.func.grad``) was measured too and not adopted: on SimpleCNN it
+needed 1.4x the memory of the retained double-backward graph and no less time
+(``benchmarks/bench_optimizers.py``, README "Measured cost").
 """
 
 from __future__ import annotations
