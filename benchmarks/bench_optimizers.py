@@ -57,16 +57,16 @@ from eigensam.hessian.eigen import power_iteration
 from eigensam.hessian.hvp import HessianOperator, SplitClosure, flatten, split_closure, unflatten
 from eigensam.lab.models import build_model
 
-PARTS = 3  # micro-batches of the memory-lean exact products in the HVP table
-CNN_TIME = ("sgd", "sam", "eigen-sam", "eigen-sam/lanczos4", "eigen-sam/split3", "x-sam")
+PARTS = 4  # micro-batches of the memory-lean exact products in the HVP table
+CNN_TIME = ("sgd", "sam", "eigen-sam", "eigen-sam/lanczos4", "eigen-sam/split4", "x-sam")
 TIME_METHODS = {
     "simplecnn": (*CNN_TIME, "eigen-sam/no-reuse"),
     "gelu-cnn": ("sgd", "sam", "eigen-sam", "eigen-sam/fd-forward"),
-    "resnet18": (*CNN_TIME[:4], "eigen-sam/eval-split3", "x-sam"),  # CUDA only
+    "resnet18": (*CNN_TIME[:4], "eigen-sam/eval-split4", "x-sam"),  # CUDA only
 }
 MEMORY_METHODS = {
-    "simplecnn": ("sgd", "sam", "eigen-sam", "eigen-sam/split3", "x-sam", "x-sam/split3"),
-    "resnet18": ("sgd", "sam", "eigen-sam", "eigen-sam/eval-split3", "x-sam", "x-sam/eval-split3"),
+    "simplecnn": ("sgd", "sam", "eigen-sam", "eigen-sam/split4", "x-sam", "x-sam/split4"),
+    "resnet18": ("sgd", "sam", "eigen-sam", "eigen-sam/eval-split4", "x-sam", "x-sam/eval-split4"),
 }
 HVP_BACKENDS = (
     "autograd",

@@ -15,8 +15,8 @@ bench = pytest.importorskip("bench_optimizers")
     [
         ("eigen-sam", "power", 5, "train", 1, True),
         ("eigen-sam/lanczos4", "lanczos", 4, "train", 1, True),
-        ("eigen-sam/split3", "power", 5, "train", 3, True),
-        ("x-sam/eval-split3", "power", 5, "eval", 3, True),
+        ("eigen-sam/split4", "power", 5, "train", 4, True),
+        ("x-sam/eval-split4", "power", 5, "eval", 4, True),
         ("eigen-sam/no-reuse", "power", 5, "train", 1, False),
     ],
 )

@@ -98,7 +98,7 @@ def test_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and "compare" in out and "train" in out
     code, out, _ = run_cli(["compare", "--help"], capsys)
     assert code == 0 and "--track-every" in out and "(default: 50)" in out
-    assert "--hessian-parts" in out and "auto: 3 when allowed" in " ".join(out.split())
+    assert "--hessian-parts" in out and "auto: 4 when allowed" in " ".join(out.split())
 
 
 @pytest.mark.parametrize(("text", "value"), [("auto", "auto"), ("3", 3), ("1", 1)])

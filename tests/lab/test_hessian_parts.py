@@ -77,9 +77,9 @@ def float64() -> Iterator[None]:
 @pytest.mark.parametrize(
     ("fields", "batchnorm", "batch_size", "expected"),
     [
-        (dict(method="eigen-sam"), False, 32, 3),
-        (dict(method="x-sam"), False, 32, 3),
-        (dict(method="egr"), False, 32, 3),
+        (dict(method="eigen-sam"), False, 32, 4),
+        (dict(method="x-sam"), False, 32, 4),
+        (dict(method="egr"), False, 32, 4),
         (dict(method="sgd"), False, 32, 1),
         (dict(method="sam"), False, 32, 1),
         (dict(method="asam"), False, 32, 1),
@@ -89,7 +89,7 @@ def float64() -> Iterator[None]:
         (dict(method="eigen-sam", hvp="fd-central", hessian_parts=4), False, 32, 1),
         (dict(method="eigen-sam"), True, 32, 1),  # BatchNorm in train mode
         (dict(method="x-sam"), True, 32, 1),
-        (dict(method="eigen-sam", hessian_mode="eval"), True, 32, 3),
+        (dict(method="eigen-sam", hessian_mode="eval"), True, 32, 4),
         (dict(method="egr", hessian_mode="eval"), True, 32, 1),  # EGR: always train mode
         (dict(method="eigen-sam"), False, 2, 2),  # capped at the batch
         (dict(method="eigen-sam"), False, 1, 1),
@@ -120,7 +120,7 @@ def test_hvp_methods_are_those_whose_optimizer_computes_products(cnn: torch.nn.M
 
 
 def test_trainer_resolves_with_the_per_step_batch(tmp_path: Path) -> None:
-    assert Trainer(tiny(tmp_path, "a", method="eigen-sam")).hessian_parts == 3
+    assert Trainer(tiny(tmp_path, "a", method="eigen-sam")).hessian_parts == 4
     assert Trainer(tiny(tmp_path, "b", method="sam")).hessian_parts == 1
     assert Trainer(tiny(tmp_path, "c", method="x-sam", batch_size=2)).hessian_parts == 2
     config = TrainConfig(**{**TINY_BN, "method": "eigen-sam", "out_dir": str(tmp_path / "d")})
@@ -227,7 +227,7 @@ def test_tracking_leaves_the_split_trajectory_alone(tmp_path: Path) -> None:
     off = train(TrainConfig(**common, out_dir=str(tmp_path / "off")))
     # Tracking measures λ₁ in train mode on the whole batch (BatchNorm: parts are refused there).
     on = train(TrainConfig(**common, track_every=1, out_dir=str(tmp_path / "on")))
-    assert off["hessian_parts"] == on["hessian_parts"] == 3
+    assert off["hessian_parts"] == on["hessian_parts"] == 4
     a, b = (tracking.load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("off", "on"))
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -262,6 +262,6 @@ def test_an_old_config_without_the_field_is_the_same_configuration(tmp_path: Pat
     config.run_dir.mkdir()
     (config.run_dir / tracking.CONFIG_FILE).write_text(yaml.safe_dump(old), encoding="utf-8")
     assert check_runs([config]) == [config]  # eigensam reproduce / compare reuse the run
-    assert Trainer(config, resume=config.run_dir).hessian_parts == 3
+    assert Trainer(config, resume=config.run_dir).hessian_parts == 4
     with pytest.raises(ValueError, match=r"hessian_parts: 'auto' -> 1"):
         Trainer(tiny(tmp_path, method="eigen-sam", hessian_parts=1), resume=config.run_dir)
