@@ -36,7 +36,7 @@ tensors) alive while the operator is open, about 2.7x the peak memory of one gra
 on the paper's SimpleCNN. A :class:`SplitClosure` (the batch's loss as a sum of micro-batch losses)
 makes it sum the products of the parts instead, ``H v = sum_k (d^2 L_k) v``, with one part's graph
 alive at a time: the same product (the Hessian is linear in the loss) at a fraction of the memory
-(3 parts: about one gradient's), the graph rebuilt for every product. Forward-over-reverse
+(4 parts: less than one gradient's), the graph rebuilt for every product. Forward-over-reverse
 (``torch.func.jvp`` of ``torch.func.grad``) was measured too and not adopted: on SimpleCNN it
 needed 1.4x the memory of the retained double-backward graph and no less time
 (``benchmarks/bench_optimizers.py``, README "Measured cost").
