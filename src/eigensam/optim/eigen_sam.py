@@ -238,18 +238,17 @@ class EigenSAM(TrackedSAM):
         gradient and ``v̂`` (no ĝ or direction vector) when the plain norm of ``g`` is accurate;
         else through :meth:`_ascent_direction`."""
         v = self.tracker.vector
+        if v is None:
+            super()._add_perturbation(targets, grads)
+            return
         params = self._params()
         grad = flatten(grads, params)
         norm = float(torch.linalg.vector_norm(grad))
-        if v is None or not plain_norm_is_accurate(norm, grad.dtype):
+        if not plain_norm_is_accurate(norm, grad.dtype):
             super()._add_perturbation(targets, grads)
             return
         along = float(torch.dot(v, grad)) / norm
-        g_views, v_views = unflatten(grad, params), unflatten(v, params)
-        start = 0
-        for a, group in zip(self._mixing(along), self.param_groups, strict=True):
-            end = start + len(group["params"])
-            rho, chunk = group["rho"], slice(start, end)
-            torch._foreach_add_(targets[chunk], g_views[chunk], alpha=rho * (1 - a * along) / norm)
-            torch._foreach_add_(targets[chunk], v_views[chunk], alpha=rho * a)
-            start = end
+        mixing = self._mixing(along)
+        on_grad = [(1 - a * along) / norm for a in mixing]
+        self._add_per_group(targets, unflatten(grad, params), on_grad)
+        self._add_per_group(targets, unflatten(v, params), mixing)

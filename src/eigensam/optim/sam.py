@@ -247,18 +247,20 @@ class SAM(Optimizer):
             norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(present))))
             dtype = functools.reduce(torch.promote_types, [g.dtype for g in present])
             if plain_norm_is_accurate(norm, dtype):
-                self._add_per_group(targets, grads, 1.0 / norm)
+                self._add_per_group(targets, grads, [1.0 / norm] * len(self.param_groups))
                 return
         grad = flatten(grads, self._params())
         if bool(grad.any()):
-            self._add_per_group(targets, self._ascent_direction(grad), 1.0)
+            directions = self._ascent_direction(grad)
+            self._add_per_group(targets, directions, [1.0] * len(self.param_groups))
 
     def _add_per_group(
-        self, targets: list[Tensor], directions: Sequence[Tensor | None], scale: float
+        self, targets: list[Tensor], directions: Sequence[Tensor | None], scales: Sequence[float]
     ) -> None:
-        """``target += ρ_group · scale · direction`` for every parameter with a direction."""
+        """``target += ρ_group · scale_group · direction`` for every parameter with a direction
+        (``scales``: one per param group)."""
         start = 0
-        for group in self.param_groups:
+        for group, scale in zip(self.param_groups, scales, strict=True):
             end = start + len(group["params"])
             chunk = zip(targets[start:end], directions[start:end], strict=True)
             pairs = [(t, d) for t, d in chunk if d is not None]
