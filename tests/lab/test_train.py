@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from eigensam.hessian.hvp import flatten
 from eigensam.lab import tracking
 from eigensam.lab.data import make_synthetic
 from eigensam.lab.models import build_model
@@ -319,7 +320,8 @@ def test_eigen_sam_perturbation_is_the_one_applied_when_a_refresh_is_due() -> No
     first_step = opt.first_step
 
     def recording_first_step(zero_grad: bool = False) -> None:
-        applied.append(opt.perturbation(opt._flat_grad()))
+        params = opt._params()
+        applied.append(opt.perturbation(flatten([p.grad for p in params], params)))
         first_step(zero_grad)
 
     opt.first_step = recording_first_step

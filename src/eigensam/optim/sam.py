@@ -220,11 +220,6 @@ class SAM(Optimizer):
             )
         return grads
 
-    def _flat_grad(self) -> Tensor:
-        self._grads()
-        params = self._params()
-        return flatten([p.grad for p in params], params)
-
     @torch.no_grad()
     def perturbation(self, grad: Tensor) -> Tensor:
         """The flat perturbation ``ε`` this optimizer would apply for the flat gradient ``grad``
