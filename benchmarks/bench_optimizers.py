@@ -10,15 +10,18 @@ the machine description (CPU model, threads, torch version, load average):
    shared machine hits all methods alike. ``time outside the closure`` is the share of a plain
    step spent in the optimizer (perturbation, restore, update). Models: the paper's ReLU
    SimpleCNN and a smooth variant (GeLU, average pooling) where ``hvp="fd-forward"`` is
-   accurate; on CUDA also ResNet-18 with BatchNorm at CIFAR size.
+   accurate; on CUDA also ResNet-18 with BatchNorm at CIFAR size. Each model's table runs in a
+   fresh process, on CPU twice: with glibc's default allocator (freed blocks go back to the
+   system and are faulted in again) and with freed memory kept
+   (:func:`eigensam.allocator.keep_freed_memory`, what the ``eigensam`` command does).
 2. **Peak memory** growth over 2 steps with a refresh each, one fresh process per optimizer, on
    SimpleCNN and ResNet-18 with BatchNorm. On CPU: Linux VmHWM after a reset, minus the resident
    size after setup, with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so
    that freed tensors go back to the system and the peak is that of live memory; with glibc's
    adaptive default the freed heap stays resident and the peak depends on allocation order
    (SGD once measured above SAM). On CUDA: ``max_memory_allocated``.
-3. **HVP backends**: time per product over gradient time, peak memory growth (fresh process)
-   and accuracy against the exact product, for double backward with the graph kept across
+3. **HVP backends**: time per product over gradient time (in this process, freed memory kept),
+   peak memory growth (fresh process) and accuracy against the exact product, for double backward with the graph kept across
    products, the same part by part (``SplitClosure``), forward-over-reverse (``torch.func``,
    measured here only), and finite differences.
 
@@ -52,6 +55,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from eigensam import SAM, XSAM, EigenSAM
+from eigensam.allocator import USER_SETTINGS, keep_freed_memory
 from eigensam.atomic import atomic_write
 from eigensam.hessian.eigen import power_iteration
 from eigensam.hessian.hvp import HessianOperator, SplitClosure, flatten, split_closure, unflatten
@@ -76,6 +80,8 @@ HVP_BACKENDS = (
     "fd-forward",
 )
 LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # see the module docstring
+# Step time is measured with glibc's default allocator and with freed memory kept (CPU only).
+ALLOCATORS = {"cpu": ("default", "kept"), "cuda": ("default",)}
 
 
 # -- models, data, optimizers ---------------------------------------------------------------
@@ -256,6 +262,15 @@ def time_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]
     ]
 
 
+def time_child(allocator: str, model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """:func:`time_table` in this fresh process, with glibc's default allocator or with freed
+    memory kept (:func:`eigensam.allocator.keep_freed_memory`, what the ``eigensam`` command
+    does)."""
+    if allocator == "kept" and not keep_freed_memory():
+        raise RuntimeError("keep_freed_memory() did not apply (needs Linux with glibc)")
+    return [{"allocator": allocator, **row} for row in time_table(model_name, args)]
+
+
 # -- 2. peak memory, each in a fresh process ------------------------------------------------
 
 
@@ -291,13 +306,18 @@ class PeakMemory:
         return (rss_kib("VmHWM") * 1024 - self.base) / 2**20
 
 
-def child(kind: str, name: str, model_name: str, args: argparse.Namespace) -> float:
-    """Run ``python this --child ...`` and return the peak memory growth it prints."""
+def child(kind: str, name: str, model_name: str, args: argparse.Namespace) -> Any:
+    """Run ``python this --child KIND NAME MODEL`` in a fresh process and return what it prints
+    (JSON): the peak memory growth (MiB) of a memory child, the rows of a time child."""
     command = [sys.executable, __file__, "--child", kind, name, model_name, "--device", args.device]
     command += ["--memory-batch-size", str(args.memory_batch_size[model_name])]
-    env = {**os.environ, **LIVE_MEMORY}
+    for option in ("batch_size", "interval", "plain_steps", "rounds"):
+        command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
+    if kind != "time":
+        env.update(LIVE_MEMORY)
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def memory_child(method: str, model_name: str, args: argparse.Namespace) -> float:
@@ -461,6 +481,7 @@ def markdown(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
 
 
 TIME_COLUMNS = {
+    "allocator": "CPU allocator",
     "model": "model",
     "method": "method",
     "plain_step_s": "s/step (no refresh)",
@@ -507,21 +528,34 @@ def main() -> None:
     if args.child:
         kind, name, model_name = args.child
         args.memory_batch_size = {model_name: args.memory_batch_size}
+        if kind == "time":
+            print(json.dumps(time_child(name, model_name, args)))
+            return
         run = memory_child if kind == "memory" else hvp_memory_child
-        print(json.dumps({"peak_mib": run(name, model_name, args)}))
+        print(json.dumps(run(name, model_name, args)))
         return
     args.memory_batch_size = {
         "simplecnn": args.simplecnn_memory_batch,
         "gelu-cnn": args.simplecnn_memory_batch,
         "resnet18": args.resnet_memory_batch or (128 if args.device == "cuda" else 16),
     }
+    keep_freed_memory()  # the HVP table's timings: compute, not page faults (children: own)
     time_models = [m for m in TIME_METHODS if m != "resnet18" or args.device == "cuda"]
     start = time.perf_counter()
     report: dict[str, Any] = {"machine": machine(args.device), "settings": vars(args).copy()}
     report["settings"]["out"] = str(args.out)
     print(json.dumps(report["machine"]), flush=True)
     sections = [
-        ("time", TIME_COLUMNS, lambda: [r for m in time_models for r in time_table(m, args)]),
+        (
+            "time",
+            TIME_COLUMNS,
+            lambda: [
+                r
+                for allocator in ALLOCATORS[args.device]
+                for m in time_models
+                for r in child("time", allocator, m, args)
+            ],
+        ),
         (
             "memory",
             MEMORY_COLUMNS,

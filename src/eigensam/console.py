@@ -1,4 +1,5 @@
-"""Entry point of the ``eigensam`` command: checks for the ``[lab]`` extra, then runs the CLI."""
+"""Entry point of the ``eigensam`` command: checks for the ``[lab]`` extra, keeps freed CPU memory
+for reuse (:func:`eigensam.allocator.keep_freed_memory`), then runs the CLI."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from eigensam._extras import MissingExtraError, require_lab
+from eigensam.allocator import keep_freed_memory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,6 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingExtraError as error:
         print(f"eigensam: error: {error}", file=sys.stderr)
         return 2
+    keep_freed_memory()
     from eigensam.cli import main as cli_main
 
     return cli_main(argv)
