@@ -1,10 +1,19 @@
 """Memory-lean exact products (SplitClosure) against the whole batch's double backward."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
 
-from eigensam.hessian.hvp import HessianOperator, SplitClosure, split_closure
+from eigensam.hessian.eigen import power_iteration
+from eigensam.hessian.hvp import (
+    HessianOperator,
+    SplitClosure,
+    flatten,
+    flatten_releasing,
+    split_closure,
+)
 from eigensam.hessian.tracker import EigenTracker
 
 
@@ -95,3 +104,28 @@ def test_one_part_is_the_whole_batch_with_its_evaluation_kept_for_reuse():
     b = single.update(one, params, model)
     assert b.eigenvalue == a.eigenvalue and torch.equal(single.vector, whole.vector)
     assert single.evaluation is not None  # the first pass can be reused, as with a plain closure
+
+
+def test_flatten_releasing_equals_flatten_and_empties_the_list():
+    like = [torch.zeros(2, 3), torch.zeros(4, dtype=torch.float64), torch.zeros(1)]
+    tensors = [torch.randn(2, 3), None, torch.randn(1)]
+    expected = flatten(tensors, like)
+    out = flatten_releasing(tensors, like)
+    assert out.dtype == expected.dtype == torch.float64  # promoted as torch.cat does
+    assert torch.equal(out, expected)
+    assert tensors == [None, None, None]
+
+
+def test_power_iteration_releases_each_product_before_the_next():
+    # The previous product is not alive while the next is computed (one vector less at peak).
+    alive = []
+
+    def matvec(v):
+        alive.append(sum(1 for r in refs if r() is not None))
+        hv = 2.0 * v
+        refs.append(weakref.ref(hv))
+        return hv
+
+    refs = []
+    power_iteration(matvec, torch.ones(5), 3)
+    assert alive == [0, 0, 0]

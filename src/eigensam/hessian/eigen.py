@@ -89,6 +89,7 @@ def power_iteration(
             # v lies in the null space: it is an eigenvector with eigenvalue 0.
             return EigenResult(0.0, v, 0.0, i, True)
         v = hv / hv_norm
+        del hv  # not alive during the next product
         if converged:
             return EigenResult(eigenvalue, v, residual, i, True)
     return EigenResult(eigenvalue, v, residual, num_iters, converged)

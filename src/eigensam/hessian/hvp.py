@@ -45,6 +45,7 @@ needed 1.4x the memory of the retained double-backward graph and no less time
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -78,6 +79,22 @@ def flatten(tensors: Iterable[Tensor | None], like: Sequence[Tensor]) -> Tensor:
             for t, p in zip(tensors, like, strict=True)
         ]
     )
+
+
+def flatten_releasing(tensors: list[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """:func:`flatten`, emptying the list entry by entry as it is copied: with the list holding
+    the only references, one flat vector plus one entry are alive at a time, not two vectors."""
+    # The dtype torch.cat in flatten would give: the promotion of every entry's (or zeros').
+    dtypes = [p.dtype if t is None else t.dtype for t, p in zip(tensors, like, strict=True)]
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    out = torch.empty(sum(p.numel() for p in like), dtype=dtype, device=like[0].device)
+    for i, view in enumerate(unflatten(out, like)):
+        tensor, tensors[i] = tensors[i], None
+        if tensor is None:
+            view.zero_()
+        else:
+            view.copy_(tensor)
+    return out
 
 
 def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
@@ -421,7 +438,9 @@ class HessianOperator:
     def _local_gradient(self) -> Tensor:
         if self._base_grad is None:
             with torch.no_grad():
-                self._base_grad = flatten(self._evaluate(at_w=True), self.params).detach()
+                # The exact backend's graph holds the gradient already: flattened on demand.
+                grads = self._graph_grads or self._evaluate(at_w=True)
+                self._base_grad = flatten(grads, self.params).detach()
         return self._base_grad
 
     @torch.no_grad()
@@ -474,9 +493,7 @@ class HessianOperator:
     def _exact_matvec(self, v: Tensor) -> Tensor:
         """Double backward through the whole batch's gradient graph, kept across products."""
         if self._graph_grads is None:
-            grads = self._evaluate(build_graph=True, at_w=True)
-            self._graph_grads = self._graph_of(grads)
-            self._base_grad = flatten(grads, self.params).detach()
+            self._graph_grads = self._graph_of(self._evaluate(build_graph=True, at_w=True))
         return self._double_backward(self._graph_grads, v, retain_graph=True)
 
     def _split_matvec(self, v: Tensor) -> Tensor:
@@ -489,7 +506,7 @@ class HessianOperator:
             del graph
             self._frozen.buffers.restore()
             if product is None:
-                product = flatten(hv, self.params)
+                product = flatten_releasing(hv, self.params)
             else:  # added in place, parameter by parameter: no flat copy of this part's product
                 pairs = zip(unflatten(product, self.params), hv, strict=True)
                 reached = [(view, h) for view, h in pairs if h is not None]
@@ -508,16 +525,18 @@ class HessianOperator:
 
     def _double_backward(self, graph: list[Tensor], v: Tensor, retain_graph: bool) -> Tensor:
         """Flat ``∇(∇L·v)`` through the gradient ``graph`` (one tensor per parameter)."""
-        return flatten(self._second_derivatives(graph, v, retain_graph), self.params).detach()
+        return flatten_releasing(self._second_derivatives(graph, v, retain_graph), self.params)
 
     def _second_derivatives(
         self, graph: list[Tensor], v: Tensor, retain_graph: bool
-    ) -> tuple[Tensor | None, ...]:
+    ) -> list[Tensor | None]:
         """``∇(∇L·v)`` per parameter (None where the loss does not reach it)."""
         pairs = [(g, c) for g, c in zip(graph, unflatten(v, self.params), strict=True) if g.grad_fn]
         dot = sum((g * c).sum() for g, c in pairs)
-        return torch.autograd.grad(
-            cast(Tensor, dot), self.params, retain_graph=retain_graph, allow_unused=True
+        return list(
+            torch.autograd.grad(
+                cast(Tensor, dot), self.params, retain_graph=retain_graph, allow_unused=True
+            )
         )
 
     __call__ = matvec
