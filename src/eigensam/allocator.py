@@ -4,15 +4,14 @@ PyTorch's CPU tensors come from ``malloc``. With glibc's defaults, a large freed
 back to the operating system (``munmap``, or trimming the top of the heap), and the next tensor
 of that size is faulted in again page by page. A training step frees and reallocates the same
 sizes every time, and an exact eigenvector refresh builds and frees a graph several times a
-gradient's size: on the paper's SimpleCNN (2-core CPU) those page faults made one refresh cost
-about 12 SGD steps instead of about 10.7 (``benchmarks/bench_optimizers.py``, README "Measured
-cost"), so Eigen-SAM ran at 1.06x SAM instead of 1.05x.
+gradient's size, so its page faults fall mostly on Eigen-SAM's and X-SAM's refresh steps
+(measured by ``benchmarks/bench_optimizers.py`` with both allocators, README "Measured cost").
 
 :func:`keep_freed_memory` sets glibc's ``M_MMAP_THRESHOLD`` to its largest value (32 MiB, the
 ceiling of glibc's own adaptive threshold) and turns ``M_TRIM_THRESHOLD`` off, so freed blocks
 below 32 MiB stay in the heap, as CUDA's caching allocator keeps freed device memory. The
-resident size then stays at the run's peak instead of shrinking between steps; the peak itself
-does not change. The ``eigensam`` command calls it at start.
+resident size then stays near the run's peak instead of shrinking between steps (the benchmark's
+memory table gives both peaks). The ``eigensam`` command calls it at start.
 """
 
 from __future__ import annotations
