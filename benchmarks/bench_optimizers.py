@@ -19,13 +19,11 @@ the machine description (CPU model, threads, torch version, load average):
    size after setup, with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so
    that freed tensors go back to the system and the peak is that of live memory; with glibc's
    adaptive default the freed heap stays resident and the peak depends on allocation order
-   (SGD once measured above SAM). The resident peak with freed memory kept (what a process of the
-   ``eigensam`` command holds) also depends on allocation order: ``--child memory-kept METHOD
-   MODEL --memory-batch-size N`` measures it for one method. On CUDA: ``max_memory_allocated``.
+   (SGD once measured above SAM). On CUDA: ``max_memory_allocated``.
 3. **HVP backends**: time per product over gradient time (in this process, freed memory kept),
-   peak memory growth (fresh process) and accuracy against the exact product, for double backward with the graph kept across
-   products, the same part by part (``SplitClosure``), forward-over-reverse (``torch.func``,
-   measured here only), and finite differences.
+   peak memory growth (fresh process) and accuracy against the exact product, for double
+   backward with the graph kept across products, the same part by part (``SplitClosure``),
+   forward-over-reverse (``torch.func``, measured here only), and finite differences.
 
 Method names: ``/lanczos4`` is ``eig_method="lanczos", eig_iters=4``; ``/splitK`` passes a
 ``SplitClosure`` of K micro-batches (memory-lean exact products); ``/eval-splitK`` adds
@@ -315,6 +313,7 @@ def child(kind: str, name: str, model_name: str, args: argparse.Namespace) -> An
     command += ["--memory-batch-size", str(args.memory_batch_size[model_name])]
     for option in ("batch_size", "interval", "plain_steps", "rounds"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    # glibc's default whatever the caller's environment says; live memory for the peaks.
     env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
     if kind in ("memory", "hvp-memory"):
         env.update(LIVE_MEMORY)
@@ -533,8 +532,6 @@ def main() -> None:
         if kind == "time":
             print(json.dumps(time_child(name, model_name, args)))
             return
-        if kind == "memory-kept" and not keep_freed_memory():
-            raise RuntimeError("keep_freed_memory() did not apply (needs Linux with glibc)")
         run = hvp_memory_child if kind == "hvp-memory" else memory_child
         print(json.dumps(run(name, model_name, args)))
         return
