@@ -18,7 +18,7 @@ from typing import Any
 
 from eigensam.lab import experiments, sde
 from eigensam.lab.checkpoints import fixed_batches, load_trained
-from eigensam.lab.distributed import is_main
+from eigensam.lab.distributed import is_main, leave
 from eigensam.lab.experiments import reproduce
 from eigensam.lab.reports import power_convergence_report, spectrum_report
 from eigensam.lab.train import METHODS, TrainConfig, Trainer, load_config
@@ -540,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
         return int(exit_.code or 0)
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except InputError as error:
         return _fail(str(error), 2)
+    if code == 0:  # every rank is past its last collective: the process group can go
+        leave()
+    return code

@@ -14,7 +14,9 @@ import yaml
 from harness import run_ranks
 
 import eigensam
+from eigensam import cli
 from eigensam.lab import tracking
+from eigensam.lab.distributed import Ranks, join, leave
 from eigensam.lab.train import TrainConfig, Trainer
 
 HERE = Path(__file__).parent
@@ -115,3 +117,43 @@ def test_python_dash_m_runs_the_command() -> None:
         timeout=60,
     )
     assert done.returncode == 0 and "usage: eigensam" in done.stdout
+
+
+JOIN_THEN_LEAVE = """
+import torch.distributed as dist
+from eigensam.lab import distributed
+
+ranks = distributed.join("cpu")
+assert dist.is_initialized() and ranks.world_size == 2, ranks
+distributed.leave()
+assert not dist.is_initialized()
+distributed.leave()  # nothing left to destroy
+"""
+
+
+def test_leave_destroys_the_group_join_created(tmp_path: Path) -> None:
+    script = tmp_path / "join_then_leave.py"
+    script.write_text(JOIN_THEN_LEAVE)
+    done = torchrun(str(script))
+    assert done.returncode == 0, done.stderr
+
+
+def caller_group_worker(rank: int, world: int, folder: Path) -> None:
+    assert join("cpu") == Ranks(rank, world, rank)
+    leave()
+    assert torch.distributed.is_initialized()  # the caller's group stays the caller's
+
+
+def test_leave_keeps_a_group_the_caller_created(tmp_path: Path) -> None:
+    run_ranks(caller_group_worker, tmp_path)
+
+
+@pytest.mark.parametrize("code, left", [(0, True), (1, False)])
+def test_the_command_leaves_the_group_after_success_only(
+    monkeypatch: pytest.MonkeyPatch, code: int, left: bool
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "_run_train", lambda args: code)
+    monkeypatch.setattr(cli, "leave", lambda: calls.append("leave"))
+    assert cli.main(["train"]) == code
+    assert calls == (["leave"] if left else [])

@@ -32,16 +32,34 @@ class Ranks:
         return self.world_size > 1
 
 
+_created_group = False  # whether join() initialized the default process group
+
+
 def join(device: str) -> Ranks:
     """Join the job ``torchrun`` started (``WORLD_SIZE`` > 1 in the environment) by initializing
     the default process group (NCCL for a CUDA ``device``, gloo otherwise), or use the group
-    already initialized; a lone process is rank 0 of 1."""
+    already initialized; a lone process is rank 0 of 1. A group created here is destroyed by
+    :func:`leave`."""
+    global _created_group
     if not distributed_ready() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        _created_group = True
     if not distributed_ready():
         return Ranks()
     rank = dist.get_rank()
     return Ranks(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def leave() -> None:
+    """Destroy the default process group if :func:`join` created it; a group the caller
+    initialized is left to the caller. The ``eigensam`` command calls this after a successful
+    command: without it, gloo's worker threads can outlive the interpreter's shutdown and abort
+    the finished process ("terminate called without an active exception"). Call it only when
+    every rank has finished its collectives."""
+    global _created_group
+    if _created_group and distributed_ready():
+        dist.destroy_process_group()
+    _created_group = False
 
 
 def is_main() -> bool:
