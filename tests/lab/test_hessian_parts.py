@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from tiny_runs import TINY_BN, tiny
 
 from eigensam.hessian.hvp import HessianOperator, SplitClosure
 from eigensam.lab import tracking
@@ -32,22 +33,6 @@ from eigensam.lab.train import (
     train,
 )
 from eigensam.optim import EGR
-
-# 96 synthetic samples in batches of 32: 3 steps per epoch.
-TINY = dict(
-    dataset="synthetic",
-    train_subset=96,
-    model="simplecnn",
-    width=0.25,
-    epochs=1,
-    batch_size=32,
-    log_every=1,
-)
-TINY_BN = dict(TINY, model="resnet18", width=0.0625)  # BatchNorm layers
-
-
-def tiny(tmp_path: Path, name: str = "run", **overrides: Any) -> TrainConfig:
-    return TrainConfig(**{**TINY, "out_dir": str(tmp_path / name), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +186,9 @@ def test_parts_give_the_whole_batch_trajectory_in_float64(
     monkeypatch.setattr(HessianOperator, "_split_matvec", counted)
     states = {}
     for parts in (1, 3):
-        config = tiny(tmp_path, f"p{parts}", method=method, eig_interval=1, hessian_parts=parts)
+        config = tiny(
+            tmp_path, f"p{parts}", method=method, epochs=1, eig_interval=1, hessian_parts=parts
+        )
         summary = train(config)
         assert summary["hessian_parts"] == parts
         # parts=1: the whole-batch closure as before; 3: every product summed over 3 parts.
@@ -223,7 +210,9 @@ def test_parts_give_the_whole_batch_trajectory_in_float64(
 
 
 def test_tracking_leaves_the_split_trajectory_alone(tmp_path: Path) -> None:
-    common = dict(TINY_BN, method="eigen-sam", hessian_mode="eval", eig_interval=2, track_iters=6)
+    common = dict(
+        TINY_BN, method="eigen-sam", hessian_mode="eval", eig_interval=2, epochs=1, track_iters=6
+    )
     off = train(TrainConfig(**common, out_dir=str(tmp_path / "off")))
     # Tracking measures λ₁ in train mode on the whole batch (BatchNorm: parts are refused there).
     on = train(TrainConfig(**common, track_every=1, out_dir=str(tmp_path / "on")))

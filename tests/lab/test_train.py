@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from tiny_runs import TINY_BN, tiny
 
 from eigensam.hessian.hvp import flatten
 from eigensam.lab import tracking
@@ -31,24 +32,6 @@ from eigensam.lab.train import (
 from eigensam.optim import EGR, SAM, XSAM, EigenSAM, ReverseSAM
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-# 96 synthetic samples in batches of 32: 3 steps per epoch.
-TINY = dict(
-    dataset="synthetic",
-    train_subset=96,
-    model="simplecnn",
-    width=0.25,
-    epochs=2,
-    batch_size=32,
-    log_every=1,
-    track_iters=8,
-)
-# A tiny ResNet-18: BatchNorm buffers that tracking and the second pass must not change.
-TINY_BN = dict(TINY, model="resnet18", width=0.0625)
-
-
-def tiny(tmp_path: Path, name: str = "run", **overrides: Any) -> TrainConfig:
-    return TrainConfig(**{**TINY, "out_dir": str(tmp_path / name), **overrides})
 
 
 def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -4,29 +4,14 @@ initialization, Eigen-SAM alpha='auto' and the spread eigenvector schedule."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from tiny_runs import tiny
 
 from eigensam.lab import tracking
-from eigensam.lab.train import TrainConfig, Trainer, make_optimizer, snapshot_file, train
+from eigensam.lab.train import Trainer, make_optimizer, snapshot_file, train
 from eigensam.optim import EigenSAM
-
-TINY = dict(
-    dataset="synthetic",
-    train_subset=96,
-    model="simplecnn",
-    width=0.25,
-    epochs=2,
-    batch_size=32,
-    log_every=1,
-    track_iters=8,
-)
-
-
-def tiny(tmp_path: Path, **overrides: Any) -> TrainConfig:
-    return TrainConfig(**{**TINY, "out_dir": str(tmp_path / "run"), **overrides})
 
 
 def test_fixed_batch_tracking_records_means_and_leaves_trajectory_alone(tmp_path):
