@@ -542,7 +542,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.handler(args)
     except InputError as error:
-        return _fail(str(error), 2)
-    if code == 0:  # every rank is past its last collective: the process group can go
-        leave()
+        code = _fail(str(error), 2)
+    leave(code)  # a torchrun job's process ends here
     return code

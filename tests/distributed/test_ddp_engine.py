@@ -119,41 +119,57 @@ def test_python_dash_m_runs_the_command() -> None:
     assert done.returncode == 0 and "usage: eigensam" in done.stdout
 
 
+# os._exit is replaced so the script can report what leave() did before it ends the process.
 JOIN_THEN_LEAVE = """
+import os
+import sys
+
 import torch.distributed as dist
 from eigensam.lab import distributed
 
 ranks = distributed.join("cpu")
 assert dist.is_initialized() and ranks.world_size == 2, ranks
-distributed.leave()
-assert not dist.is_initialized()
-distributed.leave()  # nothing left to destroy
+os._exit = lambda code: print("exit", code, "group", dist.is_initialized(), flush=True)
+distributed.leave(int(sys.argv[1]))
+if dist.is_initialized():  # after a failure leave() keeps it: destroy it before the shutdown
+    dist.destroy_process_group()
 """
 
 
-def test_leave_destroys_the_group_join_created(tmp_path: Path) -> None:
+@pytest.mark.parametrize("code, group_left", [(0, False), (3, True)])
+def test_leave_ends_the_process_and_destroys_the_group_after_success(
+    tmp_path: Path, code: int, group_left: bool
+) -> None:
     script = tmp_path / "join_then_leave.py"
     script.write_text(JOIN_THEN_LEAVE)
-    done = torchrun(str(script))
+    done = torchrun(str(script), str(code))
     assert done.returncode == 0, done.stderr
+    assert done.stdout.count(f"exit {code} group {group_left}") == 2
 
 
 def caller_group_worker(rank: int, world: int, folder: Path) -> None:
     assert join("cpu") == Ranks(rank, world, rank)
-    leave()
-    assert torch.distributed.is_initialized()  # the caller's group stays the caller's
+    leave(0)  # returns: the group and the process are the caller's
+    assert torch.distributed.is_initialized()
 
 
 def test_leave_keeps_a_group_the_caller_created(tmp_path: Path) -> None:
     run_ranks(caller_group_worker, tmp_path)
 
 
-@pytest.mark.parametrize("code, left", [(0, True), (1, False)])
-def test_the_command_leaves_the_group_after_success_only(
-    monkeypatch: pytest.MonkeyPatch, code: int, left: bool
+@pytest.mark.parametrize("code", [0, 1])
+def test_the_command_ends_through_leave_with_its_exit_code(
+    monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
-    calls: list[str] = []
+    calls: list[int] = []
     monkeypatch.setattr(cli, "_run_train", lambda args: code)
-    monkeypatch.setattr(cli, "leave", lambda: calls.append("leave"))
+    monkeypatch.setattr(cli, "leave", calls.append)
     assert cli.main(["train"]) == code
-    assert calls == (["leave"] if left else [])
+    assert calls == [code]
+
+
+def test_an_input_error_also_ends_through_leave(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(cli, "leave", calls.append)
+    assert cli.main(["train"]) == 2  # neither --config nor --resume
+    assert calls == [2]
