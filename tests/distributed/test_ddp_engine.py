@@ -119,17 +119,19 @@ def test_python_dash_m_runs_the_command() -> None:
     assert done.returncode == 0 and "usage: eigensam" in done.stdout
 
 
-# os._exit is replaced so the script can report what leave() did before it ends the process.
+# os._exit is replaced so the script can record what leave() did before it ends the process.
 JOIN_THEN_LEAVE = """
 import os
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 from eigensam.lab import distributed
 
 ranks = distributed.join("cpu")
 assert dist.is_initialized() and ranks.world_size == 2, ranks
-os._exit = lambda code: print("exit", code, "group", dist.is_initialized(), flush=True)
+record = Path(sys.argv[2], f"rank{ranks.rank}.txt")
+os._exit = lambda code: record.write_text(f"exit {code} group {dist.is_initialized()}")
 distributed.leave(int(sys.argv[1]))
 if dist.is_initialized():  # after a failure leave() keeps it: destroy it before the shutdown
     dist.destroy_process_group()
@@ -142,9 +144,10 @@ def test_leave_ends_the_process_and_destroys_the_group_after_success(
 ) -> None:
     script = tmp_path / "join_then_leave.py"
     script.write_text(JOIN_THEN_LEAVE)
-    done = torchrun(str(script), str(code))
+    done = torchrun(str(script), str(code), str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count(f"exit {code} group {group_left}") == 2
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == f"exit {code} group {group_left}"
 
 
 def caller_group_worker(rank: int, world: int, folder: Path) -> None:
