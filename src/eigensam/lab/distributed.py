@@ -61,7 +61,7 @@ def leave(code: int) -> None:
     ``destroy_process_group``, and a gloo worker thread that frees a finished collective's
     tensors while the interpreter shuts down cannot take the GIL and aborts the finished
     process ("terminate called without an active exception", SIGABRT; seen in a core dump,
-    about 1 run in 20 under load). Every file the engine writes is closed by then."""
+    counted by ``benchmarks/torchrun_exit.py``). Every file the engine writes is closed by then."""
     if not _created_group:
         return
     if code == 0 and distributed_ready():
