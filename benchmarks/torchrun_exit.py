@@ -1,7 +1,8 @@
 """How often a finished ``torchrun ... -m eigensam train`` fails to exit cleanly.
 
-Runs the command ``--runs`` times on 2 gloo processes (a tiny synthetic Eigen-SAM config: 3 steps,
-refreshes and tracking), optionally with ``--load`` busy processes competing for the cores (the
+Runs the command ``--runs`` times on 2 gloo processes with the smoke config
+``configs/cpu-synthetic-simplecnn.yaml`` for one epoch (synthetic data, Eigen-SAM with refreshes
+and tracking), optionally with ``--load`` busy processes competing for the cores (the
 abort this guards against, a gloo worker thread freeing tensors during the interpreter's shutdown,
 shows up under load). Prints one row per exit status and the count of runs whose output says
 "terminate called". Run:
@@ -19,31 +20,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
-CONFIG = dict(
-    dataset="synthetic",
-    train_subset=96,
-    model="simplecnn",
-    width=0.25,
-    epochs=1,
-    batch_size=32,
-    log_every=1,
-    method="eigen-sam",
-    eig_interval=2,
-    eig_iters=3,
-    track_every=2,
-    track_iters=4,
-)
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = ROOT / "configs" / "cpu-synthetic-simplecnn.yaml"
 
 
 def one_run(folder: Path, index: int) -> tuple[int, bool]:
     """Exit status of one torchrun job, and whether its output reports the abort."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node", "2", "-m", "eigensam", "train"]
-    command += ["--config", str(folder / "config.yaml"), "--out", str(folder / f"run{index}")]
+    command += ["--config", str(SMOKE_CONFIG), "--set", "epochs=1"]
+    command += ["--out", str(folder / str(index))]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     return done.returncode, "terminate called" in done.stdout + done.stderr
 
@@ -58,9 +45,7 @@ def main() -> None:
     busy = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(args.load)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            (folder / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-            results = [one_run(folder, i) for i in range(args.runs)]
+            results = [one_run(Path(tmp), i) for i in range(args.runs)]
     finally:
         for process in busy:
             process.kill()
