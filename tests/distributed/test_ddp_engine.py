@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from harness import run_ranks
+from tiny_runs import TINY
 
 import eigensam
 from eigensam import cli
@@ -21,20 +22,9 @@ from eigensam.lab.train import TrainConfig, Trainer
 
 HERE = Path(__file__).parent
 SRC = Path(eigensam.__file__).parents[1]
-# 96 synthetic samples, global batch 32: 3 steps per epoch, 16 samples per rank and step.
+# TINY (96 synthetic samples), global batch 32: 3 steps per epoch, 16 samples per rank and step.
 CONFIG = dict(
-    dataset="synthetic",
-    train_subset=96,
-    model="simplecnn",
-    width=0.25,
-    epochs=3,
-    batch_size=32,
-    log_every=1,
-    method="eigen-sam",
-    eig_interval=2,
-    eig_iters=3,
-    track_every=2,
-    track_iters=4,
+    TINY, epochs=3, method="eigen-sam", eig_interval=2, eig_iters=3, track_every=2, track_iters=4
 )
 
 
