@@ -151,6 +151,7 @@ class TrainConfig:
     track_tol: float = _opt(1e-3, "Lanczos stops at relative residual ‖Hv − λv‖/|λ| ≤ tol")
     track_batches: int = _opt(0, "also measure on this many fixed unaugmented training batches")
     log_every: int = _opt(10, "log the mean training loss every n steps")
+    eval_every: int = _opt(1, "evaluate on the test (and validation) set every n epochs and last")
     device: str = _opt("cpu", "torch device, e.g. cpu, cuda, cuda:1")
     out_dir: str | None = _opt(None, "run folder (default runs/<dataset>-<model>-<method>-seed<s>)")
     checkpoint_every_epochs: int = _opt(1, "checkpoint every n epochs (and at the end)")
@@ -213,6 +214,7 @@ class TrainConfig:
         _check_real("track_tol", self.track_tol, 0, low_open=True)
         _check_int("track_batches", self.track_batches, 0)
         _check_int("log_every", self.log_every, 1)
+        _check_int("eval_every", self.eval_every, 1)
         _check_optional_str("device", self.device)
         try:
             torch.device(self.device)
@@ -935,16 +937,20 @@ class Trainer:
         record: tracking.Record = {"kind": "eval", "epoch": self.epoch + 1, "step": self.step}
         steps = self.sums["epoch_steps"]
         record["train_loss"] = self.sums["epoch_loss"] / steps if steps else None
-        record["test_loss"], record["test_acc"] = self._evaluate(self.data.test)
-        if self.data.val is not None:
-            record["val_loss"], record["val_acc"] = self._evaluate(self.data.val)
+        last = self.epoch + 1 == self.config.epochs
+        record["test_loss"] = record["test_acc"] = None
+        if last or (self.epoch + 1) % self.config.eval_every == 0:
+            record["test_loss"], record["test_acc"] = self._evaluate(self.data.test)
+            if self.data.val is not None:
+                record["val_loss"], record["val_acc"] = self._evaluate(self.data.val)
         self._lap("eval")
         record.update({f"{k}_seconds": v for k, v in self.seconds.items()})
         self._log(record)
         if self._quiet_bar:  # no progress bar: one line per epoch
+            test = "" if record["test_acc"] is None else f", test acc {record['test_acc']:.4f}"
             print(
                 f"{self.dir.name}: epoch {self.epoch + 1}/{self.config.epochs}, train loss "
-                f"{record['train_loss']:.4f}, test acc {record['test_acc']:.4f}",
+                f"{record['train_loss']:.4f}{test}",
                 file=sys.stderr,
                 flush=True,
             )
