@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from eigensam.hessian.distributed import ParamLayout, is_fsdp1, is_fsdp2, refuse_fsdp1
+from eigensam.hessian.eigen import power_iteration
 
 
 def make_model() -> nn.Module:
@@ -69,6 +70,14 @@ def layout_worker(rank: int, world: int, folder: Path) -> None:
     torch.testing.assert_close(after, w + a, rtol=0, atol=0)
     with pytest.raises(ValueError, match="vector has shape"):
         layout.unflatten(a)
+    # Power iteration on sharded vectors (global dot and norm) is the one process's.
+    m = torch.randn(total, total, generator=g, dtype=torch.float64)
+    sym = m + m.T
+    plain_result = power_iteration(lambda v: sym @ v, a, 6)
+    sharded = power_iteration(lambda v: layout.shard(sym @ layout.full(v)), a_r, 6, algebra=layout)
+    assert sharded.eigenvalue == pytest.approx(plain_result.eigenvalue, rel=1e-12)
+    assert sharded.residual == pytest.approx(plain_result.residual, rel=1e-9)
+    torch.testing.assert_close(layout.full(sharded.eigenvector), plain_result.eigenvector)
     # Mixed plain and sharded parameters cannot be summed once: refused.
     with pytest.raises(ValueError, match=r"parameters \[4\] are plain tensors.*fully_shard"):
         ParamLayout([*model.parameters(), nn.Parameter(torch.ones(2))])

@@ -10,7 +10,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -54,11 +54,22 @@ def random_unit_vector(
     return v / v.norm()
 
 
+class VectorAlgebra(Protocol):
+    """Dot product and norm of flat vectors, for vectors stored in pieces (such as
+    :class:`~eigensam.hessian.distributed.ParamLayout`'s sharded vectors, whose sums run over
+    every rank's piece)."""
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor: ...
+
+    def norm(self, a: Tensor) -> Tensor: ...
+
+
 def power_iteration(
     matvec: MatVec,
     v0: Tensor,
     num_iters: int,
     tol: float | None = None,
+    algebra: VectorAlgebra | None = None,
 ) -> EigenResult:
     """Power iteration (paper Algorithm 1): ``v ← Hv / ‖Hv‖`` repeated ``num_iters`` times.
 
@@ -67,21 +78,23 @@ def power_iteration(
     residual ``‖Hv − λv‖ / |λ|`` is at most ``tol``. The returned vector is the newest iterate
     ``Hv/‖Hv‖``, one step past the vector whose Rayleigh quotient and residual are reported, so each
     of the ``num_iters`` products improves the returned vector (warm start: pass the previous
-    estimate as ``v0``).
+    estimate as ``v0``). ``algebra`` (optional) supplies the dot product and norm, for vectors
+    sharded over processes (FSDP2); by default they are ``torch.dot`` and ``Tensor.norm``.
     """
     check_positive_int("num_iters", num_iters)
+    dot, norm_of = (torch.dot, Tensor.norm) if algebra is None else (algebra.dot, algebra.norm)
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be > 0 or None, got {tol}")
-    norm = v0.norm()
+    norm = norm_of(v0)
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError(f"v0 must be a finite nonzero vector, got norm {float(norm)}")
     v = v0 / norm
     eigenvalue, residual, converged = 0.0, float("inf"), False
     for i in range(1, num_iters + 1):
         hv = matvec(v)
-        eigenvalue = float(torch.dot(v, hv))
-        residual = float(hv.sub(v, alpha=eigenvalue).norm())
-        hv_norm = hv.norm()
+        eigenvalue = float(dot(v, hv))
+        residual = float(norm_of(hv.sub(v, alpha=eigenvalue)))
+        hv_norm = norm_of(hv)
         if not torch.isfinite(hv_norm):
             raise FloatingPointError(f"Hessian-vector product is not finite at iteration {i}")
         converged = tol is not None and residual <= tol * abs(eigenvalue)
