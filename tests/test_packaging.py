@@ -74,7 +74,8 @@ CORE_SCRIPT = (
     + """
 import importlib, json, pkgutil
 import eigensam, eigensam.hessian, eigensam.optim
-LAB_ONLY = ("eigensam.lab", "eigensam.cli", "eigensam.console")
+# eigensam.integrations.* need their frameworks ([hf] extra), not only torch.
+LAB_ONLY = ("eigensam.lab", "eigensam.cli", "eigensam.console", "eigensam.integrations.")
 core = [
     info.name
     for info in pkgutil.walk_packages(eigensam.__path__, "eigensam.", onerror=lambda name: None)

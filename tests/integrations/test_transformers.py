@@ -1,0 +1,282 @@
+"""SAMTrainer: the Hugging Face Trainer running eigensam optimizers, checked against
+hand-written eigensam loops on the same batches."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers", reason='the [hf] extra is not installed (pip install "eigensam[hf]")'
+)
+pytest.importorskip(
+    "accelerate", reason='the [hf] extra is not installed (pip install "eigensam[hf]")'
+)
+
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+
+from eigensam.integrations.transformers import (  # noqa: E402
+    SAMTrainer,
+    check_arguments,
+    check_sequence_length,
+)
+from eigensam.optim import SAM, EigenSAM  # noqa: E402
+
+VOCAB, CONTEXT = 64, 16
+
+
+def tiny_gpt(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=CONTEXT,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = GPT2LMHeadModel(config)
+    # GPT2LMHeadModel's class name matches no loss type, so the Trainer would count all T labels
+    # of a row in num_items_in_batch instead of the T - 1 the shifted loss sums (its logged loss
+    # would be (T-1)/T of the mean); name the loss so the Trainer counts as the model sums.
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Sequences of a repeating pattern plus noise: a learnable next-token task."""
+
+    def __init__(self, n: int = 32, length: int = CONTEXT):
+        g = torch.Generator().manual_seed(1)
+        base = torch.arange(length) % 7
+        self.ids = (base + torch.randint(0, 3, (n, 1), generator=g)) % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def arguments(tmp_path: Path, **overrides) -> TrainingArguments:
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        max_grad_norm=0.0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**options, **overrides})
+
+
+def eigen_sam(model: torch.nn.Module) -> EigenSAM:
+    # Products by finite differences: GPT-2's attention runs F.scaled_dot_product_attention.
+    return EigenSAM(
+        model,
+        torch.optim.AdamW,
+        rho=0.05,
+        lr=3e-3,
+        weight_decay=0.01,
+        eig_interval=2,
+        eig_iters=2,
+        hvp="fd-central",
+    )
+
+
+class RecordingTrainer(SAMTrainer):
+    """Records the micro-batches the Trainer feeds, in order."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append({k: v.clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def run_trainer(tmp_path: Path, accumulation: int, **overrides) -> RecordingTrainer:
+    model = tiny_gpt()
+    opt = eigen_sam(model)
+    args = arguments(tmp_path, gradient_accumulation_steps=accumulation, **overrides)
+    trainer = RecordingTrainer(
+        model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
+    )
+    trainer.seen = []
+    trainer.train()
+    return trainer
+
+
+def hand_loop(batches, accumulation: int, steps: int, autocast: bool = False):
+    """The eigensam loop a user would write: one ``opt.step(closure)`` per accumulation group,
+    the closure summing the micro-batches' mean losses / k."""
+    model = tiny_gpt()
+    opt = eigen_sam(model)
+    schedule = transformers.get_scheduler(
+        "linear", opt, num_warmup_steps=1, num_training_steps=steps
+    )
+    losses = []
+    for step in range(steps):
+        group = batches[step * accumulation : (step + 1) * accumulation]
+
+        def closure(group=group):
+            total = torch.zeros(())
+            for batch in group:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = model(**batch).loss.float() / len(group)
+                loss.backward()
+                total = total + loss.detach()
+            return total
+
+        model.train()
+        losses.append(float(opt.step(closure)))
+        schedule.step()
+    return model, opt, losses
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_equals_hand_written_loop(tmp_path: Path, accumulation: int) -> None:
+    trainer = run_trainer(tmp_path, accumulation)
+    assert len(trainer.seen) == 4 * accumulation
+    model, opt, losses = hand_loop(trainer.seen, accumulation, steps=4)
+    for a, b in zip(trainer.model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    sam = trainer.eigensam_optimizer
+    assert sam.sam_steps == opt.sam_steps == 4
+    assert sam.tracker.num_updates == opt.tracker.num_updates == 2  # steps 0 and 2
+    torch.testing.assert_close(sam.tracker.vector, opt.tracker.vector, rtol=1e-4, atol=1e-5)
+    # The loss logged each step is the first-pass loss of the accumulated batch.
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx(losses, rel=1e-4)
+    assert losses[-1] < losses[0]
+    # The Trainer's linear schedule drove the eigensam optimizer's learning rate.
+    assert sam.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
+    """Two micro-batches of 4 give the step of one batch of 8 (same samples)."""
+    small = run_trainer(tmp_path / "small", accumulation=2)
+    merged = [
+        {k: torch.cat([a[k], b[k]]) for k in a}
+        for a, b in zip(small.seen[0::2], small.seen[1::2], strict=True)
+    ]
+    model, _, _ = hand_loop(merged, accumulation=1, steps=4)
+    for a, b in zip(small.model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_runs_both_passes_under_autocast(tmp_path: Path) -> None:
+    trainer = run_trainer(tmp_path, accumulation=1, bf16=True)
+    model, _, losses = hand_loop(trainer.seen, 1, steps=4, autocast=True)
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx(losses, rel=1e-3)
+    for a, b in zip(trainer.model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_max_grad_norm_clips_the_second_pass_gradient(tmp_path: Path) -> None:
+    """SGD without momentum moves w by lr·clip(g'), so ‖Δw‖ = lr·max_grad_norm exactly when
+    the second-pass gradient g' is longer than max_grad_norm."""
+    model = tiny_gpt()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model, torch.optim.SGD, rho=0.05, lr=0.1)
+    args = arguments(tmp_path, max_steps=1, max_grad_norm=1e-3, lr_scheduler_type="constant")
+    trainer = SAMTrainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None))
+    trainer.train()
+    moved = torch.cat(
+        [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+    )
+    assert float(moved.norm()) == pytest.approx(0.1 * 1e-3, rel=1e-3)
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(logged) == 1 and logged[0] > 1e-2  # the norm before clipping
+
+
+def test_resume_from_checkpoint_is_bit_for_bit(tmp_path: Path) -> None:
+    full = run_trainer(tmp_path / "full", 1, save_strategy="steps", save_steps=2)
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert saved["sam_steps"] == 2 and saved["tracker"]["vector"] is not None
+    assert saved["base"]["state"]  # AdamW moments
+
+    model = tiny_gpt(seed=5)  # weights come from the checkpoint
+    opt = eigen_sam(model)
+    args = arguments(tmp_path / "full", save_strategy="no")
+    resumed = SAMTrainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for a, b in zip(full.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.sam_steps == 4
+    assert torch.equal(opt.tracker.vector, full.eigensam_optimizer.tracker.vector)
+    state = opt.base_optimizer.state_dict()["state"]
+    reference = full.eigensam_optimizer.base_optimizer.state_dict()["state"]
+    for key in reference:
+        assert torch.equal(state[key]["exp_avg_sq"], reference[key]["exp_avg_sq"])
+
+
+def test_plain_trainer_refuses_an_eigensam_optimizer(tmp_path: Path) -> None:
+    model = tiny_gpt()
+    opt = eigen_sam(model)
+    trainer = Trainer(
+        model=model, args=arguments(tmp_path), train_dataset=TokenData(), optimizers=(opt, None)
+    )
+    with pytest.raises(TypeError, match="needs a closure"):
+        trainer.train()
+
+
+def test_sam_trainer_refuses_a_plain_optimizer(tmp_path: Path) -> None:
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(TypeError, match=r"optimizers=\(optimizer"):
+        SAMTrainer(model=model, args=arguments(tmp_path), optimizers=(opt, None))
+    with pytest.raises(TypeError, match="optimizers"):
+        SAMTrainer(model=model, args=arguments(tmp_path))
+
+
+def test_optimizer_built_on_another_model_is_refused(tmp_path: Path) -> None:
+    opt = eigen_sam(tiny_gpt())
+    with pytest.raises(ValueError, match="different module"):
+        SAMTrainer(model=tiny_gpt(), args=arguments(tmp_path), optimizers=(opt, None))
+
+
+def test_deepspeed_fsdp_and_fp16_are_refused_naming_the_option(tmp_path: Path) -> None:
+    # TrainingArguments(deepspeed=...) needs the deepspeed package; the check reads the field.
+    with pytest.raises(ValueError, match=r"deepspeed='ds.json'.*not supported"):
+        check_arguments(types.SimpleNamespace(deepspeed="ds.json"))
+    model = tiny_gpt()
+    opt = eigen_sam(model)
+    with pytest.raises(ValueError, match=r"fsdp=True.*not supported by SAMTrainer yet"):
+        SAMTrainer(model=model, args=arguments(tmp_path, fsdp=True), optimizers=(opt, None))
+    with pytest.raises(ValueError, match=r"fp16=True.*bf16=True"):
+        SAMTrainer(model=model, args=arguments(tmp_path, fp16=True), optimizers=(opt, None))
+
+
+def test_sequence_longer_than_the_model_allows_is_refused(tmp_path: Path) -> None:
+    long = torch.zeros(2, CONTEXT + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"input_ids has sequence length {CONTEXT + 1}"):
+        check_sequence_length({"input_ids": long}, CONTEXT)
+    check_sequence_length({"input_ids": long[:, :CONTEXT]}, CONTEXT)  # at the limit: fine
+
+    class LongData(TokenData):
+        def __getitem__(self, i):
+            ids = torch.zeros(CONTEXT + 4, dtype=torch.long)
+            return {"input_ids": ids, "labels": ids}
+
+    model = tiny_gpt()
+    trainer = SAMTrainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=LongData(),
+        optimizers=(eigen_sam(model), None),
+    )
+    with pytest.raises(ValueError, match="longer than the model allows"):
+        trainer.train()
