@@ -74,7 +74,8 @@ def test_tracker_on_split_closure_matches_whole_batch():
     x, y = batch()
     split = split_closure(model, nn.functional.cross_entropy, x, y, 4)
     params = list(model.parameters())
-    whole, lean = EigenTracker(1, 4, seed=3), EigenTracker(1, 4, seed=3)
+    # Train mode (the model's own): the whole batch's evaluation at w is kept for reuse.
+    whole, lean = EigenTracker(1, 4, seed=3, mode="train"), EigenTracker(1, 4, seed=3, mode="train")
     for _ in range(2):
         a = whole.update(split.closure, params, model)
         b = lean.update(split, params, model)
@@ -99,7 +100,8 @@ def test_one_part_is_the_whole_batch_with_its_evaluation_kept_for_reuse():
     x, y = batch()
     one = split_closure(model, nn.functional.cross_entropy, x, y, 1)
     params = list(model.parameters())
-    whole, single = EigenTracker(1, 3, seed=3), EigenTracker(1, 3, seed=3)
+    whole = EigenTracker(1, 3, seed=3, mode="train")
+    single = EigenTracker(1, 3, seed=3, mode="train")
     a = whole.update(one.closure, params, model)
     b = single.update(one, params, model)
     assert b.eigenvalue == a.eigenvalue and torch.equal(single.vector, whole.vector)

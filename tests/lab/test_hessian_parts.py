@@ -72,9 +72,11 @@ def float64() -> Iterator[None]:
         (dict(method="sam", hessian_parts=4), False, 32, 1),  # no products to split
         (dict(method="eigen-sam", hvp="fd-forward"), False, 32, 1),
         (dict(method="eigen-sam", hvp="fd-central", hessian_parts=4), False, 32, 1),
-        (dict(method="eigen-sam"), True, 32, 1),  # BatchNorm in train mode
-        (dict(method="x-sam"), True, 32, 1),
-        (dict(method="eigen-sam", hessian_mode="eval"), True, 32, 4),
+        (dict(method="eigen-sam", hessian_mode="train"), True, 32, 1),  # BatchNorm in train mode
+        (dict(method="x-sam", hessian_mode="train"), True, 32, 1),
+        (dict(method="eigen-sam"), True, 32, 4),  # default: eval mode
+        (dict(method="x-sam"), True, 32, 4),
+        (dict(method="eigen-sam", hvp="autograd"), True, 32, 4),
         (dict(method="egr", hessian_mode="eval"), True, 32, 1),  # EGR: always train mode
         (dict(method="eigen-sam"), False, 2, 2),  # capped at the batch
         (dict(method="eigen-sam"), False, 1, 1),
@@ -109,8 +111,10 @@ def test_trainer_resolves_with_the_per_step_batch(tmp_path: Path) -> None:
     assert Trainer(tiny(tmp_path, "b", method="sam")).hessian_parts == 1
     assert Trainer(tiny(tmp_path, "c", method="x-sam", batch_size=2)).hessian_parts == 2
     config = TrainConfig(**{**TINY_BN, "method": "eigen-sam", "out_dir": str(tmp_path / "d")})
-    assert Trainer(config).hessian_parts == 1
+    assert Trainer(config).hessian_parts == 4  # BatchNorm, default eval-mode products
     assert config.hessian_parts == "auto"  # the config keeps what the user gave
+    fields = {**TINY_BN, "method": "eigen-sam", "hessian_mode": "train"}
+    assert Trainer(TrainConfig(**fields, out_dir=str(tmp_path / "e"))).hessian_parts == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +141,14 @@ def test_good_values_are_accepted(value: object) -> None:
 @pytest.mark.parametrize(
     ("fields", "words"),
     [
-        (dict(method="eigen-sam", hessian_parts=3), ["hessian_mode=eval", "hessian_parts=1"]),
-        (dict(method="x-sam", hessian_parts=2), ["hessian_mode=eval", "hessian_parts=1"]),
+        (
+            dict(method="eigen-sam", hessian_parts=3, hessian_mode="train"),
+            ["hessian_mode=eval", "hessian_parts=1"],
+        ),
+        (
+            dict(method="x-sam", hessian_parts=2, hessian_mode="train"),
+            ["hessian_mode=eval", "hessian_parts=1"],
+        ),
         (dict(method="egr", hessian_parts=2, hessian_mode="eval"), ["use hessian_parts=1"]),
     ],
 )

@@ -27,6 +27,8 @@ def batches(dtype=torch.float32, count=5):
 
 
 def train(cls, reuse, hvp="autograd", model=None, steps=5, **kwargs):
+    # The reuse needs products in the mode the model is in (train) during training.
+    kwargs.setdefault("hessian_mode", "train")
     model = cnn() if model is None else model
     opt = cls(
         model,

@@ -258,7 +258,7 @@ def test_grad_scaler_clean_step_matches_unscaled_step(batch):
         (dict(eig_interval=0), "eig_interval"),
         (dict(eig_iters=0), "eig_iters"),
         (dict(eig_method="qr"), "eig_method"),
-        (dict(hvp="magic"), "hvp backend"),
+        (dict(hvp="magic"), "hvp must be one of"),
         (dict(hessian_mode="test"), "hessian_mode"),
         (dict(on_nonfinite="ignore"), "on_nonfinite"),
         (dict(adaptive=True), "adaptive"),

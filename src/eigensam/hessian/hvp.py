@@ -16,14 +16,24 @@ On piecewise-linear networks (ReLU, max-pool) the finite differences cross activ
 so they measure a smoothed Hessian, not the almost-everywhere Hessian that ``"autograd"`` gives:
 on the paper's ReLU SimpleCNN their cosine to the exact product is near 0 for random directions
 and about 0.96-0.99 along the top eigenvector (``benchmarks/bench_optimizers.py``). That is why
-``"autograd"`` is the default of the optimizers. On smooth networks (GeLU, tanh) they agree with
-the exact product. The finite-difference backends need only gradients, so they work with any
-model (kernels without double backward, mixed precision, DDP where the gradient all-reduce makes
-the product global); with a model that cannot be differentiated twice (``torch.compile``, fused
-kernels) ``"autograd"`` raises :class:`DoubleBackwardError` naming them.
+the optimizers' ``hvp="auto"`` takes ``"autograd"`` whenever the model supports double backward.
+On smooth networks (GeLU, tanh) they agree with the exact product. The finite-difference
+backends need only gradients, so they work with any model (kernels without double backward,
+mixed precision, DDP where the gradient all-reduce makes the product global); with a model that
+cannot be differentiated twice (``torch.compile``, fused kernels such as every
+``F.scaled_dot_product_attention`` kernel on CPU) ``"autograd"`` raises
+:class:`DoubleBackwardError` naming them, and ``"auto"`` falls back to :data:`FD_FALLBACK`.
+
 Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting to
-``FD_SCALE[backend]`` (tested on a smooth MLP: relative error 1e-6 / 1e-3 in float64 for
-central / forward differences, ``tests/hessian/test_hvp.py``).
+``FD_SCALE[backend]``. The fallback (central differences, ``fd_scale = 1e-4``) was chosen on
+small causal transformers (``nn.TransformerEncoderLayer``, GeLU, SDPA) in float32 against the
+exact product with SDPA's math backend (``benchmarks/bench_fd_transformer.py``): relative error
+0.9-1.8e-3 for random directions and 0.6-1.2e-3 along the top eigenvector (λ₁ from 20 power steps
+within 0.06-0.12 %); ``fd_scale = 1e-3`` is 10x more accurate for random directions but 5-10 %
+off along the top eigenvector, where the third derivative is large; forward differences (half
+the cost) are 2x less accurate for random directions and 10x less along the top eigenvector.
+In float64 on a smooth MLP the error is 1e-6 (central) and 1e-3 (forward)
+(``tests/hessian/test_hvp.py``).
 
 While an operator is open (``with HessianOperator(...) as op:``) every product sees the same loss:
 the RNG is reset to the state it had on entry before each closure call (same dropout masks), all
@@ -48,7 +58,7 @@ import contextlib
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -59,15 +69,29 @@ from eigensam.hessian.distributed import is_ddp
 
 Closure = Callable[[], Tensor]
 BACKENDS = ("autograd", "fd-central", "fd-forward")
+AUTO = "auto"
+# What hvp="auto" uses when the model has no double backward: chosen on a smooth transformer
+# (benchmarks/bench_fd_transformer.py; see the module docstring).
+FD_FALLBACK = "fd-central"
+# hessian_parts="auto": one part's double-backward graph takes 2.6x (SimpleCNN) to about 3x
+# (ResNet-18) a gradient's memory, so 4 parts keep an eigenvector refresh's peak near SAM's step
+# (3 parts left ResNet-18 at batch 64 at 1.31x SAM, 4 at 1.16x, at the same refresh time on
+# SimpleCNN; benchmarks/bench_optimizers.py).
+AUTO_HESSIAN_PARTS = 4
 MODES = ("train", "eval", None)
-# Default finite-difference scales; see the module docstring and benchmarks/bench_hvp.py.
-FD_SCALE = {"fd-central": 1e-3, "fd-forward": 1e-4}
+# Default finite-difference scales; see the module docstring.
+FD_SCALE = {"fd-central": 1e-4, "fd-forward": 1e-4}
 # What torch says when a model cannot be differentiated twice (torch.compile, fused kernels).
 NO_DOUBLE_BACKWARD = ("double backward", "donated buffers", "is not implemented")
 
 
 class DoubleBackwardError(RuntimeError):
-    """The exact backend needs double backward, which this model does not support."""
+    """The exact backend needs double backward, which this model does not support; ``reason``
+    is the first line of torch's error."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 def flatten(tensors: Iterable[Tensor | None], like: Sequence[Tensor]) -> Tensor:
@@ -132,25 +156,93 @@ def call_closure(closure: Closure) -> Tensor:
 
 
 class SplitClosure:
-    """A whole-batch closure together with closures for its parts (micro-batches) whose losses
-    sum to the whole batch's loss, ``L = sum_k L_k``.
+    """A whole-batch closure together with closures for its parts (micro-batches) whose weighted
+    losses sum to the whole batch's loss, ``L = sum_k weights[k]·L_k`` (default weights 1).
 
     Calling it runs the whole-batch closure, so it can be passed wherever a closure goes (the
-    optimizers' ``step``). ``HessianOperator(backend="autograd")`` uses ``parts`` for products.
-    The sum is exact when the loss is a sum of per-sample terms; BatchNorm in train mode couples
-    the samples of a batch, so the operator refuses parts then (see :class:`HessianOperator`).
+    optimizers' ``step``). ``HessianOperator(backend="autograd")`` uses ``parts`` for products,
+    ``H v = sum_k weights[k]·(∇²L_k) v``. The sum is exact when the loss is a sum (or, with the
+    weights ``n_k/n`` of :func:`batch_split_closure`, a mean) of per-sample terms; BatchNorm in
+    train mode couples the samples of a batch, so the operator refuses parts then (see
+    :class:`HessianOperator` and :func:`hessian_parts_for`).
     """
 
-    def __init__(self, closure: Closure, parts: Sequence[Closure]):
+    def __init__(
+        self, closure: Closure, parts: Sequence[Closure], weights: Sequence[float] | None = None
+    ):
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         self.closure = closure
         self.parts = list(parts)
         if not self.parts or not all(callable(part) for part in self.parts):
             raise ValueError(f"parts must be a non-empty sequence of closures, got {parts!r}")
+        self.weights = [1.0] * len(self.parts) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.parts):
+            raise ValueError(
+                f"weights must have one entry per part ({len(self.parts)}), got {len(self.weights)}"
+            )
 
     def __call__(self) -> Tensor:
         return self.closure()
+
+
+Batch = Sequence[object] | Mapping[str, object]
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Length along dimension 0 of the first tensor of ``batch`` (a sequence of positional
+    arguments or a mapping of keyword arguments); ValueError if it holds no tensor."""
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return len(value)
+    raise ValueError(
+        f"batch must contain at least one tensor with a batch dimension, got {batch!r}"
+    )
+
+
+def bind_batch(closure: Callable[..., Tensor], batch: Batch) -> Closure:
+    """The zero-argument closure ``closure(*batch)`` (a mapping: ``closure(**batch)``)."""
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+    if isinstance(batch, Mapping):
+        return lambda: closure(**batch)
+    if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
+        return lambda: closure(*batch)
+    raise TypeError(
+        f"batch must be a tuple/list of the closure's arguments or a dict of its keyword "
+        f"arguments, got {type(batch).__name__}"
+    )
+
+
+def batch_split_closure(closure: Callable[..., Tensor], batch: Batch, parts: int) -> SplitClosure:
+    """A :class:`SplitClosure` of ``closure(*batch)`` whose ``parts`` micro-batches take every
+    tensor of ``batch`` split along dimension 0 (``torch.tensor_split``: sizes ``n_k`` differ by
+    at most 1; other values are passed unchanged), weighted ``n_k/n``: exact when the closure's
+    loss is the mean of per-sample terms, as with ``reduction="mean"`` losses."""
+    n = batch_size_of(batch)
+    if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= n:
+        raise ValueError(
+            f"hessian_parts must be an int in [1, {n}] (the batch has {n} samples), got {parts!r}"
+        )
+
+    def piece(value: object, k: int) -> object:
+        if isinstance(value, Tensor) and value.dim() > 0 and len(value) == n:
+            return value.tensor_split(parts)[k]
+        return value
+
+    pieces: list[Batch] = []
+    for k in range(parts):
+        if isinstance(batch, Mapping):
+            pieces.append({key: piece(value, k) for key, value in batch.items()})
+        else:
+            pieces.append([piece(value, k) for value in batch])
+    sizes = [batch_size_of(p) for p in pieces]
+    return SplitClosure(
+        bind_batch(closure, batch),
+        [bind_batch(closure, p) for p in pieces],
+        [size / n for size in sizes],
+    )
 
 
 def split_closure(
@@ -161,32 +253,56 @@ def split_closure(
     parts: int = 1,
     backward: Callable[[Tensor], None] | None = None,
 ) -> SplitClosure:
-    """A :class:`SplitClosure` for ``loss_fn(model(inputs), targets)`` with ``parts`` micro-batches
-    (chunks of dimension 0); part ``k`` is weighted ``n_k / n``, exact for a mean-reduced
-    per-sample ``loss_fn``. ``backward(loss)`` is called on each loss (default
-    ``loss.backward()``; pass ``lambda loss: scaler.scale(loss).backward()`` with a GradScaler).
+    """:func:`batch_split_closure` of ``loss_fn(model(inputs), targets)`` with ``parts``
+    micro-batches; ``backward(loss)`` is called on each loss (default ``loss.backward()``; pass
+    ``lambda loss: scaler.scale(loss).backward()`` with a GradScaler)."""
+
+    def closure(x: Tensor, y: Tensor) -> Tensor:
+        loss = loss_fn(model(x), y)
+        if backward is None:
+            loss.backward()
+        else:
+            backward(loss)
+        return loss
+
+    return batch_split_closure(closure, (inputs, targets), parts)
+
+
+def hessian_parts_for(requested: int | str, model: nn.Module | None, mode: str | None) -> int:
+    """The number of micro-batches for exact products: ``requested``, or for ``"auto"``
+    :data:`AUTO_HESSIAN_PARTS` when ``model`` is given and no BatchNorm layer of it is in train
+    mode during the products (``mode``; None: as the model is now), else 1. An explicit number
+    > 1 with BatchNorm in train mode raises ValueError (the parts' batch statistics would differ
+    from the batch's). The caller caps the result at the batch size.
     """
-    if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= len(inputs):
-        raise ValueError(f"parts must be an int in [1, {len(inputs)}] (batch size), got {parts!r}")
+    check_hessian_parts(requested)
+    coupled = [
+        name
+        for name, m in (model.named_modules() if model is not None else ())
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (m.training if mode is None else mode == "train")
+    ]
+    if requested == AUTO:
+        return AUTO_HESSIAN_PARTS if model is not None and not coupled else 1
+    assert isinstance(requested, int)
+    if coupled and requested > 1:
+        raise ValueError(
+            f"hessian_parts={requested} splits the batch of the Hessian-vector products, but "
+            f"BatchNorm layers ({', '.join(coupled)}) are in train mode during them (their batch "
+            "statistics would differ per part); use hessian_mode='eval' or hessian_parts=1"
+        )
+    return requested
 
-    def closure_on(x: Tensor, y: Tensor, weight: float) -> Closure:
-        def closure() -> Tensor:
-            loss = loss_fn(model(x), y)
-            if weight != 1.0:
-                loss = loss * weight
-            if backward is None:
-                loss.backward()
-            else:
-                backward(loss)
-            return loss
 
-        return closure
-
-    n = len(inputs)
-    chunks = zip(inputs.chunk(parts), targets.chunk(parts), strict=True)
-    return SplitClosure(
-        closure_on(inputs, targets, 1.0), [closure_on(x, y, len(x) / n) for x, y in chunks]
-    )
+def check_hessian_parts(value: object) -> int | str:
+    """Return ``value`` if it is a positive int or ``"auto"``, else raise naming the argument."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"hessian_parts must be a positive int or 'auto', got {value!r}")
+    if value < 1:
+        raise ValueError(f"hessian_parts must be a positive int or 'auto', got {value}")
+    return value
 
 
 _backward_signature = inspect.signature(torch.Tensor.backward)
@@ -353,6 +469,7 @@ class HessianOperator:
         # One part is the whole batch: products then keep its graph (and may be reused).
         split = isinstance(closure, SplitClosure) and len(closure.parts) > 1
         self.parts = cast(SplitClosure, closure).parts if split else None
+        self.weights = cast(SplitClosure, closure).weights if split else []
         self._graph_grads: list[Tensor] | None = None
         self._frozen: FrozenState | None = None
         self._record = False
@@ -475,11 +592,13 @@ class HessianOperator:
             except RuntimeError as error:
                 if not any(marker in str(error) for marker in NO_DOUBLE_BACKWARD):
                     raise
+                reason = str(error).splitlines()[0]
                 raise DoubleBackwardError(
                     "the exact Hessian-vector product (backend 'autograd') differentiates the "
                     "gradient twice, which this model does not support (torch.compile, fused "
-                    f"kernels; torch said: {str(error).splitlines()[0]}); use a finite-difference "
-                    "backend: hvp='fd-central' or hvp='fd-forward'"
+                    f"kernels; torch said: {reason}); use a finite-difference backend: "
+                    "hvp='fd-central' or hvp='fd-forward' (or hvp='auto' in the optimizers)",
+                    reason,
                 ) from error
         else:
             h = self.step_size(v)
@@ -500,9 +619,11 @@ class HessianOperator:
         """``sum_k (d^2 L_k) v`` over the SplitClosure's parts, one part's graph at a time."""
         assert self.parts is not None and self._frozen is not None
         product: Tensor | None = None
-        for part in self.parts:
+        for part, weight in zip(self.parts, self.weights, strict=True):
             graph = self._graph_of(self._evaluate(part, build_graph=True))
             hv = self._second_derivatives(graph, v, retain_graph=False)
+            if weight != 1.0:
+                torch._foreach_mul_([h for h in hv if h is not None], weight)
             del graph
             self._frozen.buffers.restore()
             if product is None:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from eigensam.hessian.eigen import EigenResult, check_positive_int, lanczos, power_iteration
 from eigensam.hessian.hvp import (
+    AUTO,
+    BACKENDS,
+    FD_FALLBACK,
+    FD_SCALE,
     Closure,
+    DoubleBackwardError,
     Evaluation,
     HessianOperator,
-    check_backend,
     check_mode,
     flatten,
     unflatten,
@@ -22,6 +27,50 @@ from eigensam.hessian.hvp import (
 
 METHODS = ("power", "lanczos")
 SCHEDULES = ("burst", "spread")
+TRACKER_BACKENDS = (AUTO, *BACKENDS)
+T = TypeVar("T")
+
+
+def check_tracker_backend(backend: str) -> str:
+    """Return ``backend`` if it is ``"auto"`` or an HVP backend, else raise listing them."""
+    if backend not in TRACKER_BACKENDS:
+        raise ValueError(f"hvp must be one of {TRACKER_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def choose_backend(
+    requested: str, params: Sequence[Tensor], error: DoubleBackwardError | None = None
+) -> str:
+    """The backend to use for ``params``: ``requested`` unless it is ``"auto"``, which is
+    ``"autograd"`` (exact) until the exact product failed with ``error`` (the model has no
+    double backward), then :data:`~eigensam.hessian.hvp.FD_FALLBACK`."""
+    if requested != AUTO:
+        return requested
+    return FD_FALLBACK if error is not None else "autograd"
+
+
+def run_with_backend(
+    requested: str, params: Sequence[Tensor], run: Callable[[str], T]
+) -> tuple[T, str]:
+    """``run(backend)`` with the backend :func:`choose_backend` picks; for ``"auto"``, when the
+    exact product raises :class:`~eigensam.hessian.hvp.DoubleBackwardError`, warn once (naming
+    torch's reason) and run again with the finite-difference fallback. Returns the result and
+    the backend used."""
+    backend = choose_backend(requested, params)
+    if requested != AUTO:
+        return run(backend), backend
+    try:
+        return run(backend), backend
+    except DoubleBackwardError as error:
+        backend = choose_backend(AUTO, params, error)
+        warnings.warn(
+            f"hvp='auto': this model has no double backward ({error.reason}); its "
+            f"Hessian-vector products use finite differences ('{backend}', "
+            f"fd_scale={FD_SCALE[backend]:g}) from now on",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return run(backend), backend
 
 
 class EigenTracker:
@@ -42,6 +91,11 @@ class EigenTracker:
     warm-started power step every ``stride = max(1, interval // iters)`` steps, each on the batch
     of its own step, so the estimate follows the moving Hessian (power method only).
 
+    ``backend`` is the Hessian-vector-product backend; ``"auto"`` (default) is decided at the
+    first update by :func:`choose_backend` (exact double backward, or finite differences with a
+    warning when the model has none) and then kept, in ``state_dict`` too. ``mode`` ("eval" by
+    default, as the official Eigen-SAM code) is the model's mode during the products.
+
     ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``vector`` spans
     all ``params``; parameters with ``requires_grad=False`` are constants of the loss, and ``v̂``
     is 0 on them. ``evaluation`` is the operator's :class:`~eigensam.hessian.hvp.Evaluation` of
@@ -59,8 +113,8 @@ class EigenTracker:
         iters: int = 5,
         *,
         method: str = "power",
-        backend: str = "autograd",
-        mode: str | None = "train",
+        backend: str = AUTO,
+        mode: str | None = "eval",
         seed: int = 0,
         reduce: Callable[[Tensor], Tensor] | None = None,
         schedule: str = "burst",
@@ -79,7 +133,9 @@ class EigenTracker:
             )
         self.method = method
         self.schedule = schedule
-        self.backend = check_backend(backend)
+        self.requested_backend = check_tracker_backend(backend)
+        # "auto" until the first update decides (see choose_backend), then the concrete one.
+        self.backend = self.requested_backend
         self.mode = check_mode(mode)
         self.generator = torch.Generator().manual_seed(seed)
         self.vector: Tensor | None = None
@@ -120,10 +176,30 @@ class EigenTracker:
             v0 = flatten(
                 [c for c, p in zip(chunks, params, strict=True) if p.requires_grad], trainable
             )
-        mode = self.mode if model is not None else None
         self.evaluation = None
+        result, self.backend = run_with_backend(
+            self.backend, params, lambda backend: self._solve(closure, params, model, v0, backend)
+        )
+        found = iter(unflatten(result.eigenvector.detach(), trainable))
+        self.vector = flatten([next(found) if p.requires_grad else None for p in params], params)
+        self.eigenvalue = result.eigenvalue / loss_scale
+        self.residual = result.residual / loss_scale
+        self.num_updates += 1
+        return result
+
+    def _solve(
+        self,
+        closure: Closure,
+        params: Sequence[Tensor],
+        model: nn.Module | None,
+        v0: Tensor,
+        backend: str,
+    ) -> EigenResult:
+        """Power iteration or Lanczos from ``v0`` on the operator of ``backend``; keeps the
+        operator's evaluation at ``w`` in ``evaluation``."""
+        mode = self.mode if model is not None else None
         operator = HessianOperator(
-            closure, params, backend=self.backend, model=model, mode=mode, reduce=self.reduce
+            closure, params, backend=backend, model=model, mode=mode, reduce=self.reduce
         )
         with operator as op:
             if self.method == "power":
@@ -132,15 +208,11 @@ class EigenTracker:
             else:
                 result = lanczos(op.matvec, v0, self.iters, k=1, which="LA")[0]
         self.evaluation = op.evaluation
-        found = iter(unflatten(result.eigenvector.detach(), trainable))
-        self.vector = flatten([next(found) if p.requires_grad else None for p in params], params)
-        self.eigenvalue = result.eigenvalue / loss_scale
-        self.residual = result.residual / loss_scale
-        self.num_updates += 1
         return result
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "backend": self.backend,
             "vector": None if self.vector is None else self.vector.clone(),
             "eigenvalue": self.eigenvalue,
             "residual": self.residual,
@@ -154,4 +226,6 @@ class EigenTracker:
         self.eigenvalue = state["eigenvalue"]
         self.residual = state["residual"]
         self.num_updates = state["num_updates"]
+        if self.requested_backend == AUTO:  # a resumed run keeps the backend "auto" chose
+            self.backend = state.get("backend", AUTO)
         self.generator.set_state(state["generator"])

@@ -62,10 +62,18 @@ from tqdm import tqdm
 
 from eigensam.hessian.distributed import MeanAcrossRanks, check_same_across_ranks
 from eigensam.hessian.eigen import lanczos, random_unit_vector
-from eigensam.hessian.hvp import BACKENDS, HessianOperator, SplitClosure, split_closure
+from eigensam.hessian.hvp import (
+    AUTO,
+    AUTO_HESSIAN_PARTS,
+    HessianOperator,
+    SplitClosure,
+    hessian_parts_for,
+    split_closure,
+)
 from eigensam.hessian.metrics import abs_cosine, align
 from eigensam.hessian.tracker import METHODS as EIG_METHODS
 from eigensam.hessian.tracker import SCHEDULES as EIG_SCHEDULES
+from eigensam.hessian.tracker import TRACKER_BACKENDS
 from eigensam.lab import distributed, tracking
 from eigensam.lab.data import (
     DATASETS,
@@ -78,7 +86,6 @@ from eigensam.lab.data import (
 )
 from eigensam.lab.models import MODELS, build_model, kaiming_init
 from eigensam.optim import EGR, SAM, XSAM, EigenSAM, ReverseSAM
-from eigensam.optim.eigen_sam import AUTO
 from eigensam.optim.sam import SHARPNESS
 
 METHODS = ("sgd", "sam", "asam", "eigen-sam", "x-sam", "reverse-sam", "egr")
@@ -88,11 +95,6 @@ INITS = ("default", "kaiming")
 HESSIAN_MODES = ("train", "eval")
 # Methods whose optimizer computes Hessian-vector products (backend ``hvp``).
 HVP_METHODS = ("eigen-sam", "x-sam", "egr")
-# hessian_parts="auto": one part's double-backward graph takes 2.6x (SimpleCNN) to about 3x
-# (ResNet-18) a gradient's memory, so 4 parts keep an eigenvector refresh's peak near SAM's step
-# (measured: README "Measured cost"; 3 parts left ResNet-18 at batch 64 at 1.31x SAM, 4 at 1.16x,
-# at the same refresh time on SimpleCNN).
-AUTO_HESSIAN_PARTS = 4
 EVAL_BATCH_SIZE = 256  # faster than larger batches for the CPU-sized models
 # Fields that may differ between a run and its resumption: they do not change the result.
 RESUME_FREE_FIELDS = ("out_dir", "data_dir", "download")
@@ -137,8 +139,8 @@ class TrainConfig:
     eig_iters: int = _opt(5, "Eigen-SAM/X-SAM: Hessian-vector products per refresh q")
     eig_method: str = _opt("power", f"Eigen-SAM/X-SAM solver: one of {', '.join(EIG_METHODS)}")
     eig_schedule: str = _opt("burst", "Eigen-SAM/X-SAM: products all at once (burst) or spread")
-    hvp: str = _opt("autograd", f"Hessian-vector products: one of {', '.join(BACKENDS)}")
-    hessian_mode: str = _opt("train", "model mode during the optimizer's Hessian products")
+    hvp: str = _opt("auto", f"Hessian-vector products: one of {', '.join(TRACKER_BACKENDS)}")
+    hessian_mode: str = _opt("eval", "model mode during Eigen-SAM/X-SAM's Hessian products")
     hessian_parts: int | str = _opt(
         AUTO,
         "micro-batches of the optimizer's exact Hessian-vector products (memory); "
@@ -199,7 +201,7 @@ class TrainConfig:
         _check_choice("eig_schedule", self.eig_schedule, EIG_SCHEDULES)
         if self.eig_schedule == "spread" and self.eig_method != "power":
             raise ValueError(f"eig_schedule spread needs eig_method power, got {self.eig_method!r}")
-        _check_choice("hvp", self.hvp, BACKENDS)
+        _check_choice("hvp", self.hvp, TRACKER_BACKENDS)
         _check_choice("hessian_mode", self.hessian_mode, HESSIAN_MODES)
         if self.hessian_parts != AUTO:
             _check_int("hessian_parts", self.hessian_parts, 1, or_auto=True)
@@ -588,31 +590,28 @@ def resolve_hessian_parts(config: TrainConfig, model: nn.Module, batch_size: int
     """The number of micro-batches of the optimizer's Hessian-vector products.
 
     1 when the method computes no exact products (methods outside :data:`HVP_METHODS`, or
-    ``hvp`` other than ``"autograd"``). Else ``hessian_parts``, where ``"auto"`` is
-    :data:`AUTO_HESSIAN_PARTS` unless a BatchNorm layer of ``model`` is in train mode during the
-    products (``hessian_mode="train"``; always for EGR, whose products run in the model's train
-    mode), where it is 1; capped at ``batch_size`` (the per-process batch). An explicit number
-    > 1 with BatchNorm in train mode raises ``ValueError``: the parts' batch statistics would
-    differ from the batch's.
+    ``hvp`` a finite-difference backend). Else
+    :func:`~eigensam.hessian.hvp.hessian_parts_for` of ``hessian_parts`` in the mode of the
+    products (``hessian_mode``; always train for EGR, whose products run in the model's train
+    mode): ``"auto"`` is :data:`~eigensam.hessian.hvp.AUTO_HESSIAN_PARTS` unless a BatchNorm
+    layer is in train mode during them, where it is 1; capped at ``batch_size`` (the
+    per-process batch). An explicit number > 1 with BatchNorm in train mode raises
+    ``ValueError``: the parts' batch statistics would differ from the batch's.
     """
-    if config.method not in HVP_METHODS or config.hvp != "autograd":
+    if config.method not in HVP_METHODS or config.hvp not in ("autograd", AUTO):
         return 1
     mode = "train" if config.method == "egr" else config.hessian_mode
-    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    coupled = batchnorm and mode == "train"
-    if config.hessian_parts == AUTO:
-        return 1 if coupled else min(AUTO_HESSIAN_PARTS, batch_size)
-    parts = min(int(config.hessian_parts), batch_size)
-    if coupled and parts > 1:
-        fix = (
-            "hessian_parts=1" if config.method == "egr" else "hessian_mode=eval or hessian_parts=1"
-        )
+    try:
+        parts = hessian_parts_for(config.hessian_parts, model, mode)
+    except ValueError:
+        egr = config.method == "egr"
+        fix = "hessian_parts=1" if egr else "hessian_mode=eval or hessian_parts=1"
         raise ValueError(
             f"hessian_parts={config.hessian_parts} splits the batch of the Hessian-vector "
             f"products, but model {config.model} has BatchNorm layers in train mode during them "
             f"(their batch statistics would differ per part); use {fix}"
-        )
-    return parts
+        ) from None
+    return min(parts, batch_size)
 
 
 def evaluate(model: nn.Module, data: TensorData, device: torch.device) -> tuple[float, float]:

@@ -9,13 +9,8 @@ import torch
 from torch import Tensor
 
 from eigensam.hessian.distributed import local_forward
-from eigensam.hessian.hvp import (
-    HessianOperator,
-    call_closure,
-    check_backend,
-    flatten,
-    unflatten,
-)
+from eigensam.hessian.hvp import AUTO, Batch, HessianOperator, call_closure, flatten, unflatten
+from eigensam.hessian.tracker import check_tracker_backend, run_with_backend
 from eigensam.optim.sam import SAM, unit
 
 
@@ -30,26 +25,32 @@ class EGR(SAM):
     """Explicit gradient regularization: descends ``f(w) + ρ‖∇f(w)‖`` (paper Appendix A).
 
     Its gradient is ``∇f + ρ·H ĝ`` with ``ĝ = ∇f/‖∇f‖`` and ``H = ∇²f``; the Hessian-vector
-    product uses the ``hvp`` backend (default exact double backward) on the same batch; under
-    DDP it runs on the inner module and is averaged over the replicas.
+    product uses the ``hvp`` backend on the same batch (default ``"auto"``: exact double
+    backward when the model supports it, else finite differences, decided at the first step);
+    under DDP it runs on the inner module and is averaged over the replicas.
     """
 
-    def __init__(self, *args: Any, hvp: str = "autograd", **kwargs: Any):
+    def __init__(self, *args: Any, hvp: str = AUTO, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if any(group["adaptive"] for group in self.param_groups):
             raise ValueError("adaptive=True is not defined for EGR")
         if self.sharpness == "local":
             raise ValueError("sharpness='local' is not defined for EGR, which has no ascent step")
-        self.hvp = check_backend(hvp)
+        self.hvp = check_tracker_backend(hvp)
 
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Tensor] | None = None, scaler: Any = None
+        self,
+        closure: Callable[..., Tensor] | None = None,
+        scaler: Any = None,
+        batch: Batch | None = None,
     ) -> Tensor:
-        """Gradient of ``f + ρ‖∇f‖`` on the closure's batch, then the base step."""
+        """Gradient of ``f + ρ‖∇f‖`` on the closure's batch (``closure(*batch)`` when ``batch``
+        is given), then the base step."""
         if closure is None:
             raise TypeError(
                 "EGR.step() needs a closure that computes the loss and calls backward()"
             )
+        closure = self._bind(closure, batch)
         if scaler is not None:
             raise ValueError("EGR does not support a GradScaler")
         self._check_ranks()
@@ -64,17 +65,21 @@ class EGR(SAM):
         params = [p for p in self._params() if p.requires_grad]
         grad = flatten([p.grad for p in params], params)
         if bool(grad.any()):
-            operator = HessianOperator(
-                closure,
-                params,
-                backend=self.hvp,
-                model=self.model,
-                mode=None,
-                base_grad=grad,
-                reduce=self.reduce,
-            )
-            with local_forward(self.ddp), operator as op:
-                hg = op.matvec(unit(grad))
+
+            def product(backend: str) -> Tensor:
+                operator = HessianOperator(
+                    closure,
+                    params,
+                    backend=backend,
+                    model=self.model,
+                    mode=None,
+                    base_grad=grad,
+                    reduce=self.reduce,
+                )
+                with local_forward(self.ddp), operator as op:
+                    return op.matvec(unit(grad))
+
+            hg, self.hvp = run_with_backend(self.hvp, params, product)
             if not bool(torch.isfinite(hg).all()):
                 self._nonfinite("Hessian-vector product", None)
                 return loss

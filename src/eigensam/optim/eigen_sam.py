@@ -12,7 +12,17 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from eigensam.hessian.distributed import local_forward
-from eigensam.hessian.hvp import Evaluation, flatten, unflatten
+from eigensam.hessian.hvp import (
+    AUTO,
+    Batch,
+    Evaluation,
+    batch_size_of,
+    batch_split_closure,
+    check_hessian_parts,
+    flatten,
+    hessian_parts_for,
+    unflatten,
+)
 from eigensam.hessian.tracker import EigenTracker
 from eigensam.optim.sam import SAM, check_nonnegative, plain_norm_is_accurate, unit
 
@@ -21,14 +31,26 @@ class TrackedSAM(SAM):
     """SAM plus an :class:`EigenTracker` refreshed every ``eig_interval`` steps on the current
     batch, before the first pass (so the estimate and the step see the same dropout masks).
 
-    ``hvp`` picks the Hessian-vector-product backend (``"fd-forward"``, ``"fd-central"`` or
-    ``"autograd"``, see :mod:`eigensam.hessian.hvp`), ``eig_method`` the solver (``"power"`` as in
-    the paper, or ``"lanczos"`` for the algebraically largest eigenvalue at the same cost),
-    ``eig_schedule`` how the products are spent (``"burst"``: all every ``eig_interval`` steps, as
-    the paper; ``"spread"``: one every ``eig_interval // eig_iters`` steps), and
-    ``hessian_mode`` whether ``model`` is in train mode (default; the loss being optimized) or
-    eval mode (as the official Eigen-SAM code) during the products. Without ``model`` the
-    products run in whatever mode the model is in and cannot protect its BatchNorm statistics.
+    ``hvp`` picks the Hessian-vector-product backend: ``"auto"`` (default: exact double
+    backward when the model supports it, else finite differences, decided once at the first
+    refresh with a warning, kept in ``state_dict``; the choice is ``tracker.backend``),
+    ``"autograd"``, ``"fd-central"`` or ``"fd-forward"`` (see :mod:`eigensam.hessian.hvp`).
+    ``eig_method`` is the solver (``"power"`` as in the paper, or ``"lanczos"`` for the
+    algebraically largest eigenvalue at the same cost), ``eig_schedule`` how the products are
+    spent (``"burst"``: all every ``eig_interval`` steps, as the paper; ``"spread"``: one every
+    ``eig_interval // eig_iters`` steps), and ``hessian_mode`` the mode of ``model`` during the
+    products: ``"eval"`` (default, as the official Eigen-SAM code: the products only estimate
+    ``v̂``, and in eval mode a BatchNorm network's loss is a sum of per-sample terms, so they can
+    be summed over micro-batches) or ``"train"``. Without ``model`` the products run in whatever
+    mode the model is in and cannot protect its BatchNorm statistics.
+
+    ``hessian_parts`` (memory-lean exact products): when ``step(closure, batch=(x, y))`` is
+    given the batch, a refresh sums the exact products of ``hessian_parts`` micro-batches
+    (tensors split along dimension 0, weighted by size; exact for a mean-reduced loss), one
+    double-backward graph alive at a time. ``"auto"`` (default) is
+    :data:`~eigensam.hessian.hvp.AUTO_HESSIAN_PARTS` (4) when ``model`` is known and no
+    BatchNorm layer is in train mode during the products, else 1, capped at the batch size; a
+    number > 1 with BatchNorm in train mode raises ``ValueError``.
     Under ``DistributedDataParallel`` (``model`` the DDP wrapper) the products run on the inner
     module and are averaged over the replicas: ``v̂`` is the global batch loss's, the same on
     every rank, at one all-reduce per product.
@@ -37,10 +59,9 @@ class TrackedSAM(SAM):
     ``w`` on the same batch (same RNG state, same mode, BatchNorm statistics updated once) is the
     step's first pass, bit for bit what the closure would give again, so the closure runs once
     less. It applies when ``model`` is given, ``hessian_mode`` is the mode the model is in
-    (train), the model is not under DDP (there the refresh's gradient is this replica's) and the
-    backend evaluates the whole batch at ``w`` (``"autograd"`` with a plain closure,
-    ``"fd-forward"``). Pass a :class:`~eigensam.hessian.hvp.SplitClosure` to ``step``
-    for memory-lean exact products (see :mod:`eigensam.hessian.hvp`).
+    (train: with the default ``hessian_mode="eval"``, only for a model in eval mode), the model
+    is not under DDP (there the refresh's gradient is this replica's) and the backend evaluates
+    the whole batch at ``w`` (``"autograd"`` without parts, ``"fd-forward"``).
     """
 
     def __init__(
@@ -54,8 +75,9 @@ class TrackedSAM(SAM):
         eig_iters: int = 5,
         eig_method: str = "power",
         eig_schedule: str = "burst",
-        hvp: str = "autograd",
-        hessian_mode: str = "train",
+        hvp: str = AUTO,
+        hessian_mode: str = "eval",
+        hessian_parts: int | str = AUTO,
         seed: int = 0,
         reuse_gradient: bool = True,
         **kwargs: Any,
@@ -78,6 +100,26 @@ class TrackedSAM(SAM):
             schedule=eig_schedule,
         )
         self._reusable: Evaluation | None = None
+        self.hessian_parts = check_hessian_parts(hessian_parts)
+        # Checked now (an explicit number with BatchNorm in train mode raises); capped per batch.
+        self._parts = hessian_parts_for(hessian_parts, self.model, self.tracker.mode)
+
+    def _bind(self, closure: Callable[..., Tensor], batch: Batch | None) -> Callable[[], Tensor]:
+        """With ``batch``, on a refresh step, a :class:`~eigensam.hessian.hvp.SplitClosure` of
+        ``hessian_parts`` micro-batches (see the class docstring); else SAM's binding."""
+        if batch is None:
+            if isinstance(self.hessian_parts, int) and self.hessian_parts > 1:
+                raise ValueError(
+                    f"hessian_parts={self.hessian_parts} splits the batch, so step() needs it: "
+                    "step(closure, batch=(x, y)) with a closure that takes the batch's tensors"
+                )
+            return closure
+        parts = self._parts
+        if self.hessian_parts == AUTO:
+            parts = min(parts, batch_size_of(batch))
+        if parts == 1 or not self.tracker.due(self.sam_steps):
+            return super()._bind(closure, batch)
+        return batch_split_closure(closure, batch, parts)
 
     def _rank_signature(self) -> dict[str, Any]:
         """SAM's, plus the refresh schedule (replicas must run the same products)."""
@@ -140,9 +182,6 @@ class TrackedSAM(SAM):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.tracker.load_state_dict(state_dict["tracker"])
-
-
-AUTO = "auto"
 
 
 def auto_alpha(grad_cos: float, target_cos: float) -> float:

@@ -21,7 +21,14 @@ from eigensam.hessian.distributed import (
     require_process_group,
     unwrap,
 )
-from eigensam.hessian.hvp import BufferSnapshot, call_closure, flatten, unflatten
+from eigensam.hessian.hvp import (
+    Batch,
+    BufferSnapshot,
+    bind_batch,
+    call_closure,
+    flatten,
+    unflatten,
+)
 
 NONFINITE_POLICIES = ("raise", "skip")
 SHARPNESS = ("global", "local")
@@ -185,6 +192,11 @@ class SAM(Optimizer):
 
     def _correct_descent_gradient(self) -> None:
         """Change the second-pass gradient in ``p.grad`` before the base step (none for SAM)."""
+
+    def _bind(self, closure: Callable[..., Tensor], batch: Batch | None) -> Callable[[], Tensor]:
+        """The zero-argument closure ``step`` runs: ``closure`` itself, or with ``batch`` the
+        closure applied to it (``closure(*batch)``, a dict: ``closure(**batch)``)."""
+        return closure if batch is None else bind_batch(closure, batch)
 
     def _before_first_pass(self, closure: Callable[[], Tensor], scaler: Any) -> None:
         """Work done at the start of ``step`` before the first pass (none for SAM)."""
@@ -371,19 +383,26 @@ class SAM(Optimizer):
 
     # Unlike torch.optim.Optimizer.step, the closure is required and the loss is a Tensor.
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Tensor] | None = None, scaler: Any = None
+        self,
+        closure: Callable[..., Tensor] | None = None,
+        scaler: Any = None,
+        batch: Batch | None = None,
     ) -> Tensor:
         """Run both passes and the base step; return the first-pass loss.
 
         ``closure`` computes the loss, calls ``backward()`` on it (``scaler.scale(loss)`` when
         a ``torch.amp.GradScaler`` is passed as ``scaler``; then call ``scaler.update()`` after
         the step) and returns the (unscaled) loss. Gradients are zeroed before each pass.
+        With ``batch`` (a tuple of tensors, or a dict), the closure takes the batch as arguments
+        and is called as ``closure(*batch)`` (``closure(**batch)``); Eigen-SAM and X-SAM then
+        split it into ``hessian_parts`` micro-batches for their exact Hessian-vector products.
         """
         if closure is None:
             raise TypeError(
                 f"{type(self).__name__}.step() needs a closure that computes the loss, calls "
                 "backward() and returns the loss; in a manual loop use first_step()/second_step()"
             )
+        closure = self._bind(closure, batch)
         self._check_ranks()
         self._before_first_pass(closure, scaler)
         self.zero_grad(set_to_none=True)
