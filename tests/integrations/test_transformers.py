@@ -3,6 +3,9 @@ hand-written eigensam loops on the same batches."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -16,132 +19,23 @@ pytest.importorskip(
     "accelerate", reason='the [hf] extra is not installed (pip install "eigensam[hf]")'
 )
 
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from tiny_hf import (  # noqa: E402
+    CONTEXT,
+    TokenData,
+    arguments,
+    eigen_sam,
+    hand_loop,
+    run_trainer,
+    tiny_gpt,
+)
+from transformers import Trainer  # noqa: E402
 
 from eigensam.integrations.transformers import (  # noqa: E402
     SAMTrainer,
     check_arguments,
     check_sequence_length,
 )
-from eigensam.optim import SAM, EigenSAM  # noqa: E402
-
-VOCAB, CONTEXT = 64, 16
-
-
-def tiny_gpt(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=CONTEXT,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    model = GPT2LMHeadModel(config)
-    # GPT2LMHeadModel's class name matches no loss type, so the Trainer would count all T labels
-    # of a row in num_items_in_batch instead of the T - 1 the shifted loss sums (its logged loss
-    # would be (T-1)/T of the mean); name the loss so the Trainer counts as the model sums.
-    model.loss_type = "ForCausalLM"
-    return model
-
-
-class TokenData(torch.utils.data.Dataset):
-    """Sequences of a repeating pattern plus noise: a learnable next-token task."""
-
-    def __init__(self, n: int = 32, length: int = CONTEXT):
-        g = torch.Generator().manual_seed(1)
-        base = torch.arange(length) % 7
-        self.ids = (base + torch.randint(0, 3, (n, 1), generator=g)) % VOCAB
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def arguments(tmp_path: Path, **overrides) -> TrainingArguments:
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        lr_scheduler_type="linear",
-        warmup_steps=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        max_grad_norm=0.0,
-        disable_tqdm=True,
-    )
-    return TrainingArguments(**{**options, **overrides})
-
-
-def eigen_sam(model: torch.nn.Module) -> EigenSAM:
-    # Products by finite differences: GPT-2's attention runs F.scaled_dot_product_attention.
-    return EigenSAM(
-        model,
-        torch.optim.AdamW,
-        rho=0.05,
-        lr=3e-3,
-        weight_decay=0.01,
-        eig_interval=2,
-        eig_iters=2,
-        hvp="fd-central",
-    )
-
-
-class RecordingTrainer(SAMTrainer):
-    """Records the micro-batches the Trainer feeds, in order."""
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.seen.append({k: v.clone() for k, v in inputs.items()})
-        return super().training_step(model, inputs, num_items_in_batch)
-
-
-def run_trainer(tmp_path: Path, accumulation: int, **overrides) -> RecordingTrainer:
-    model = tiny_gpt()
-    opt = eigen_sam(model)
-    args = arguments(tmp_path, gradient_accumulation_steps=accumulation, **overrides)
-    trainer = RecordingTrainer(
-        model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
-    )
-    trainer.seen = []
-    trainer.train()
-    return trainer
-
-
-def hand_loop(batches, accumulation: int, steps: int, autocast: bool = False):
-    """The eigensam loop a user would write: one ``opt.step(closure)`` per accumulation group,
-    the closure summing the micro-batches' mean losses / k."""
-    model = tiny_gpt()
-    opt = eigen_sam(model)
-    schedule = transformers.get_scheduler(
-        "linear", opt, num_warmup_steps=1, num_training_steps=steps
-    )
-    losses = []
-    for step in range(steps):
-        group = batches[step * accumulation : (step + 1) * accumulation]
-
-        def closure(group=group):
-            total = torch.zeros(())
-            for batch in group:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    loss = model(**batch).loss.float() / len(group)
-                loss.backward()
-                total = total + loss.detach()
-            return total
-
-        model.train()
-        losses.append(float(opt.step(closure)))
-        schedule.step()
-    return model, opt, losses
+from eigensam.optim import SAM  # noqa: E402
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -280,3 +174,38 @@ def test_sequence_longer_than_the_model_allows_is_refused(tmp_path: Path) -> Non
     )
     with pytest.raises(ValueError, match="longer than the model allows"):
         trainer.train()
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """Two ranks of batch 4 under torchrun: the ranks end identical, and equal to one process
+    stepping on the 8 samples of both ranks (Eigen-SAM's ε from the all-reduced gradient, its
+    Hessian-vector products averaged over the ranks)."""
+    here = Path(__file__).parent
+    src = Path(__file__).parents[2] / "src"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here}{os.pathsep}{src}"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    done = subprocess.run(
+        [*command, "--nproc_per_node", "2", str(here / "ddp_trainer_worker.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["bound"] and ranks[1]["bound"]
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(ranks[0]["vector"], ranks[1]["vector"])
+    merged = [
+        {k: torch.cat([a[k], b[k]]) for k in a}
+        for a, b in zip(ranks[0]["seen"], ranks[1]["seen"], strict=True)
+    ]
+    assert len(merged) == 3
+    model, opt, _ = hand_loop(merged, 1, steps=3, schedule="constant", warmup=0)
+    for a, b in zip(ranks[0]["params"], model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # Finite-difference products divide rounding differences (rank-wise vs one-process sums) by
+    # the small step h: v̂ agrees to 1e-4 where the weights agree to 1e-5.
+    torch.testing.assert_close(ranks[0]["vector"], opt.tracker.vector, rtol=1e-4, atol=1e-4)

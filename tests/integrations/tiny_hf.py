@@ -1,0 +1,138 @@
+"""A tiny GPT-2 built from a config, a learnable token task, and the hand-written eigensam loop
+the SAMTrainer tests compare against (shared by the tests and the torchrun worker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+from eigensam.integrations.transformers import SAMTrainer
+from eigensam.optim import EigenSAM
+
+VOCAB, CONTEXT = 64, 16
+
+
+def tiny_gpt(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=CONTEXT,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = GPT2LMHeadModel(config)
+    # GPT2LMHeadModel's class name matches no loss type, so the Trainer would count all T labels
+    # of a row in num_items_in_batch instead of the T - 1 the shifted loss sums (its logged loss
+    # would be (T-1)/T of the mean); name the loss so the Trainer counts as the model sums.
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Sequences of a repeating pattern plus noise: a learnable next-token task."""
+
+    def __init__(self, n: int = 32, length: int = CONTEXT):
+        g = torch.Generator().manual_seed(1)
+        base = torch.arange(length) % 7
+        self.ids = (base + torch.randint(0, 3, (n, 1), generator=g)) % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def arguments(tmp_path: Path, **overrides) -> TrainingArguments:
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        max_grad_norm=0.0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**options, **overrides})
+
+
+def eigen_sam(model: torch.nn.Module) -> EigenSAM:
+    # Products by finite differences: GPT-2's attention runs F.scaled_dot_product_attention.
+    return EigenSAM(
+        model,
+        torch.optim.AdamW,
+        rho=0.05,
+        lr=3e-3,
+        weight_decay=0.01,
+        eig_interval=2,
+        eig_iters=2,
+        hvp="fd-central",
+    )
+
+
+class RecordingTrainer(SAMTrainer):
+    """Records the micro-batches the Trainer feeds, in order."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append({k: v.clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def run_trainer(tmp_path: Path, accumulation: int, **overrides) -> RecordingTrainer:
+    model = tiny_gpt()
+    opt = eigen_sam(model)
+    args = arguments(tmp_path, gradient_accumulation_steps=accumulation, **overrides)
+    trainer = RecordingTrainer(
+        model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
+    )
+    trainer.seen = []
+    trainer.train()
+    return trainer
+
+
+def hand_loop(
+    batches,
+    accumulation: int,
+    steps: int,
+    autocast: bool = False,
+    schedule: str = "linear",
+    warmup: int = 1,
+):
+    """The eigensam loop a user would write: one ``opt.step(closure)`` per accumulation group,
+    the closure summing the micro-batches' mean losses / k."""
+    model = tiny_gpt()
+    opt = eigen_sam(model)
+    scheduler = transformers.get_scheduler(
+        schedule, opt, num_warmup_steps=warmup, num_training_steps=steps
+    )
+    losses = []
+    for step in range(steps):
+        group = batches[step * accumulation : (step + 1) * accumulation]
+
+        def closure(group=group):
+            total = torch.zeros(())
+            for batch in group:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = model(**batch).loss.float() / len(group)
+                loss.backward()
+                total = total + loss.detach()
+            return total
+
+        model.train()
+        losses.append(float(opt.step(closure)))
+        scheduler.step()
+    return model, opt, losses
