@@ -189,11 +189,23 @@ class SplitClosure:
 Batch = Sequence[object] | Mapping[str, object]
 
 
+def batch_values(batch: Batch) -> Iterable[object]:
+    """The values of ``batch``: a tuple/list of a closure's positional arguments or a dict of its
+    keyword arguments; TypeError for anything else."""
+    if isinstance(batch, Mapping):
+        return batch.values()
+    if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
+        return batch
+    raise TypeError(
+        f"batch must be a tuple/list of the closure's arguments or a dict of its keyword "
+        f"arguments, got {type(batch).__name__}"
+    )
+
+
 def batch_size_of(batch: Batch) -> int:
     """Length along dimension 0 of the first tensor of ``batch`` (a sequence of positional
     arguments or a mapping of keyword arguments); ValueError if it holds no tensor."""
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for value in values:
+    for value in batch_values(batch):
         if isinstance(value, Tensor) and value.dim() > 0:
             return len(value)
     raise ValueError(
@@ -205,14 +217,10 @@ def bind_batch(closure: Callable[..., Tensor], batch: Batch) -> Closure:
     """The zero-argument closure ``closure(*batch)`` (a mapping: ``closure(**batch)``)."""
     if not callable(closure):
         raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+    batch_values(batch)
     if isinstance(batch, Mapping):
         return lambda: closure(**batch)
-    if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
-        return lambda: closure(*batch)
-    raise TypeError(
-        f"batch must be a tuple/list of the closure's arguments or a dict of its keyword "
-        f"arguments, got {type(batch).__name__}"
-    )
+    return lambda: closure(*batch)
 
 
 def batch_split_closure(closure: Callable[..., Tensor], batch: Batch, parts: int) -> SplitClosure:
