@@ -364,6 +364,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
             args.seeds,
             args.out or Path("runs") / f"reproduce-{args.scale}",
             overrides,
+            args.jobs,
         )
     )
     return _execute(

@@ -9,8 +9,8 @@ import pytest
 
 from eigensam.cli import main
 from eigensam.lab.experiments import reproduce
-from eigensam.lab.experiments.report import DOES_NOT, NOT_TESTABLE, REPRODUCES
 from eigensam.lab.experiments.runs import check_runs, make_scale
+from eigensam.lab.experiments.verdicts import NOT_TESTABLE, VERDICTS
 from eigensam.lab.train import TrainConfig
 
 # Synthetic data, a quarter-width SimpleCNN: 2 steps per epoch.
@@ -98,6 +98,12 @@ def test_cli_reports_bad_input_before_training(tmp_path, capsys):
     assert main(["reproduce", "fig1", "--seeds", "1", "--out", str(tmp_path)]) == 2
     assert "at least 2" in capsys.readouterr().err
     assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    for jobs in ("0", "-1"):
+        assert main(["reproduce", "fig1", "--jobs", jobs, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "jobs must be an integer >= 1" in err
+        assert "Traceback" not in err
     assert not any(tmp_path.iterdir())
 
 
@@ -107,6 +113,7 @@ def test_table2_report_without_runs(tmp_path):
     assert [c.verdict for c in sections[0].claims] == [NOT_TESTABLE]
     text = report.read_text()
     assert "## Verdicts" in text and "not testable on CPU" in text and "Deviations" in text
+    assert "*contradicted*" in text and "*inconclusive*" in text and "MDE" in text
 
 
 @pytest.mark.slow  # 8 tiny training runs: about a minute on an idle 2-core CPU
@@ -118,7 +125,7 @@ def test_fig1_and_fig5_end_to_end_on_synthetic_data(tmp_path):
     )
     assert [s.target for s in sections] == ["fig1"]
     verdicts = {c.verdict for s in sections for c in s.claims}
-    assert verdicts <= {REPRODUCES, DOES_NOT, NOT_TESTABLE} and len(sections[0].claims) == 6
+    assert verdicts <= set(VERDICTS) and len(sections[0].claims) == 6
     text = report.read_text()
     assert "## Verdicts" in text and "fig1-fig1.png" in text
     assert (tmp_path / "report_figures" / "fig1-fig1.png").is_file()

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from eigensam.lab.experiments.common import Plan, Target, command
-from eigensam.lab.experiments.report import DOES_NOT, REPRODUCES, Claim, Section
+from eigensam.lab.experiments.report import Claim, Section
 from eigensam.lab.experiments.runs import Scale
+from eigensam.lab.experiments.verdicts import CONTRADICTED, INCONCLUSIVE, REPRODUCES
 from eigensam.lab.sde import COROLLARY_FILE, FIGURE_FILE, TABLE_FILE, SDEConfig, run_sde
 
 
@@ -33,7 +34,18 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     # Metrics where the 2nd-order error is above its own noise floor: is the 3rd order closer?
     resolved = [m for m, e in sde2.items() if e is not None and e["error"] > (e["ci"] or 0.0)]
     better = [m for m in resolved if sde3.get(m) and sde3[m]["error"] < sde2[m]["error"]]
-    verdict = REPRODUCES if resolved and len(better) == len(resolved) else DOES_NOT
+    # Worse beyond the 3rd-order error's own noise floor: a resolved counterexample.
+    worse = [
+        m
+        for m in resolved
+        if sde3.get(m) and sde3[m]["error"] - (sde3[m]["ci"] or 0.0) > sde2[m]["error"]
+    ]
+    if worse:
+        verdict = CONTRADICTED
+    elif resolved and len(better) == len(resolved):
+        verdict = REPRODUCES
+    else:
+        verdict = INCONCLUSIVE
     claims = [
         Claim(
             "The 3rd-order SDE approximates discrete SAM better than the 2nd-order SDE "

@@ -141,6 +141,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
             "+0.9 points (ResNet-18, CIFAR-100); peak at α = 0.2",
             *results.paired("α=0.2", "α=0 (SAM)", "test_acc"),
             expect=1,
+            paper_effect=0.9,
             **acc,
         ),
         paired_claim(

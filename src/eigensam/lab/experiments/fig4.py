@@ -15,6 +15,8 @@ from eigensam.lab.experiments.runs import Scale
 METHODS = ("sgd", "sam", "reverse-sam", "egr")
 # Paper Appendix A, ResNet-18 on CIFAR-10, test accuracy (%).
 PAPER = {"sam": "95.5 ± 0.1", "egr": "95.0 ± 0.2", "reverse-sam": "94.4 ± 0.2"}
+# The paper's SAM − method accuracy gaps (points), from PAPER.
+PAPER_GAP = {"egr": 0.5, "reverse-sam": 1.1}
 
 
 def plan(scale: Scale) -> Plan:
@@ -51,6 +53,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
             f"SAM {PAPER['sam']} vs {m} {PAPER[m]}",
             *results.paired("sam", m, "test_acc"),
             expect=1,
+            paper_effect=PAPER_GAP[m],
             **acc,
         )
         for m in ("egr", "reverse-sam")

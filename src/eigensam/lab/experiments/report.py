@@ -1,13 +1,9 @@
 """What a reproduction target reports: a markdown section with its figures, and one verdict per
-claim of the paper, computed from the measurements by the rules below (never typed in).
-
-Verdicts:
-
-- ``reproduces``: the measured effect has the paper's sign and its 95% interval excludes zero
-  (for paired comparisons: the paired t-test over seeds, p < 0.05);
-- ``does not reproduce``: the interval includes zero (no detectable effect at this scale) or
-  the effect has the opposite sign;
-- ``not testable on CPU``: the claim needs models, data or hardware this scale does not have.
+claim of the paper, computed from the measurements (never typed in) by the rules of
+:mod:`eigensam.lab.experiments.verdicts`: *reproduces*, *contradicted*, *inconclusive* or *not
+testable on CPU*. Every claim states n, the standard deviation of its per-seed differences, the
+minimum detectable effect at 80% power (two-sided 5% test) and, where the paper gives a number,
+the seeds needed to detect the paper's effect.
 """
 
 from __future__ import annotations
@@ -24,21 +20,32 @@ from matplotlib.axes import Axes
 
 from eigensam.atomic import atomic_write
 from eigensam.lab import tracking
+from eigensam.lab.experiments.verdicts import NOT_TESTABLE, Evidence, seeds_needed, verdict
 
-REPRODUCES = "reproduces"
-DOES_NOT = "does not reproduce"
-NOT_TESTABLE = "not testable on CPU"
+
+@dataclass
+class Power:
+    """The power of a comparison, in the claim's unit: ``n`` seeds (pairs), the standard
+    deviation ``sd`` of the per-seed values (differences), the minimum detectable effect ``mde``
+    (80% power, two-sided 5%) and the seeds ``needed`` to detect the paper's effect."""
+
+    n: int
+    sd: float | None
+    mde: float | None
+    needed: int | None = None
+    digits: int = 3
 
 
 @dataclass
 class Claim:
-    """One claim of the paper (or of the X-SAM paper), its number there, our measurement and
-    the verdict."""
+    """One claim of the paper (or of the X-SAM paper), its number there, our measurement, the
+    verdict and, for measured claims, the comparison's power."""
 
     claim: str
     paper: str
     measured: str
     verdict: str
+    power: Power | None = None
 
 
 @dataclass
@@ -58,6 +65,22 @@ def fmt(values: Sequence[float | None], digits: int = 3, scale: float = 1.0) -> 
     return tracking.format_estimate(values, digits, scale)
 
 
+def _sd(values: Sequence[float]) -> float | None:
+    n = len(values)
+    if n < 2:
+        return None
+    mean = math.fsum(values) / n
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _power(values: Sequence[float], paper_effect: float | None, digits: int) -> Power:
+    evidence = Evidence(0.0, None, len(values), _sd(values))
+    needed = None
+    if paper_effect is not None and evidence.sd is not None:
+        needed = seeds_needed(evidence.sd, paper_effect)
+    return Power(evidence.n, evidence.sd, evidence.mde(), needed, digits)
+
+
 def paired_claim(
     claim: str,
     paper: str,
@@ -65,41 +88,68 @@ def paired_claim(
     b: Sequence[float],
     *,
     expect: int,
+    paper_effect: float | None = None,
     digits: int = 3,
     scale: float = 1.0,
     unit: str = "",
 ) -> Claim:
-    """A claim that ``a − b`` has sign ``expect`` (+1 or −1), judged by the paired t-test."""
-    test = tracking.paired_test([scale * x for x in a], [scale * y for y in b])
+    """A claim that ``a − b`` has sign ``expect`` (+1 or −1) and, if given, the size
+    ``paper_effect`` (in the scaled unit, e.g. accuracy points), judged on the 95% interval of
+    the paired t-test over seeds by :func:`~eigensam.lab.experiments.verdicts.verdict`."""
+    a_scaled, b_scaled = [scale * x for x in a], [scale * y for y in b]
+    test = tracking.paired_test(a_scaled, b_scaled)
     mean, half, p = test["mean_diff"], test["ci"], test["p"]
     interval = "" if half is None else f" ± {half:.{digits}f}"
     p_text = "n/a" if p is None else f"{p:.3g}"
-    measured = (
-        f"difference {mean:+.{digits}f}{interval}{unit} "
-        f"(paired t-test p = {p_text}, n = {test['n']})"
-    )
-    significant = p is not None and p < 0.05
-    verdict = REPRODUCES if significant and math.copysign(1, mean) == expect else DOES_NOT
-    return Claim(claim, paper, measured, verdict)
+    measured = f"difference {mean:+.{digits}f}{interval}{unit} (paired t-test p = {p_text})"
+    diffs = [x - y for x, y in zip(a_scaled, b_scaled, strict=True)]
+    power = _power(diffs, paper_effect, digits)
+    evidence = Evidence(float(mean), None if half is None else float(half), power.n, power.sd)
+    return Claim(claim, paper, measured, verdict(evidence, expect, paper_effect), power)
 
 
-def bound_claim(claim: str, paper: str, values: Sequence[float], *, below: float) -> Claim:
-    """A claim that the mean of ``values`` lies below ``below``: reproduces when the upper end
-    of its 95% interval does."""
+def bound_claim(
+    claim: str, paper: str, values: Sequence[float], *, below: float, digits: int = 3
+) -> Claim:
+    """A claim that the mean of ``values`` lies below ``below``: the effect is ``mean − below``
+    with the claimed sign −1 (*reproduces* when the upper end of the 95% interval is below the
+    threshold, *contradicted* when its lower end is above it)."""
     mean, half = tracking.mean_ci(list(values))
-    upper = mean + (half or 0.0)
-    verdict = REPRODUCES if upper < below else DOES_NOT
-    return Claim(claim, paper, f"{fmt(values)} (threshold {below})", verdict)
+    power = _power(list(values), None, digits)
+    evidence = Evidence(mean - below, half, power.n, power.sd)
+    measured = f"{fmt(values, digits)} (threshold {below})"
+    return Claim(claim, paper, measured, verdict(evidence, -1), power)
 
 
 def not_testable(claim: str, paper: str, why: str) -> Claim:
     return Claim(claim, paper, why, NOT_TESTABLE)
 
 
+def _number(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def claims_table(claims: Sequence[Claim]) -> str:
-    lines = ["| claim | paper | eigensam (this scale) | verdict |", "|---|---|---|---|"]
+    """One row per claim: the paper's number, the measurement, n, the standard deviation of the
+    per-seed differences (SD), the minimum detectable effect at 80% power (MDE), the seeds that
+    would detect the paper's effect at that SD, and the verdict."""
+    lines = [
+        "| claim | paper | eigensam (this scale) | n | SD | MDE (80%) | seeds for paper's effect "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in claims:
-        cells = (c.claim, c.paper, c.measured, f"**{c.verdict}**")
+        power = c.power
+        if power is None:
+            stats = ("–", "–", "–", "–")
+        else:
+            stats = (
+                str(power.n),
+                _number(power.sd, power.digits),
+                _number(power.mde, power.digits),
+                "–" if power.needed is None else str(power.needed),
+            )
+        cells = (c.claim, c.paper, c.measured, *stats, f"**{c.verdict}**")
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -16,6 +16,7 @@ from eigensam.lab.experiments.common import Plan, Target
 from eigensam.lab.experiments.report import Section, write_report
 from eigensam.lab.experiments.runs import (
     CPU_DEVIATIONS,
+    check_jobs,
     check_runs,
     execute,
     load_summary,
@@ -38,6 +39,18 @@ TARGETS: dict[str, Target] = {
     )
 }
 REPORT_FILE = "reproduction.md"
+VERDICT_RULES = (
+    "Verdict rules (`eigensam.lab.experiments.verdicts`), on the 95% interval of the effect "
+    "(paired t-test over seeds): *reproduces* when the effect has the paper's sign and the "
+    "interval excludes zero; *contradicted* when the interval excludes zero with the opposite "
+    "sign, or excludes the paper's effect where the paper gives one; *inconclusive* when the "
+    "interval holds zero (and the paper's effect): the data cannot tell them apart; *not "
+    "testable on CPU* when the claim needs models, data or hardware this scale lacks. Every "
+    "claim states n, the standard deviation SD of its per-seed differences, the minimum "
+    "detectable effect at 80% power of a two-sided 5% test, MDE = (t_{0.975,n−1} + "
+    "t_{0.8,n−1})·SD/√n (t-approximation; the normal one, 2.80·SD/√n, is smaller), and the "
+    "seeds at which the MDE, at that SD, reaches the paper's effect."
+)
 
 
 def resolve_targets(name: str) -> list[Target]:
@@ -55,9 +68,12 @@ def plan_targets(
     seeds: Sequence[int] | None,
     out: Path,
     overrides: dict[str, Any] | None = None,
+    jobs: int = 1,
 ) -> tuple[Any, dict[str, Plan]]:
-    """The scale and every target's plan, validated (seeds, configurations, data present,
-    runs already in ``out`` started with the same configuration) before anything trains."""
+    """The scale and every target's plan, validated (``jobs``, seeds, configurations, data
+    present, runs already in ``out`` started with the same configuration) before anything
+    trains."""
+    check_jobs(jobs)
     scale = make_scale(scale_name, out, seeds, overrides)
     for target in targets:
         if len(scale.seeds) < target.min_seeds:
@@ -88,7 +104,7 @@ def reproduce(
     out = Path(out) if out is not None else Path("runs") / f"reproduce-{scale}"
     targets = resolve_targets(target)
     started = time.perf_counter()
-    chosen, plans = plan_targets(targets, scale, seeds, out, overrides)
+    chosen, plans = plan_targets(targets, scale, seeds, out, overrides, jobs)
     configs = check_runs([c for plan in plans.values() for runs in plan.values() for c in runs])
     execute(configs, jobs)
     trained = time.perf_counter() - started
@@ -137,11 +153,5 @@ def _header(
         lines += ["Deviations from the paper's recipe, and why:", ""]
         lines += [f"- {d}" for d in CPU_DEVIATIONS]
         lines.append("")
-    lines += [
-        "Verdict rules: *reproduces* when the measured effect has the paper's sign and its 95% "
-        "interval excludes zero (paired t-test over seeds, p < 0.05); *does not reproduce* "
-        "when it does not (no detectable effect at this scale, or the opposite sign); *not "
-        "testable on CPU* when the claim needs models, data or hardware this scale lacks.",
-        "",
-    ]
+    lines += [VERDICT_RULES, ""]
     return "\n".join(lines)

@@ -178,13 +178,19 @@ def _train_one(config: TrainConfig, threads: int) -> dict[str, Any]:
         return {"status": "diverged", "run_dir": str(config.run_dir), "error": str(error)}
 
 
+def check_jobs(jobs: object) -> int:
+    """``jobs`` (runs trained at once) when it is an integer ≥ 1, else ValueError."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1 (runs trained at once), got {jobs!r}")
+    return jobs
+
+
 def execute(configs: Sequence[TrainConfig], jobs: int = 1) -> dict[Path, dict[str, Any]]:
     """Train every run of ``configs`` that is not finished, ``jobs`` at a time (separate
     processes sharing the CPU threads), and return the summary of every run by folder. A run
     that diverges is reported (status ``diverged``) and the others go on; Ctrl-C stops all,
     keeping their checkpoints."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    check_jobs(jobs)
     todo = [c for c in configs if not finished(c)]
     done = len(configs) - len(todo)
     print(

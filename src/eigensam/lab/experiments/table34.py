@@ -91,6 +91,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
             "p = 1000: 95.8 vs 95.5 (ResNet-18, CIFAR-10)",
             *results.paired(largest, "SAM", "test_acc"),
             expect=1,
+            paper_effect=0.3,
             **acc,
         ),
         not_testable(
