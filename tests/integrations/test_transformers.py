@@ -37,6 +37,9 @@ from eigensam.integrations.transformers import (  # noqa: E402
 )
 from eigensam.optim import SAM  # noqa: E402
 
+# hvp="auto" warns once per optimizer that GPT-2's SDPA attention gets finite-difference products.
+pytestmark = pytest.mark.filterwarnings("ignore:hvp='auto'.*finite differences:RuntimeWarning")
+
 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_trainer_equals_hand_written_loop(tmp_path: Path, accumulation: int) -> None:
@@ -46,6 +49,7 @@ def test_trainer_equals_hand_written_loop(tmp_path: Path, accumulation: int) -> 
     for a, b in zip(trainer.model.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     sam = trainer.eigensam_optimizer
+    assert sam.tracker.backend == opt.tracker.backend == "fd-central"  # hvp="auto" on SDPA
     assert sam.sam_steps == opt.sam_steps == 4
     assert sam.tracker.num_updates == opt.tracker.num_updates == 2  # steps 0 and 2
     torch.testing.assert_close(sam.tracker.vector, opt.tracker.vector, rtol=1e-4, atol=1e-5)

@@ -71,7 +71,8 @@ def arguments(tmp_path: Path, **overrides) -> TrainingArguments:
 
 
 def eigen_sam(model: torch.nn.Module) -> EigenSAM:
-    # Products by finite differences: GPT-2's attention runs F.scaled_dot_product_attention.
+    # hvp="auto" (default): GPT-2's attention runs F.scaled_dot_product_attention, whose CPU
+    # kernel has no double backward, so the products are central finite differences.
     return EigenSAM(
         model,
         torch.optim.AdamW,
@@ -80,7 +81,6 @@ def eigen_sam(model: torch.nn.Module) -> EigenSAM:
         weight_decay=0.01,
         eig_interval=2,
         eig_iters=2,
-        hvp="fd-central",
     )
 
 
