@@ -13,6 +13,7 @@ from eigensam.lab.experiments.common import Plan, Results, Target, command, epoc
 from eigensam.lab.experiments.report import (
     Section,
     bound_claim,
+    figure_title,
     fmt,
     paired_claim,
     plot_band,
@@ -75,7 +76,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     axes[1].set_yscale("log")
     plot_band(axes[2], groups, "train", "step", "loss", "train loss")
     plot_band(axes[3], groups, "eval", "epoch", "test_acc", "test accuracy")
-    fig.suptitle(f"Figure 1 at {scale.note}\n(mean, 95% band over seeds; SGD: Align of ∇f)")
+    figure_title(fig, f"Figure 1 at {scale.note}", "(mean, 95% band over seeds; SGD: Align of ∇f)")
     figure = save_figure(fig, out / "fig1.png")
 
     align = {m: list(per_run(results, m, "fixed_align").values()) for m in METHODS}

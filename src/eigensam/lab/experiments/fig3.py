@@ -16,7 +16,7 @@ from eigensam.hessian.dataset import DatasetHessian
 from eigensam.lab import tracking
 from eigensam.lab.checkpoints import fixed_batches, load_trained
 from eigensam.lab.experiments.common import Plan, Results, Target, command, sweep_plan
-from eigensam.lab.experiments.report import Section, fmt, paired_claim, save_figure
+from eigensam.lab.experiments.report import Section, figure_title, fmt, paired_claim, save_figure
 from eigensam.lab.experiments.runs import Scale
 from eigensam.lab.reports import spectrum_report
 from eigensam.lab.train import TrainConfig
@@ -102,7 +102,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(f"α sensitivity at {scale.note}\n(mean ± 95% CI over seeds)")
+    figure_title(fig, f"α sensitivity at {scale.note}", "(mean ± 95% CI over seeds)")
     figures = [save_figure(fig, out / "fig3-alpha.png")]
     figures += _spectra(plan, results, out)
 

@@ -9,7 +9,14 @@ from matplotlib.figure import Figure
 
 from eigensam.lab import tracking
 from eigensam.lab.experiments.common import Plan, Results, Target, command, seeds_plan
-from eigensam.lab.experiments.report import Section, fmt, paired_claim, plot_band, save_figure
+from eigensam.lab.experiments.report import (
+    Section,
+    figure_title,
+    fmt,
+    paired_claim,
+    plot_band,
+    save_figure,
+)
 from eigensam.lab.experiments.runs import Scale
 
 METHODS = ("sgd", "sam", "reverse-sam", "egr")
@@ -32,7 +39,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     plot_band(axes[0], results.records, "eval", "epoch", "train_loss", "train loss (epoch mean)")
     plot_band(axes[1], results.records, "eval", "epoch", "test_loss", "test loss")
     plot_band(axes[2], results.records, "eval", "epoch", "test_acc", "test accuracy")
-    fig.suptitle(f"Appendix A counterexamples at {scale.note}\n(95% bands over seeds)")
+    figure_title(fig, f"Appendix A counterexamples at {scale.note}", "(95% bands over seeds)")
     figure = save_figure(fig, out / "fig4.png")
     tracking.write_json(out / "fig4.json", {"scale": scale.note, **results.summaries})
     rows = [

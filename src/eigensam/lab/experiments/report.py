@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,14 @@ def plot_band(
         high = [m + h for m, h in zip(means, halves, strict=True)]
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     tracking.finish_panel(ax, title, x)
+
+
+def figure_title(fig: Any, *lines: str) -> None:
+    """Set ``fig``'s title, each line wrapped to the figure's width (about 9 characters per
+    inch at the default font size), so that a long scale note is not clipped at the edges."""
+    width = max(20, int(fig.get_figwidth() * 9))
+    wrapped = [textwrap.fill(line, width) for line in lines]
+    fig.suptitle("\n".join(wrapped))
 
 
 def save_figure(fig: Any, path: Path) -> Path:
