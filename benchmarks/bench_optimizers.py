@@ -15,20 +15,24 @@ the machine description (CPU model, threads, torch version, load average):
    system and are faulted in again) and with freed memory kept
    (:func:`eigensam.allocator.keep_freed_memory`, what the ``eigensam`` command does).
 2. **Peak memory** growth over 2 steps with a refresh each, one fresh process per optimizer, on
-   SimpleCNN and ResNet-18 with BatchNorm. On CPU: Linux VmHWM after a reset, minus the resident
-   size after setup, with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so
-   that freed tensors go back to the system and the peak is that of live memory; with glibc's
-   adaptive default the freed heap stays resident and the peak depends on allocation order
-   (SGD once measured above SAM). On CUDA: ``max_memory_allocated``.
+   SimpleCNN, SimpleCNN with BatchNorm after every convolution (``bn-cnn``) and ResNet-18 (half
+   width on CPU) at the batch sizes of ``--memory-batches``. On CPU: Linux VmHWM after a reset,
+   minus the resident size after setup, with glibc's mmap threshold fixed at 128 KiB
+   (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors go back to the system and the peak is that
+   of live memory; with glibc's adaptive default the freed heap stays resident and the peak
+   depends on allocation order (SGD once measured above SAM). On CUDA: ``max_memory_allocated``.
 3. **HVP backends**: time per product over gradient time (in this process, freed memory kept),
    peak memory growth (fresh process) and accuracy against the exact product, for double
    backward with the graph kept across products, the same part by part (``SplitClosure``),
    forward-over-reverse (``torch.func``, measured here only), and finite differences.
 
-Method names: ``/lanczos4`` is ``eig_method="lanczos", eig_iters=4``; ``/splitK`` passes a
-``SplitClosure`` of K micro-batches (memory-lean exact products); ``/eval-splitK`` adds
-``hessian_mode="eval"`` (needed for parts with BatchNorm); ``/no-reuse`` turns off the gradient
-reuse; ``/fd-forward`` uses finite-difference products.
+Method names: ``eigen-sam`` and ``x-sam`` run the defaults the way the README documents them,
+``opt.step(closure, batch=(x, y))`` (eval-mode products, ``hvp="auto"``,
+``hessian_parts="auto"``: exact products summed over 4 micro-batches); ``/whole`` passes a
+plain closure instead (whole-batch products); ``/train`` is ``hessian_mode="train"`` with a plain
+closure (the defaults before 0.6: whole-batch products, the refresh's gradient reused as the first
+pass); ``/lanczos4`` is ``eig_method="lanczos", eig_iters=4``; ``/fd-forward`` uses
+finite-difference products.
 
 Run (``make bench`` runs the default, about 5 minutes on a 2-core CPU):
 
@@ -58,20 +62,18 @@ from eigensam import SAM, XSAM, EigenSAM
 from eigensam.allocator import USER_SETTINGS, keep_freed_memory
 from eigensam.atomic import atomic_write
 from eigensam.hessian.eigen import power_iteration
-from eigensam.hessian.hvp import HessianOperator, SplitClosure, flatten, split_closure, unflatten
+from eigensam.hessian.hvp import HessianOperator, flatten, split_closure, unflatten
 from eigensam.lab.models import build_model
 
 PARTS = 4  # micro-batches of the memory-lean exact products in the HVP table
-CNN_TIME = ("sgd", "sam", "eigen-sam", "eigen-sam/lanczos4", "eigen-sam/split4", "x-sam")
+CNN_TIME = ("sgd", "sam", "eigen-sam", "eigen-sam/whole", "eigen-sam/lanczos4", "x-sam")
 TIME_METHODS = {
-    "simplecnn": (*CNN_TIME, "eigen-sam/no-reuse"),
+    "simplecnn": (*CNN_TIME, "eigen-sam/train"),
     "gelu-cnn": ("sgd", "sam", "eigen-sam", "eigen-sam/fd-forward"),
-    "resnet18": (*CNN_TIME[:4], "eigen-sam/eval-split4", "x-sam"),  # CUDA only
+    "resnet18": (*CNN_TIME, "eigen-sam/train"),  # CUDA only
 }
-MEMORY_METHODS = {
-    "simplecnn": ("sgd", "sam", "eigen-sam", "eigen-sam/split4", "x-sam", "x-sam/split4"),
-    "resnet18": ("sgd", "sam", "eigen-sam", "eigen-sam/eval-split4", "x-sam", "x-sam/eval-split4"),
-}
+# The memory table: every model at every batch size of --memory-batches.
+MEMORY_METHODS = ("sgd", "sam", "eigen-sam", "eigen-sam/whole", "eigen-sam/train", "x-sam")
 HVP_BACKENDS = (
     "autograd",
     f"autograd/split{PARTS}",
@@ -94,6 +96,11 @@ def make_model(name: str, device: str) -> nn.Module:
         model = build_model("resnet18", num_classes=10, in_channels=3, image_size=32, width=width)
         return model.to(device)
     model = build_model("simplecnn", num_classes=10, in_channels=1, image_size=28)
+    if name == "bn-cnn":  # SimpleCNN with a BatchNorm layer after every convolution
+        features = model.features
+        for i, layer in enumerate(features):
+            if isinstance(layer, nn.Conv2d):
+                features[i] = nn.Sequential(layer, nn.BatchNorm2d(layer.out_channels))
     if name == "gelu-cnn":  # smooth: no ReLU or max-pool kinks
         for parent in model.modules():
             for child_name, child in parent.named_children():
@@ -118,6 +125,8 @@ def make_batches(model: str, batch_size: int, count: int, device: str) -> list[t
 
 
 def make_optimizer(method: str, model: nn.Module, interval: int) -> torch.optim.Optimizer:
+    """The method's optimizer: ``name/variant`` with the variant's options on top of the
+    defaults (``/train``: ``hessian_mode="train"``; ``/lanczos4``; ``/fd-forward``)."""
     sgd = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), **sgd)
@@ -125,22 +134,21 @@ def make_optimizer(method: str, model: nn.Module, interval: int) -> torch.optim.
         return SAM(model, torch.optim.SGD, rho=0.05, **sgd)
     name, _, variant = method.partition("/")
     options: dict[str, Any] = {"eig_iters": 5}
-    if variant == "no-reuse":
-        options["reuse_gradient"] = False
-    elif variant == "fd-forward":
+    if variant == "fd-forward":
         options["hvp"] = "fd-forward"
-    elif variant.startswith("eval-split"):
-        options["hessian_mode"] = "eval"
+    elif variant == "train":
+        options["hessian_mode"] = "train"
     elif variant.startswith("lanczos"):
         options.update(eig_method="lanczos", eig_iters=int(variant.removeprefix("lanczos")))
     cls = EigenSAM if name == "eigen-sam" else XSAM
     return cls(model, torch.optim.SGD, rho=0.05, eig_interval=interval, **options, **sgd)
 
 
-def parts_of(method: str) -> int:
-    """K of a ``/splitK`` or ``/eval-splitK`` method, else 1."""
-    variant = method.partition("/")[2].removeprefix("eval-")
-    return int(variant.removeprefix("split")) if variant.startswith("split") else 1
+def takes_batch(method: str) -> bool:
+    """Whether the step passes the batch (``step(closure, batch=(x, y))``, the documented
+    memory-lean path: ``hessian_parts="auto"`` splits exact products) or a plain closure
+    (``/whole`` and ``/train``: whole-batch products, as before the batch argument existed)."""
+    return method.partition("/")[2] not in ("whole", "train")
 
 
 class Stepper:
@@ -151,24 +159,25 @@ class Stepper:
         self.method = method
         self.model = make_model(model_name, device)
         self.opt = make_optimizer(method, self.model, interval)
-        self.parts = parts_of(method)
 
     def step(self, x: Tensor, y: Tensor) -> float:
         inside = 0.0
-        split = split_closure(self.model, nn.functional.cross_entropy, x, y, self.parts)
 
-        def closure() -> Tensor:
+        def closure(x: Tensor, y: Tensor) -> Tensor:
             nonlocal inside
             start = time.perf_counter()
-            loss = split.closure()
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            loss.backward()
             inside += time.perf_counter() - start
             return loss
 
-        if isinstance(self.opt, SAM):
-            self.opt.step(SplitClosure(closure, split.parts) if self.parts > 1 else closure)
+        if isinstance(self.opt, EigenSAM | XSAM) and takes_batch(self.method):
+            self.opt.step(closure, batch=(x, y))
+        elif isinstance(self.opt, SAM):
+            self.opt.step(lambda: closure(x, y))
         else:
             self.opt.zero_grad()
-            closure()
+            closure(x, y)
             self.opt.step()
         return inside
 
@@ -306,11 +315,15 @@ class PeakMemory:
         return (rss_kib("VmHWM") * 1024 - self.base) / 2**20
 
 
-def child(kind: str, name: str, model_name: str, args: argparse.Namespace) -> Any:
+def child(
+    kind: str, name: str, model_name: str, args: argparse.Namespace, batch: int | None = None
+) -> Any:
     """Run ``python this --child KIND NAME MODEL`` in a fresh process and return what it prints
-    (JSON): the peak memory growth (MiB) of a memory child, the rows of a time child."""
+    (JSON): the peak memory growth (MiB) of a memory child at ``batch`` (default: the model's
+    ``memory_batch_size``), the rows of a time child."""
     command = [sys.executable, __file__, "--child", kind, name, model_name, "--device", args.device]
-    command += ["--memory-batch-size", str(args.memory_batch_size[model_name])]
+    batch = args.memory_batch_size.get(model_name) if batch is None else batch
+    command += ["--memory-batch-size", str(batch)]
     for option in ("batch_size", "interval", "plain_steps", "rounds"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     # glibc's default whatever the caller's environment says; live memory for the peaks.
@@ -332,12 +345,12 @@ def memory_child(method: str, model_name: str, args: argparse.Namespace) -> floa
     return meter.stop()
 
 
-def memory_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    peaks = {m: child("memory", m, model_name, args) for m in MEMORY_METHODS[model_name]}
+def memory_table(model_name: str, batch: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    peaks = {m: child("memory", m, model_name, args, batch) for m in MEMORY_METHODS}
     return [
         {
             "model": model_name,
-            "batch_size": args.memory_batch_size[model_name],
+            "batch_size": batch,
             "method": m,
             "peak_mib": peak,
             "over_sgd": peak / peaks["sgd"],
@@ -519,8 +532,12 @@ def main() -> None:
     parser.add_argument("--plain-steps", type=int, default=6, help="steps per round, no refresh")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hvps", type=int, default=4)
-    parser.add_argument("--simplecnn-memory-batch", type=int, default=256)
-    parser.add_argument("--resnet-memory-batch", type=int, help="default: 16 on CPU, 128 on CUDA")
+    parser.add_argument("--hvp-batch", type=int, default=256, help="batch of the HVP table")
+    parser.add_argument(
+        "--memory-batches",
+        default="simplecnn:16,64,128,256;bn-cnn:128;resnet18:16,64,128",
+        help="memory table: MODEL:BATCH,BATCH;... (models simplecnn, bn-cnn, resnet18)",
+    )
     parser.add_argument("--sections", default="time,memory,hvp", help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -535,11 +552,13 @@ def main() -> None:
         run = hvp_memory_child if kind == "hvp-memory" else memory_child
         print(json.dumps(run(name, model_name, args)))
         return
-    args.memory_batch_size = {
-        "simplecnn": args.simplecnn_memory_batch,
-        "gelu-cnn": args.simplecnn_memory_batch,
-        "resnet18": args.resnet_memory_batch or (128 if args.device == "cuda" else 16),
-    }
+    args.memory_batch_size = {"simplecnn": args.hvp_batch, "gelu-cnn": args.hvp_batch}
+    memory_runs = [
+        (model_name, int(batch))
+        for entry in args.memory_batches.split(";")
+        for model_name, _, batches in [entry.partition(":")]
+        for batch in batches.split(",")
+    ]
     keep_freed_memory()  # the HVP table's timings: compute, not page faults (children: own)
     time_models = [m for m in TIME_METHODS if m != "resnet18" or args.device == "cuda"]
     start = time.perf_counter()
@@ -560,7 +579,7 @@ def main() -> None:
         (
             "memory",
             MEMORY_COLUMNS,
-            lambda: [r for m in MEMORY_METHODS for r in memory_table(m, args)],
+            lambda: [r for m, b in memory_runs for r in memory_table(m, b, args)],
         ),
         (
             "hvp",
