@@ -30,7 +30,7 @@ def plans(target: str, tmp_path: Path, seeds=(0, 1), scale="cpu"):
 
 
 def test_unknown_target_and_scale_are_refused():
-    with pytest.raises(ValueError, match="target must be one of fig1, table1, fig4.*all"):
+    with pytest.raises(ValueError, match="target must be one of headline, table1, fig1.*all"):
         reproduce.resolve_targets("fig9")
     with pytest.raises(ValueError, match="scale must be one of cpu, paper"):
         make_scale("gpu", "x")
@@ -55,11 +55,17 @@ def test_table1_gives_sgd_twice_the_epochs_and_every_method_all_seeds(tmp_path):
 
 def test_targets_share_runs(tmp_path):
     _, plan = plans("all", tmp_path)
-    fig1, fig3, table34 = plan["fig1"], plan["fig3"], plan["table3-4"]
-    assert fig3["α=0.2"][0].run_dir == fig1["eigen-sam"][0].run_dir
-    assert fig3["α=0 (SAM)"][0].run_dir == fig1["sam"][0].run_dir
-    assert fig3["X-SAM α=1.0"][0].run_dir == fig1["x-sam"][0].run_dir
-    assert table34["p=20 burst"][0].run_dir == fig1["eigen-sam"][0].run_dir
+    table1, fig3, table34 = plan["table1"], plan["fig3"], plan["table3-4"]
+    assert fig3["α=0.2"][0].run_dir == table1["eigen-sam"][0].run_dir
+    assert fig3["α=0 (SAM)"][0].run_dir == table1["sam"][0].run_dir
+    assert fig3["X-SAM α=1.0"][0].run_dir == table1["x-sam"][0].run_dir
+    assert table34["p=20 burst"][0].run_dir == table1["eigen-sam"][0].run_dir
+    for method in ("sgd", "sam", "eigen-sam"):
+        assert plan["headline"][method] == table1[method]
+    # The dynamics targets run on the short scale, in their own folders.
+    assert plan["fig5"]["eigen-sam"] == plan["fig1"]["eigen-sam"]
+    assert plan["fig1"]["sam"][0].run_dir.name == "short-sam-seed0"
+    assert plan["fig1"]["sam"][0].run_dir != table1["sam"][0].run_dir
     assert fig3["α=auto"][0].alpha == "auto"
     assert len(fig3["α=0.4"]) == len(table34["p=50 burst"]) == 2  # sweeps: first 3 seeds
     assert len(plans("fig3", tmp_path, seeds=(0, 1, 2, 3))[1]["fig3"]["α=0.4"]) == 3
@@ -134,3 +140,24 @@ def test_fig1_and_fig5_end_to_end_on_synthetic_data(tmp_path):
     fig5 = reproduce.reproduce("fig5", "cpu", (0, 1), tmp_path, overrides=overrides)
     assert "power/warm" in (tmp_path / "fig5" / "fig5.json").read_text()
     assert fig5[0].claims
+
+
+def test_the_converged_and_the_short_cpu_scales(tmp_path):
+    scale = make_scale("cpu", tmp_path)
+    headline = reproduce.TARGETS["headline"].plan(scale)
+    assert list(headline) == ["sgd", "sam", "eigen-sam"]
+    sam, sgd = headline["sam"][0], headline["sgd"][0]
+    # Converged scale (the pilot's choice): 2,048 images, quarter width, 30 epochs, no
+    # augmentation, cosine to 0; 16 steps per epoch, so 480 steps; SGD trains twice the epochs.
+    assert (sam.train_subset, sam.width, sam.epochs, sam.augment) == (2048, 0.25, 30, False)
+    assert sam.lr_schedule == "cosine" and sgd.epochs == 60 and sgd.method == "sgd"
+    assert sam.epochs * -(-sam.train_subset // sam.batch_size) == 480
+    assert sam.track_every == 120 and sam.track_batches == 0 and sam.eval_every == 10
+    assert [c.seed for c in headline["eigen-sam"]] == [0, 1, 2, 3, 4]
+    assert headline["eigen-sam"][0].eig_interval == 20
+    fig1 = reproduce.TARGETS["fig1"].plan(scale)["sam"][0]
+    assert (fig1.train_subset, fig1.width, fig1.epochs, fig1.augment) == (8192, 0.5, 6, True)
+    assert fig1.track_batches == 2 and fig1.snapshot_epochs == [3]
+    assert scale.note_for(True) != scale.note and "not converged" in scale.note_for(True)
+    with pytest.raises(ValueError, match="headline target runs at CPU scale"):
+        reproduce.TARGETS["headline"].plan(make_scale("paper", tmp_path))

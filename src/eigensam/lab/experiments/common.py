@@ -30,10 +30,13 @@ class Target:
     min_seeds: int = 2
 
 
-def seeds_plan(scale: Scale, groups: dict[str, dict[str, Any]], file: str | None = None) -> Plan:
-    """A plan with one run per seed of ``scale`` for each group's config fields."""
+def seeds_plan(
+    scale: Scale, groups: dict[str, dict[str, Any]], file: str | None = None, short: bool = False
+) -> Plan:
+    """A plan with one run per seed of ``scale`` for each group's config fields (on the short
+    CPU scale with ``short``)."""
     return {
-        label: [scale.config(seed, file=file, **fields) for seed in scale.seeds]
+        label: [scale.config(seed, file=file, short=short, **fields) for seed in scale.seeds]
         for label, fields in groups.items()
     }
 
@@ -41,7 +44,7 @@ def seeds_plan(scale: Scale, groups: dict[str, dict[str, Any]], file: str | None
 def sweep_plan(
     scale: Scale, groups: dict[str, dict[str, Any]], shared: set[str], file: str | None = None
 ) -> Plan:
-    """A sweep's plan: the ``shared`` groups (fig1's settings) with every seed, the others with
+    """A sweep's plan: the ``shared`` groups (table1's settings) with every seed, the others with
     :attr:`Scale.sweep_seeds`."""
     return {
         label: [

@@ -16,6 +16,7 @@ import torch
 from eigensam.lab import tracking
 from eigensam.lab.checkpoints import load_trained
 from eigensam.lab.data import load_dataset
+from eigensam.lab.experiments.common import Plan, Results
 from eigensam.lab.train import TrainConfig, evaluate
 
 # SGD's final train accuracy at which a scale counts as trained to convergence (issue 17).
@@ -39,6 +40,16 @@ def train_fit(config: TrainConfig) -> dict[str, Any]:
     fit = {"train_fit_loss": loss, "train_fit_acc": acc, "train_images": len(data.train)}
     tracking.write_json(cache, fit)
     return fit
+
+
+def add_train_fit(plan: Plan, results: Results) -> None:
+    """Add ``train_fit_acc``/``train_fit_loss`` (:func:`train_fit`, final weights on the whole
+    training subset) to every finished run's summary in ``results``."""
+    for label, configs in plan.items():
+        by_seed = {s["seed"]: s for s in results.summaries[label]}
+        for config in configs:
+            if config.seed in by_seed:
+                by_seed[config.seed].update(train_fit(config))
 
 
 def converged(train_acc: float) -> bool:

@@ -26,10 +26,11 @@ PAPER_FIG1 = {"model": "simplecnn", "lr": 0.03, "track_batches": 2}
 
 
 def plan(scale: Scale) -> Plan:
-    """SGD, SAM, Eigen-SAM (α = 0.2) and X-SAM (α = 1) with sharpness tracking, every seed.
-    Paper scale: the SimpleCNN on CIFAR-10 with the ResNet-18 recipe (lr 0.03: no BatchNorm)."""
+    """SGD, SAM, Eigen-SAM (α = 0.2) and X-SAM (α = 1) with sharpness tracking, every seed, on
+    the short CPU scale (training dynamics). Paper scale: the SimpleCNN on CIFAR-10 with the
+    ResNet-18 recipe (lr 0.03: no BatchNorm)."""
     if scale.name == "cpu":
-        return seeds_plan(scale, {m: {"method": m} for m in METHODS})
+        return seeds_plan(scale, {m: {"method": m} for m in METHODS}, short=True)
     return seeds_plan(
         scale, {m: {"method": m, **PAPER_FIG1} for m in METHODS}, file="resnet18-cifar10"
     )
@@ -76,7 +77,11 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     axes[1].set_yscale("log")
     plot_band(axes[2], groups, "train", "step", "loss", "train loss")
     plot_band(axes[3], groups, "eval", "epoch", "test_acc", "test accuracy")
-    figure_title(fig, f"Figure 1 at {scale.note}", "(mean, 95% band over seeds; SGD: Align of ∇f)")
+    figure_title(
+        fig,
+        f"Figure 1 at {scale.note_for(True)}",
+        "(mean, 95% band over seeds; SGD: Align of ∇f)",
+    )
     figure = save_figure(fig, out / "fig1.png")
 
     align = {m: list(per_run(results, m, "fixed_align").values()) for m in METHODS}
@@ -84,7 +89,12 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     final = {m: results.values(m, "final_lambda1") for m in METHODS}
     tracking.write_json(
         out / "fig1.json",
-        {"scale": scale.note, "mean_align": align, "mean_lambda1": lam, "final_lambda1": final},
+        {
+            "scale": scale.note_for(True),
+            "mean_align": align,
+            "mean_lambda1": lam,
+            "final_lambda1": final,
+        },
     )
     rows = [
         "| method | runs | mean Align(ε, v₁) | mean λ₁ over training | final λ₁ | test acc (%) |"
@@ -98,7 +108,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     sam_ci, sgd_ci = tracking.mean_ci(final["sam"]), tracking.mean_ci(final["sgd"])
     overlap = (sam_ci[0] + (sam_ci[1] or 0)) >= (sgd_ci[0] - (sgd_ci[1] or 0))
     body = (
-        f"{scale.note}. Align and λ₁ are means over the run's measurements (every "
+        f"{scale.note_for(True)}. Align and λ₁ are means over the run's measurements (every "
         f"{plan['sam'][0].track_every} steps, 2 fixed unaugmented batches, v₁ by Lanczos to "
         f"relative residual {plan['sam'][0].track_tol}); final λ₁ on one fixed batch at the end. "
         "For SGD the Align column is that of the gradient. Mean ± 95% CI over seeds.\n\n"

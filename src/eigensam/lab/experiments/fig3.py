@@ -21,8 +21,8 @@ from eigensam.lab.experiments.runs import Scale
 from eigensam.lab.reports import spectrum_report
 from eigensam.lab.train import TrainConfig
 
-EIGEN_ALPHAS = (0.05, 0.1, 0.4, 0.8)  # plus 0 (SAM) and 0.2 (the default) from fig1's runs
-XSAM_ALPHAS = (0.25, 0.5, 1.5)  # plus 1 (the default) from fig1's runs
+EIGEN_ALPHAS = (0.05, 0.1, 0.4, 0.8)  # plus 0 (SAM) and 0.2 (the default) from table1's runs
+XSAM_ALPHAS = (0.25, 0.5, 1.5)  # plus 1 (the default) from table1's runs
 # Sweep runs only need the final λ₁: sharpness is measured at the first step and at the end.
 LIGHT = {"track_every": 100_000, "track_batches": 0, "snapshot_epochs": []}
 TRACE_FILE = "trace.json"
@@ -124,9 +124,10 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
         {"scale": scale.note, "best_fixed_alpha": best, "summaries": results.summaries},
     )
     body = (
-        f"{scale.note}. α = 0 is SAM; α = 0.2 and X-SAM α = 1 are the defaults (fig1's runs, "
-        "tracked every 30 steps); the other settings measure λ₁ only at the first step and at "
-        "the end (tracking never changes a trajectory). Trace: Hutch++ with 60 products over the "
+        f"{scale.note}. α = 0 is SAM; α = 0.2 and X-SAM α = 1 are the defaults (table1's runs, "
+        f"tracked every {plan['α=0.2'][0].track_every} steps); the other settings measure λ₁ "
+        "only at the first step and at the end (tracking never changes a trajectory). Trace: "
+        "Hutch++ with 60 products over the "
         f"first 256 training samples. `alpha=auto` targets Align(ε, v̂) = "
         f"{plan['α=auto'][0].target_align} with α ≤ 1 (closed form, `eigensam.optim.eigen_sam."
         "auto_alpha`).\n\n"

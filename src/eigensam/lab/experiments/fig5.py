@@ -84,11 +84,13 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     ax.legend(fontsize="small")
     ax.set_title(f"Estimate convergence at mid-training ({len(reports)} seeds, 95% bands)")
     figure = save_figure(fig, out / "fig5.png")
-    tracking.write_json(out / "fig5.json", {"scale": scale.note, "abs_cos_after_5": at_few})
+    tracking.write_json(
+        out / "fig5.json", {"scale": scale.note_for(True), "abs_cos_after_5": at_few}
+    )
     rows = ["| solver, start | |cos(v̂, v₁)| after 5 products |", "|---|---|"]
     rows += [f"| {k} | {fmt(v)} |" for k, v in at_few.items()]
     body = (
-        f"{scale.note}. Models: fig1's Eigen-SAM runs at epoch "
+        f"{scale.note_for(True)}. Models: fig1's Eigen-SAM runs at epoch "
         f"{plan['eigen-sam'][0].snapshot_epochs or 'end'} (mid-training); Hessian of the "
         f"training loss on the first {SAMPLES} training samples; v₁ converged by Lanczos; warm "
         "start: the optimizer's own estimate v̂ in the checkpoint.\n\n" + "\n".join(rows) + "\n"

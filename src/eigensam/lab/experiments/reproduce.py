@@ -4,6 +4,7 @@ ones), then write each target's JSON, figures and report section, and the report
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -11,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from eigensam.lab.data import load_dataset
-from eigensam.lab.experiments import fig1, fig2, fig3, fig4, fig5, table1, table2, table34
+from eigensam.lab.experiments import (
+    fig1,
+    fig2,
+    fig3,
+    fig4,
+    fig5,
+    headline,
+    table1,
+    table2,
+    table34,
+)
 from eigensam.lab.experiments.common import Plan, Target
 from eigensam.lab.experiments.report import Section, write_report
 from eigensam.lab.experiments.runs import (
@@ -28,8 +39,9 @@ from eigensam.lab.train import TrainConfig
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        fig1.TARGET,
+        headline.TARGET,
         table1.TARGET,
+        fig1.TARGET,
         fig4.TARGET,
         table34.TARGET,
         fig3.TARGET,
@@ -103,7 +115,7 @@ def reproduce(
     sections."""
     out = Path(out) if out is not None else Path("runs") / f"reproduce-{scale}"
     targets = resolve_targets(target)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     chosen, plans = plan_targets(targets, scale, seeds, out, overrides, jobs)
     configs = check_runs([c for plan in plans.values() for runs in plan.values() for c in runs])
     execute(configs, jobs)
@@ -114,12 +126,31 @@ def reproduce(
         folder.mkdir(parents=True, exist_ok=True)
         sections.append(t.analyze(chosen, plans[t.name], folder))
         print(f"{t.name}: report section written", file=sys.stderr, flush=True)
-    total = time.perf_counter() - started
+    total, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     path = Path(report) if report is not None else out / REPORT_FILE
-    header = _header(target, chosen, total, trained, jobs, run_seconds(configs))
+    header = _header(target, chosen, total, trained, jobs, run_seconds(configs), cpu)
     write_report(sections, path, header=header)
     print(f"wrote {path}", file=sys.stderr)
+    print(
+        f"eigensam reproduce {target}: wall time {_clock(total)}, CPU time {cpu:.0f} s "
+        f"(this process and its workers, {jobs} runs at a time)",
+        file=sys.stderr,
+    )
     return sections
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished child processes (the
+    training workers): the budget unit of ``make main``, independent of how busy the machine
+    is."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s"
 
 
 def run_seconds(configs: Sequence[TrainConfig]) -> tuple[int, float]:
@@ -132,7 +163,13 @@ def run_seconds(configs: Sequence[TrainConfig]) -> tuple[int, float]:
 
 
 def _header(
-    target: str, scale: Any, total: float, trained: float, jobs: int, runs: tuple[int, float]
+    target: str,
+    scale: Any,
+    total: float,
+    trained: float,
+    jobs: int,
+    runs: tuple[int, float],
+    cpu: float,
 ) -> str:
     seeds = ",".join(map(str, scale.seeds))
     lines = [
@@ -142,13 +179,15 @@ def _header(
         f"{target} --scale {scale.name} --seeds {seeds} --jobs {jobs}`; every number and figure "
         "below comes from that command (nothing is typed in). "
         f"Wall time of this invocation: {total / 60:.1f} min ({trained / 60:.1f} min training, "
-        f"{jobs} runs at a time); finished runs reused from earlier invocations are not "
-        f"retrained. The {runs[0]} runs took {runs[1] / 3600:.2f} h of training, tracking and "
-        "evaluation in all (summed over runs, from their summaries).",
+        f"{jobs} runs at a time; {cpu:.0f} CPU-seconds); finished runs reused from earlier "
+        f"invocations are not retrained. The {runs[0]} runs took {runs[1] / 3600:.2f} h of "
+        "training, tracking and evaluation in all (summed over runs, from their summaries).",
         "",
         f"**Scale:** {scale.note}.",
         "",
     ]
+    if scale.short:
+        lines += [f"**Training dynamics (fig1, fig5):** {scale.short_note}.", ""]
     if scale.name == "cpu":
         lines += ["Deviations from the paper's recipe, and why:", ""]
         lines += [f"- {d}" for d in CPU_DEVIATIONS]
