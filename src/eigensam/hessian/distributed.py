@@ -295,7 +295,7 @@ class ParamLayout:
     # -- conversions --------------------------------------------------------------------------
 
     def pieces(self, vector: Tensor) -> list[Tensor]:
-        """A flat vector as per-parameter tensors shaped like the parameters: ``DTensor``\\ s
+        """A flat vector as per-parameter tensors shaped like the parameters: ``DTensor``
         sharing the vector's storage (sharded), or views (replicated); for
         ``torch.distributed.checkpoint``, which reshards them to another world size."""
         views = self.unflatten(vector)

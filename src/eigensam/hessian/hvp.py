@@ -65,7 +65,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from eigensam.hessian.distributed import is_ddp
+from eigensam.hessian.distributed import ParamLayout, is_ddp
 
 Closure = Callable[[], Tensor]
 BACKENDS = ("autograd", "fd-central", "fd-forward")
@@ -83,6 +83,14 @@ MODES = ("train", "eval", None)
 FD_SCALE = {"fd-central": 1e-4, "fd-forward": 1e-4}
 # What torch says when a model cannot be differentiated twice (torch.compile, fused kernels).
 NO_DOUBLE_BACKWARD = ("double backward", "donated buffers", "is not implemented")
+
+# Why the exact backend cannot run on FSDP2's sharded parameters, and what to use instead.
+EXACT_UNDER_FSDP2 = (
+    "hvp='autograd' (exact double backward) is not available under FSDP2 (fully_shard): the "
+    "graph of the gradient uses the gathered parameters, so a second backward does not reach "
+    "the sharded ones; use a finite-difference backend: hvp='fd-central' or hvp='fd-forward' "
+    f"(hvp='auto' picks {FD_FALLBACK!r})"
+)
 
 
 class DoubleBackwardError(RuntimeError):
@@ -455,6 +463,9 @@ class HessianOperator:
         if not self.params:
             raise ValueError("params must contain at least one tensor with requires_grad=True")
         self.backend = check_backend(backend)
+        self.layout = ParamLayout(self.params)
+        if self.layout.sharded and backend == "autograd":
+            raise ValueError(EXACT_UNDER_FSDP2)
         if is_ddp(model):
             raise TypeError(
                 "model is a DistributedDataParallel wrapper; pass its .module, run the products "
@@ -468,7 +479,7 @@ class HessianOperator:
         self.fd_scale = FD_SCALE.get(backend) if fd_scale is None else fd_scale
         if self.fd_scale is not None and not self.fd_scale > 0:
             raise ValueError(f"fd_scale must be > 0, got {fd_scale}")
-        self.dim = sum(p.numel() for p in self.params)
+        self.dim = self.layout.numel
         if base_grad is not None and base_grad.shape != (self.dim,):
             raise ValueError(
                 f"base_grad must have shape ({self.dim},), got {tuple(base_grad.shape)}"
@@ -565,25 +576,27 @@ class HessianOperator:
             with torch.no_grad():
                 # The exact backend's graph holds the gradient already: flattened on demand.
                 grads = self._graph_grads or self._evaluate(at_w=True)
-                self._base_grad = flatten(grads, self.params).detach()
+                self._base_grad = self.layout.flatten(grads).detach()
         return self._base_grad
 
     @torch.no_grad()
     def _shifted_gradient(self, v: Tensor, h: float) -> Tensor:
         """Flat ``∇L(w + h v)``; parameters are restored to ``w`` bit for bit."""
-        saved = [p.detach().clone() for p in self.params]
-        torch._foreach_add_(self.params, unflatten(v, self.params), alpha=h)
+        shards = self.layout.locals  # the parameters, or this rank's shards (FSDP2)
+        saved = [p.detach().clone() for p in shards]
+        torch._foreach_add_(shards, self.layout.unflatten(v), alpha=h)
         try:
             grads = self._evaluate()
         finally:
-            torch._foreach_copy_(self.params, saved)
-        return flatten(grads, self.params)
+            torch._foreach_copy_(shards, saved)
+        return self.layout.flatten(grads)
 
     def step_size(self, v: Tensor) -> float:
         """Finite-difference step ``h = fd_scale · (1 + ‖w‖) / ‖v‖``."""
+        assert self.fd_scale is not None  # set for the finite-difference backends
         with torch.no_grad():
-            w_norm = torch.linalg.vector_norm(torch.stack([p.norm() for p in self.params]))
-        return float(self.fd_scale * (1.0 + w_norm) / v.norm())
+            w_norm = self.layout.norm_of(self.params)
+        return float(self.fd_scale * (1.0 + w_norm) / self.layout.norm(v))
 
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for a flat vector ``v`` of length ``dim`` (passed through ``reduce``)."""

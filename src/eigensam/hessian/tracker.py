@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from eigensam.hessian.distributed import ParamLayout
 from eigensam.hessian.eigen import EigenResult, check_positive_int, lanczos, power_iteration
 from eigensam.hessian.hvp import (
     AUTO,
     BACKENDS,
+    EXACT_UNDER_FSDP2,
     FD_FALLBACK,
     FD_SCALE,
     Closure,
@@ -21,8 +23,6 @@ from eigensam.hessian.hvp import (
     Evaluation,
     HessianOperator,
     check_mode,
-    flatten,
-    unflatten,
 )
 
 METHODS = ("power", "lanczos")
@@ -43,7 +43,15 @@ def choose_backend(
 ) -> str:
     """The backend to use for ``params``: ``requested`` unless it is ``"auto"``, which is
     ``"autograd"`` (exact) until the exact product failed with ``error`` (the model has no
-    double backward), then :data:`~eigensam.hessian.hvp.FD_FALLBACK`."""
+    double backward), then :data:`~eigensam.hessian.hvp.FD_FALLBACK`.
+
+    FSDP2 (``params`` sharded ``DTensor`` parameters): ``"auto"`` is ``FD_FALLBACK`` without trying
+    the exact product, and ``"autograd"`` raises ``ValueError`` naming the finite-difference
+    backends (double backward does not reach sharded parameters)."""
+    if ParamLayout(params).sharded:
+        if requested == "autograd":
+            raise ValueError(EXACT_UNDER_FSDP2)
+        return FD_FALLBACK if requested == AUTO else requested
     if requested != AUTO:
         return requested
     return FD_FALLBACK if error is not None else "autograd"
@@ -160,28 +168,40 @@ class EigenTracker:
         model: nn.Module | None = None,
         loss_scale: float = 1.0,
     ) -> EigenResult:
-        """Refresh ``v̂`` on the closure's loss; ``loss_scale`` divides out a GradScaler scale."""
-        dim = sum(p.numel() for p in params)
-        if self.vector is None or self.vector.numel() != dim:
-            v0 = torch.randn(dim, generator=self.generator, dtype=torch.float32)
-        else:
-            v0 = self.vector
+        """Refresh ``v̂`` on the closure's loss; ``loss_scale`` divides out a GradScaler scale.
+
+        Under FSDP2 (``params`` sharded ``DTensor`` parameters) ``v̂`` is this rank's part
+        (:class:`~eigensam.hessian.distributed.ParamLayout`): the first start vector is drawn
+        whole (the one process's draw, a transient full-size float32 vector) and cut to this
+        rank's rows; power iteration's dot products and norms are global; Lanczos is refused."""
+        layout = ParamLayout(params)
+        if layout.sharded and self.method != "power":
+            raise ValueError(
+                f"eig_method={self.method!r} is not supported on FSDP2's sharded parameters; "
+                "use eig_method='power'"
+            )
         # Parameters of several dtypes: flat vectors take the promoted one, as torch.cat does.
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
+        if self.vector is None or self.vector.numel() != layout.numel:
+            v0 = torch.randn(layout.global_numel, generator=self.generator, dtype=torch.float32)
+            v0 = layout.shard(v0.to(device=params[0].device, dtype=dtype))
+        else:
+            v0 = self.vector
         v0 = v0.to(device=params[0].device, dtype=dtype)
         # The operator acts on the parameters that require gradients only.
         trainable = [p for p in params if p.requires_grad]
+        trainable_layout = ParamLayout(trainable) if len(trainable) < len(params) else layout
         if len(trainable) < len(params):
-            chunks = unflatten(v0, params)
-            v0 = flatten(
-                [c for c, p in zip(chunks, params, strict=True) if p.requires_grad], trainable
+            chunks = layout.unflatten(v0)
+            v0 = trainable_layout.flatten(
+                [c for c, p in zip(chunks, params, strict=True) if p.requires_grad]
             )
         self.evaluation = None
         result, self.backend = run_with_backend(
             self.backend, params, lambda backend: self._solve(closure, params, model, v0, backend)
         )
-        found = iter(unflatten(result.eigenvector.detach(), trainable))
-        self.vector = flatten([next(found) if p.requires_grad else None for p in params], params)
+        found = iter(trainable_layout.unflatten(result.eigenvector.detach()))
+        self.vector = layout.flatten([next(found) if p.requires_grad else None for p in params])
         self.eigenvalue = result.eigenvalue / loss_scale
         self.residual = result.residual / loss_scale
         self.num_updates += 1
@@ -204,7 +224,8 @@ class EigenTracker:
         with operator as op:
             if self.method == "power":
                 spread = self.schedule == "spread" and self.vector is not None
-                result = power_iteration(op.matvec, v0, 1 if spread else self.iters)
+                iters = 1 if spread else self.iters
+                result = power_iteration(op.matvec, v0, iters, algebra=op.layout)
             else:
                 result = lanczos(op.matvec, v0, self.iters, k=1, which="LA")[0]
         self.evaluation = op.evaluation

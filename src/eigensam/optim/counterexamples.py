@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eigensam.hessian.distributed import local_forward
-from eigensam.hessian.hvp import AUTO, Batch, HessianOperator, call_closure, flatten, unflatten
+from eigensam.hessian.distributed import ParamLayout, local_forward, local_shard
+from eigensam.hessian.hvp import AUTO, Batch, HessianOperator, call_closure
 from eigensam.hessian.tracker import check_tracker_backend, run_with_backend
 from eigensam.optim.sam import SAM, unit
 
@@ -27,7 +27,8 @@ class EGR(SAM):
     Its gradient is ``∇f + ρ·H ĝ`` with ``ĝ = ∇f/‖∇f‖`` and ``H = ∇²f``; the Hessian-vector
     product uses the ``hvp`` backend on the same batch (default ``"auto"``: exact double
     backward when the model supports it, else finite differences, decided at the first step);
-    under DDP it runs on the inner module and is averaged over the replicas.
+    under DDP it runs on the inner module and is averaged over the replicas; under FSDP2 it is
+    a finite-difference product of FSDP's global gradients on this rank's shards.
     """
 
     def __init__(self, *args: Any, hvp: str = AUTO, **kwargs: Any):
@@ -63,8 +64,9 @@ class EGR(SAM):
         # The Hessian is taken over the parameters that require gradients (frozen ones are
         # constants of the loss).
         params = [p for p in self._params() if p.requires_grad]
-        grad = flatten([p.grad for p in params], params)
-        if bool(grad.any()):
+        layout = ParamLayout(params)
+        grad = layout.flatten([p.grad for p in params])
+        if not layout.all_true(not bool(grad.any())):
 
             def product(backend: str) -> Tensor:
                 operator = HessianOperator(
@@ -77,19 +79,19 @@ class EGR(SAM):
                     reduce=self.reduce,
                 )
                 with local_forward(self.ddp), operator as op:
-                    return op.matvec(unit(grad))
+                    return op.matvec(unit(grad, layout))
 
             hg, self.hvp = run_with_backend(self.hvp, params, product)
-            if not bool(torch.isfinite(hg).all()):
+            if not layout.all_true(bool(torch.isfinite(hg).all())):
                 self._nonfinite("Hessian-vector product", None)
                 return loss
             rhos = [g["rho"] for g in self.param_groups for p in g["params"] if p.requires_grad]
             with torch.no_grad():
                 # A parameter the loss does not depend on has no gradient and a zero Hessian
                 # row: it keeps no gradient, so the base optimizer skips it.
-                for p, h, rho in zip(params, unflatten(hg, params), rhos, strict=True):
+                for p, h, rho in zip(params, layout.unflatten(hg), rhos, strict=True):
                     if p.grad is not None:
-                        p.grad.add_(h, alpha=rho)
+                        local_shard(p.grad).add_(h, alpha=rho)
         self.base_optimizer.step()
         self.sam_steps += 1
         return loss

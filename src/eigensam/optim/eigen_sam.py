@@ -7,7 +7,6 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -19,12 +18,15 @@ from eigensam.hessian.hvp import (
     batch_size_of,
     batch_split_closure,
     check_hessian_parts,
-    flatten,
     hessian_parts_for,
-    unflatten,
 )
-from eigensam.hessian.tracker import EigenTracker
+from eigensam.hessian.tracker import EigenTracker, choose_backend
 from eigensam.optim.sam import SAM, check_nonnegative, plain_norm_is_accurate, unit
+
+LANCZOS_UNDER_FSDP2 = (
+    "eig_method={!r} is not supported under FSDP2 (fully_shard): its basis would need global "
+    "dot products with every stored vector; use eig_method='power'"
+)
 
 
 class TrackedSAM(SAM):
@@ -53,7 +55,14 @@ class TrackedSAM(SAM):
     number > 1 with BatchNorm in train mode raises ``ValueError``.
     Under ``DistributedDataParallel`` (``model`` the DDP wrapper) the products run on the inner
     module and are averaged over the replicas: ``v̂`` is the global batch loss's, the same on
-    every rank, at one all-reduce per product.
+    every rank, at one all-reduce per product. Under FSDP2 (``fully_shard``) ``v̂`` is stored
+    sharded like the parameters (each rank keeps its rows, about ``1/N`` of it), the products
+    are finite differences of FSDP's global gradients (``hvp="auto"`` picks
+    :data:`~eigensam.hessian.hvp.FD_FALLBACK`; ``"autograd"`` raises ``ValueError``: double
+    backward does not reach sharded parameters), power iteration's dot products and norms are
+    global, and ``v̂`` is the one process's estimate on the concatenated batch (to rounding);
+    ``eig_method="lanczos"`` is refused there. :mod:`eigensam.optim.checkpoint` saves and loads
+    the sharded state with ``torch.distributed.checkpoint``.
 
     ``reuse_gradient`` (default True): on a refresh step, the gradient the refresh computed at
     ``w`` on the same batch (same RNG state, same mode, BatchNorm statistics updated once) is the
@@ -100,6 +109,10 @@ class TrackedSAM(SAM):
             schedule=eig_schedule,
         )
         self._reusable: Evaluation | None = None
+        if self.layout.sharded:  # refused now, before any pass or product
+            choose_backend(hvp, self._params())
+            if eig_method != "power":
+                raise ValueError(LANCZOS_UNDER_FSDP2.format(eig_method))
         self.hessian_parts = check_hessian_parts(hessian_parts)
         # Checked now (an explicit number with BatchNorm in train mode raises); capped per batch.
         self._parts = hessian_parts_for(hessian_parts, self.model, self.tracker.mode)
@@ -168,10 +181,12 @@ class TrackedSAM(SAM):
             warnings.warn(f"eigenvector update skipped: {error}", RuntimeWarning, stacklevel=2)
 
     def _group_slices(self) -> Iterable[tuple[dict[str, Any], slice]]:
-        """Each param group with the slice of the flat parameter vector it occupies."""
+        """Each param group with the slice of the flat parameter vector it occupies (this
+        rank's part of it under FSDP2)."""
         start = 0
+        shards = iter(self.layout.locals)
         for group in self.param_groups:
-            size = sum(p.numel() for p in group["params"])
+            size = sum(next(shards).numel() for _ in group["params"])
             yield group, slice(start, start + size)
             start += size
 
@@ -266,11 +281,12 @@ class EigenSAM(TrackedSAM):
         v = self.tracker.vector
         if v is None:
             return super()._ascent_direction(grad)
-        direction = unit(grad)  # ĝ
-        along = float(torch.dot(v, direction))
+        layout = self.layout
+        direction = unit(grad, layout)  # ĝ
+        along = float(layout.dot(v, direction))
         for a, (_, part) in zip(self._mixing(along), self._group_slices(), strict=True):
             direction[part].mul_(1.0 - a * along).add_(v[part], alpha=a)
-        return unflatten(direction, self._params())
+        return layout.unflatten(direction)
 
     def _add_perturbation(self, targets: list[Tensor], grads: Sequence[Tensor | None]) -> None:
         """Eq. 8 added as ``ρ(1 − a⟨v̂, ĝ⟩)/‖g‖ · g + ρa · v̂`` straight from views of the
@@ -280,14 +296,14 @@ class EigenSAM(TrackedSAM):
         if v is None:
             super()._add_perturbation(targets, grads)
             return
-        params = self._params()
-        grad = flatten(grads, params)
-        norm = float(torch.linalg.vector_norm(grad))
+        layout = self.layout
+        grad = layout.flatten(grads)
+        norm = float(layout.norm(grad))
         if not plain_norm_is_accurate(norm, grad.dtype):
             super()._add_perturbation(targets, grads)
             return
-        along = float(torch.dot(v, grad)) / norm
+        along = float(layout.dot(v, grad)) / norm
         mixing = self._mixing(along)
         on_grad = [(1 - a * along) / norm for a in mixing]
-        self._add_per_group(targets, unflatten(grad, params), on_grad)
-        self._add_per_group(targets, unflatten(v, params), mixing)
+        self._add_per_group(targets, layout.unflatten(grad), on_grad)
+        self._add_per_group(targets, layout.unflatten(v), mixing)

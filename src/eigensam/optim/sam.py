@@ -15,9 +15,12 @@ from torch.optim import Optimizer
 
 from eigensam.hessian.distributed import (
     MeanAcrossRanks,
+    ParamLayout,
     all_ranks_true,
     check_same_across_ranks,
     is_ddp,
+    is_fsdp2,
+    refuse_fsdp1,
     require_process_group,
     unwrap,
 )
@@ -26,12 +29,16 @@ from eigensam.hessian.hvp import (
     BufferSnapshot,
     bind_batch,
     call_closure,
-    flatten,
-    unflatten,
 )
 
 NONFINITE_POLICIES = ("raise", "skip")
 SHARPNESS = ("global", "local")
+LOCAL_UNDER_FSDP2 = (
+    "sharpness='local' (m-sharpness) is not supported under FSDP2 (fully_shard): a gradient "
+    "computed without synchronization (set_requires_gradient_sync(False)) stays unsharded and "
+    "out of p.grad, so a per-rank ε would need a full copy of the weights on every rank; use "
+    "sharpness='global', or DistributedDataParallel for m-sharpness"
+)
 
 
 def check_nonnegative(name: str, value: object) -> float:
@@ -43,12 +50,16 @@ def check_nonnegative(name: str, value: object) -> float:
     return float(value)
 
 
-def unit(v: Tensor) -> Tensor:
+def unit(v: Tensor, layout: ParamLayout | None = None) -> Tensor:
     """``v/‖v‖`` for a nonzero finite ``v``, computed as ``u/‖u‖`` with ``u = v/max|vᵢ|`` so the
     squares neither overflow nor underflow (a plain float32/bfloat16 norm is inf for entries
-    above ~1e19 and 0 below ~1e-23)."""
-    u = v / v.abs().amax().clamp_min(torch.finfo(v.dtype).tiny)
-    return u.div_(u.norm())
+    above ~1e19 and 0 below ~1e-23). With a sharded ``layout`` (FSDP2), ``v`` is this rank's
+    part of the vector and the maximum and norm are global."""
+    if layout is None or not layout.sharded:
+        u = v / v.abs().amax().clamp_min(torch.finfo(v.dtype).tiny)
+        return u.div_(u.norm())
+    u = v / layout.amax(v).clamp_min(torch.finfo(v.dtype).tiny)
+    return u.div_(layout.norm(u))
 
 
 def plain_norm_is_accurate(norm: float, dtype: torch.dtype) -> bool:
@@ -85,6 +96,16 @@ class SAM(Optimizer):
     ranks check once, at the first step, that they hold the same optimizer configuration and
     parameter shapes (``ValueError`` otherwise).
 
+    Under FSDP2 (a model sharded by ``torch.distributed.fsdp.fully_shard``, the base optimizer
+    on its ``DTensor`` parameters) FSDP's gradients are already the global batch's, ``ε`` is
+    computed from the global gradient norm (one all-reduce of one number,
+    :class:`~eigensam.hessian.distributed.ParamLayout`) and applied shard by shard: ``N``
+    processes run the algorithm of one process on the concatenated batch, and every per-step
+    buffer (the saved ``w``, ``ε``) is sharded too. ``sharpness="local"`` is refused there
+    (``set_requires_gradient_sync(False)`` keeps each rank's gradient unsharded, outside
+    ``p.grad``: a per-rank ε would cost a full copy of ``w``). FSDP1
+    (``FullyShardedDataParallel``) is refused (``TypeError``).
+
     ``on_nonfinite``: what to do when the loss or a gradient is NaN/inf without a GradScaler:
     ``"raise"`` (``FloatingPointError``) or ``"skip"`` (warn, leave weights and base state
     untouched). With a GradScaler, overflow skips the step as ``GradScaler.step`` does.
@@ -115,6 +136,9 @@ class SAM(Optimizer):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         if sharpness not in SHARPNESS:
             raise ValueError(f"sharpness must be one of {SHARPNESS}, got {sharpness!r}")
+        refuse_fsdp1(model)
+        if sharpness == "local" and is_fsdp2(model):
+            raise ValueError(LOCAL_UNDER_FSDP2)
         if sharpness == "local":
             require_process_group("sharpness='local'")
             if not is_ddp(model):
@@ -156,9 +180,13 @@ class SAM(Optimizer):
         self.ddp: DistributedDataParallel | None = model if is_ddp(model) else None
         self.model = unwrap(model)
         self.sharpness = sharpness
-        # Averages Hessian-vector products over the replicas (Eigen-SAM, X-SAM, EGR).
+        self._layout: ParamLayout | None = None
+        if self.layout.sharded and sharpness == "local":
+            raise ValueError(LOCAL_UNDER_FSDP2)
+        # Averages Hessian-vector products over the replicas (Eigen-SAM, X-SAM, EGR); FSDP2's
+        # gradients, hence finite-difference products, are global already.
         self.reduce = None if self.ddp is None else MeanAcrossRanks()
-        self._ranks_checked = self.ddp is None
+        self._ranks_checked = self.ddp is None and not self.layout.sharded
         self.on_nonfinite = on_nonfinite
         self.sam_steps = 0
         self._saved_params: list[Tensor] | None = None
@@ -175,20 +203,24 @@ class SAM(Optimizer):
         check_nonnegative("eta", group["eta"])
 
     def _ascent_direction(self, grad: Tensor) -> list[Tensor]:
-        """Per-parameter ``ε/ρ`` from the flat gradient ``g ≠ 0``: ``ĝ``, or ``T²g/‖Tg‖``."""
-        params = self._params()
+        """Per-parameter ``ε/ρ`` from the flat gradient ``g ≠ 0``: ``ĝ``, or ``T²g/‖Tg‖``
+        (flat vectors and the result are this rank's shards under FSDP2)."""
+        layout = self.layout
         if not any(group["adaptive"] for group in self.param_groups):
-            return unflatten(unit(grad), params)
-        scale = flatten(
+            return layout.unflatten(unit(grad, layout))
+        etas = [
+            group["eta"] if group["adaptive"] else None
+            for group in self.param_groups
+            for _ in group["params"]
+        ]
+        scale = layout.flatten(
             [
-                p.detach().abs() + group["eta"] if group["adaptive"] else torch.ones_like(p)
-                for group in self.param_groups
-                for p in group["params"]
-            ],
-            params,
+                torch.ones_like(p) if eta is None else p.detach().abs() + eta
+                for p, eta in zip(layout.locals, etas, strict=True)
+            ]
         )
         # T·g/‖T·g‖ = T·ĝ/‖T·ĝ‖: normalizing g first keeps T·g from overflowing.
-        return unflatten(scale * unit(scale * unit(grad)), params)
+        return layout.unflatten(scale * unit(scale * unit(grad, layout), layout))
 
     def _correct_descent_gradient(self) -> None:
         """Change the second-pass gradient in ``p.grad`` before the base step (none for SAM)."""
@@ -223,6 +255,15 @@ class SAM(Optimizer):
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    @property
+    def layout(self) -> ParamLayout:
+        """How the parameters lie over the ranks (:class:`ParamLayout`: replicated, or FSDP2
+        shards); rebuilt when the parameters change (``add_param_group``)."""
+        params = self._params()
+        if self._layout is None or len(self._layout.params) != len(params):
+            self._layout = ParamLayout(params)
+        return self._layout
+
     def _grads(self) -> list[Tensor]:
         grads = [p.grad for p in self._params() if p.grad is not None]
         if not grads:
@@ -236,28 +277,28 @@ class SAM(Optimizer):
     def perturbation(self, grad: Tensor) -> Tensor:
         """The flat perturbation ``ε`` this optimizer would apply for the flat gradient ``grad``
         (for measurements such as Align(ε, v₁); nothing is changed)."""
-        params = self._params()
-        eps = [torch.zeros_like(p) for p in params]
-        self._add_perturbation(eps, unflatten(grad, params))
-        return flatten(eps, params)
+        layout = self.layout
+        eps = [torch.zeros_like(p) for p in layout.locals]
+        self._add_perturbation(eps, layout.unflatten(grad))
+        return layout.flatten(eps)
 
     def _add_perturbation(self, targets: list[Tensor], grads: Sequence[Tensor | None]) -> None:
         """Add ``ε`` for the gradients ``grads`` (one per parameter, None for none) to
-        ``targets`` (one tensor per parameter), group by group with ``foreach``; nothing when
-        the gradient is 0.
+        ``targets`` (one tensor per parameter; this rank's shards under FSDP2), group by group
+        with ``foreach``; nothing when the gradient is 0.
 
         For SAM's own direction ``ĝ`` (not ASAM, not a variant) with an accurate plain norm, ``ε``
         is added as ``(ρ/‖g‖)·g`` straight from the gradients (no flat copy, no temporaries);
         else through :meth:`_ascent_direction` on the flat gradient, safe for any finite ``g``."""
         if self._direction_is_normalized_gradient():
             present = [g for g in grads if g is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(present))))
+            norm = float(self.layout.norm_of(present))
             dtype = functools.reduce(torch.promote_types, [g.dtype for g in present])
             if plain_norm_is_accurate(norm, dtype):
                 self._add_per_group(targets, grads, [1.0 / norm] * len(self.param_groups))
                 return
-        grad = flatten(grads, self._params())
-        if bool(grad.any()):
+        grad = self.layout.flatten(grads)
+        if not self.layout.all_true(not bool(grad.any())):
             directions = self._ascent_direction(grad)
             self._add_per_group(targets, directions, [1.0] * len(self.param_groups))
 
@@ -288,9 +329,9 @@ class SAM(Optimizer):
         """Move to ``w + ε`` using the gradients now in ``p.grad`` (saving ``w``)."""
         self._check_ranks()
         self._grads()  # raises if the closure computed none
-        params = self._params()
-        self._save_params(params)
-        self._add_perturbation(params, [p.grad for p in params])
+        layout = self.layout
+        self._save_params(layout.locals)
+        self._add_perturbation(layout.locals, layout.local([p.grad for p in layout.params]))
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -327,24 +368,26 @@ class SAM(Optimizer):
     def _restore_params(self) -> None:
         if self._perturbed:
             assert self._saved_params is not None
-            torch._foreach_copy_(self._params(), self._saved_params)
+            torch._foreach_copy_(self.layout.locals, self._saved_params)
             self._perturbed = False
 
     def _finite(self, loss: Tensor | None = None) -> bool:
         """Whether ``loss`` (first pass) and the gradients are finite; with ``sharpness="local"``
-        the first-pass answer is agreed over the replicas, so all of them skip or step."""
-        grads = self._grads()
+        the first-pass answer is agreed over the replicas, so all of them skip or step; under
+        FSDP2 the norms are global and the loss's answer is agreed over the ranks."""
+        layout = self.layout
+        grads = [g for g in layout.local(self._grads()) if g is not None]
         # A finite 2-norm proves every entry finite (one cheap foreach reduction); only when it
         # is not, the max-norm tells NaN/inf entries from finite ones whose squares overflow.
-        grad_ok = math.isfinite(
-            float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-        )
+        grad_ok = math.isfinite(float(layout.norm_of(grads)))
         if not grad_ok:
             norms = torch._foreach_norm(grads, ord=math.inf)
-            grad_ok = math.isfinite(float(torch.stack(norms).amax()))
+            grad_ok = math.isfinite(float(layout.amax(torch.stack(norms))))
         ok = grad_ok and (loss is None or bool(torch.isfinite(loss.detach()).all()))
         if self.sharpness == "local" and loss is not None:
             return all_ranks_true(ok)
+        if layout.sharded and loss is not None:
+            return layout.all_true(ok)
         return ok
 
     def _rank_signature(self) -> dict[str, Any]:
@@ -354,6 +397,7 @@ class SAM(Optimizer):
             "optimizer": type(self).__name__,
             "base_optimizer": type(self.base_optimizer).__name__,
             "sharpness": self.sharpness,
+            "parallelism": "fsdp2" if self.layout.sharded else "ddp" if self.ddp else "none",
             "parameter shapes": [tuple(p.shape) for p in self._params()],
             "param_groups": [
                 {k: v for k, v in group.items() if isinstance(v, scalars)}
@@ -362,7 +406,7 @@ class SAM(Optimizer):
         }
 
     def _check_ranks(self) -> None:
-        """Once, under DDP: every replica holds the same :meth:`_rank_signature`."""
+        """Once, under DDP or FSDP2: every rank holds the same :meth:`_rank_signature`."""
         if not self._ranks_checked:
             check_same_across_ranks("the optimizer configuration", self._rank_signature())
             self._ranks_checked = True

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from eigensam.hessian.hvp import flatten, unflatten
+from eigensam.hessian.distributed import local_shard
 from eigensam.optim.eigen_sam import TrackedSAM
 
 
@@ -47,26 +47,27 @@ class XSAM(TrackedSAM):
         v = self.tracker.vector
         if v is None:
             return
-        params = self._params()
-        grad = flatten([p.grad for p in params], params)
+        layout = self.layout
+        params = layout.params
+        grad = layout.flatten([p.grad for p in params])
         # Corrected as m·(u − α⟨u, v̂⟩v̂) with u = g'/m, m = max|g'ᵢ|, so that ⟨g', v̂⟩ cannot
         # overflow the gradient's dtype; a corrected gradient that does is an error. The max-norm
         # is NaN/inf exactly when an entry is.
-        scale = grad.abs().amax()
+        scale = layout.amax(grad)
         if not math.isfinite(float(scale)):
             return  # an overflow under a GradScaler: its step() sees it and skips the step
         scale = scale.clamp_min(torch.finfo(grad.dtype).tiny)
         grad.div_(scale)
-        along = float(torch.dot(grad, v))
+        along = float(layout.dot(grad, v))
         for group, part in self._group_slices():
             grad[part].add_(v[part], alpha=-group["alpha"] * along)
         grad.mul_(scale)
-        if not math.isfinite(float(grad.abs().amax())):
+        if not math.isfinite(float(layout.amax(grad))):
             raise FloatingPointError(
                 f"X-SAM's corrected gradient overflows {grad.dtype}; weights were left unchanged"
             )
         # Parameters without a gradient (frozen, unused) stay without one: the base optimizer
         # skips them, as it would without the correction.
-        for p, g in zip(params, unflatten(grad, params), strict=True):
+        for p, g in zip(params, layout.unflatten(grad), strict=True):
             if p.grad is not None:
-                p.grad.copy_(g)
+                local_shard(p.grad).copy_(g)
