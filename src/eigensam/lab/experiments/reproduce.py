@@ -19,6 +19,7 @@ from eigensam.lab.experiments import (
     fig4,
     fig5,
     headline,
+    lm,
     table1,
     table2,
     table34,
@@ -48,6 +49,7 @@ TARGETS: dict[str, Target] = {
         fig5.TARGET,
         fig2.TARGET,
         table2.TARGET,
+        lm.TARGET,
     )
 }
 REPORT_FILE = "reproduction.md"

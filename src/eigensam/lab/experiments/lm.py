@@ -1,0 +1,254 @@
+"""``eigensam reproduce lm``: does Eigen-SAM transfer to language modelling (the seed summary's
+"transferability test")? AdamW, SAM(AdamW) and Eigen-SAM(AdamW) train
+:class:`~eigensam.lab.gpt.TinyGPT` on bytes of the Python standard library, every seed of the
+scale; the report compares validation loss and perplexity, λ₁ and Align(ε, v₁) over training and
+time per step, judged by the Evidence verdict rules, and states the measured accuracy of the
+finite-difference Hessian-vector products (``hvp="auto"`` on SDPA attention) against the exact
+product through SDPA's math backend.
+
+The runs are language-model runs of :func:`eigensam.lab.lm.train_lm`, not runs of the image
+engine, so :func:`plan` hands ``reproduce`` no engine runs; :func:`plan_runs` lists them and
+:func:`analyze` trains those not finished (each run's record is a JSON file under
+``<out>/lm/runs/``, reused when its settings match) before it writes the section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from eigensam.lab import tracking
+from eigensam.lab.experiments.common import Plan, Target, command
+from eigensam.lab.experiments.report import (
+    Claim,
+    Section,
+    figure_title,
+    fmt,
+    paired_claim,
+    plot_band,
+    save_figure,
+)
+from eigensam.lab.experiments.runs import Scale
+from eigensam.lab.lm import METHODS, LMSettings, lm_corpus, train_lm
+
+# CPU: 4 layers, width 128, context 64 (0.83M parameters), batch 16, 150 steps on 2 MB of
+# stdlib bytes; planned at <= 30 min on 2 cores for 5 seeds (see SECONDS_PER_PASS).
+CPU = LMSettings()
+# Larger, for a GPU (not run here): 6 layers, width 256, context 256 on the whole corpus.
+LARGE = replace(
+    CPU,
+    context=256,
+    width=256,
+    layers=6,
+    heads=8,
+    batch_size=64,
+    steps=5000,
+    warmup=200,
+    eig_interval=100,
+    track_every=500,
+    track_iters=20,
+    eval_windows=2048,
+    train_bytes=None,
+    valid_bytes=None,
+)
+SETTINGS = {"cpu": CPU, "paper": LARGE}
+# Measured: one forward-backward pass of the CPU model on one thread (tiny_gpt timing in
+# docs/transformers.md); the plan's time estimate multiplies the passes by it.
+SECONDS_PER_PASS = 0.22
+LABELS = {"adamw": "AdamW", "sam": "SAM(AdamW)", "eigen-sam": "Eigen-SAM(AdamW)"}
+
+
+@dataclass(frozen=True)
+class LMRun:
+    """One language-model run: a method, a seed, the settings; its record lives in
+    ``<out>/runs/<method>-seed<seed>.json``. ``fd_check`` (the first seed's Eigen-SAM run)
+    also measures the finite-difference products' accuracy."""
+
+    method: str
+    seed: int
+    settings: LMSettings
+    fd_check: bool = False
+
+    def file(self, out: Path) -> Path:
+        return out / "runs" / f"{self.method}-seed{self.seed}.json"
+
+
+def settings_for(scale: Scale) -> LMSettings:
+    if scale.name not in SETTINGS:
+        raise ValueError(f"scale must be one of {', '.join(SETTINGS)}; got {scale.name!r}")
+    return SETTINGS[scale.name]
+
+
+def plan_runs(scale: Scale) -> list[LMRun]:
+    """Every method for every seed, seed by seed (a partial set of runs still pairs up)."""
+    settings = settings_for(scale)
+    first = scale.seeds[0]
+    return [
+        LMRun(m, seed, settings, fd_check=(m == "eigen-sam" and seed == first))
+        for seed in scale.seeds
+        for m in METHODS
+    ]
+
+
+def planned_seconds(runs: list[LMRun]) -> float:
+    """Estimated single-thread time of ``runs`` at :data:`SECONDS_PER_PASS` (the accuracy
+    checks add about 140 passes)."""
+    passes = sum(run.settings.passes(run.method) + (140 if run.fd_check else 0) for run in runs)
+    return passes * SECONDS_PER_PASS
+
+
+def plan(scale: Scale) -> Plan:
+    """No runs of the image engine (see the module documentation); checks the scale."""
+    settings_for(scale)
+    return {}
+
+
+def load_or_train(run: LMRun, out: Path, corpus: Any) -> dict[str, Any]:
+    """The run's record from its file when its settings match, else trained and saved."""
+    path = run.file(out)
+    if path.is_file():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("settings") == asdict(run.settings):
+            return record
+    started = time.perf_counter()
+    print(f"lm: training {run.method} seed {run.seed}", file=sys.stderr, flush=True)
+    record = train_lm(run.method, run.seed, run.settings, corpus, fd_check=run.fd_check)
+    record["wall_seconds"] = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tracking.write_json(path, record)
+    return record
+
+
+def run_mean(record: dict[str, Any], key: str, after: int = 0) -> float:
+    """Mean of ``key`` over the run's measurements at steps > ``after``."""
+    values = [t[key] for t in record["track"] if t["step"] > after]
+    return math.fsum(values) / len(values)
+
+
+def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
+    runs = plan_runs(scale)
+    settings = settings_for(scale)
+    corpus = lm_corpus(settings)
+    records = [load_or_train(run, out, corpus) for run in runs]
+    by_method = {m: [r for r in records if r["method"] == m] for m in METHODS}
+    groups = {LABELS[m]: [r["track"] for r in by_method[m]] for m in METHODS}
+    fig = Figure(figsize=(12, 4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    plot_band(axes[0], groups, "lm", "step", "val_loss", "validation loss (nats/byte)")
+    plot_band(axes[1], groups, "lm", "step", "lambda1", "λ₁ (power iteration)")
+    plot_band(axes[2], groups, "lm", "step", "align", "Align(ε, v₁)")
+    figure_title(fig, f"TinyGPT on stdlib bytes, {len(scale.seeds)} seeds (95% bands)")
+    figure = save_figure(fig, out / "lm.png")
+
+    rows = [
+        "| optimizer | validation loss | perplexity | λ₁ at the end | Align(ε, v₁) | s/step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in METHODS:
+        rs = by_method[m]
+        rows.append(
+            f"| {LABELS[m]} | {fmt([r['val_loss'] for r in rs])} "
+            f"| {fmt([r['perplexity'] for r in rs], 2)} "
+            f"| {fmt([r['track'][-1]['lambda1'] for r in rs], 2)} "
+            f"| {fmt([run_mean(r, 'align') for r in rs])} "
+            f"| {fmt([r['seconds_per_step'] for r in rs])} |"
+        )
+    checks = [r["fd_accuracy"] for r in records if r.get("fd_accuracy")]
+    accuracy = "\n".join(fd_lines(checks[0])) if checks else "(no accuracy check in these runs)"
+    s = settings
+    body = (
+        f"TinyGPT ({s.layers} layers, width {s.width}, {s.heads} heads, context {s.context}, "
+        f"SDPA attention) on bytes of the Python standard library's sources (files split "
+        f"{1 - s.valid_fraction:.0%}/{s.valid_fraction:.0%} by path; {s.train_bytes or 'all'} "
+        f"training bytes, validation loss on the first {s.eval_windows} validation windows), "
+        f"{s.steps} steps of batch {s.batch_size}, AdamW lr {s.lr} (warm-up {s.warmup}, "
+        f"cosine), weight decay {s.weight_decay}; SAM and Eigen-SAM ρ = {s.rho}, Eigen-SAM "
+        f"α = {s.alpha}, p = {s.eig_interval}, q = {s.eig_iters}, hvp='auto'. λ₁ and Align "
+        f"every {s.track_every} steps on one fixed training batch ({s.track_iters} warm-started "
+        "power steps; Align of the perturbation the optimizer would apply, of ĝ for AdamW; "
+        "the table's Align is the mean over the measurements after step 0). Time per step "
+        "excludes the measurements.\n\n" + "\n".join(rows) + "\n\n"
+        "**Accuracy of the finite-difference products** (what `hvp='auto'` uses here: SDPA's "
+        "fused CPU kernel has no double backward), relative error against the exact product "
+        "through `sdpa_kernel(SDPBackend.MATH)`, on the curvature batch of the first seed's "
+        "Eigen-SAM run:\n\n" + accuracy + "\n"
+    )
+    return Section(
+        "lm",
+        "Language model: Eigen-SAM on a small GPT",
+        command("lm", scale),
+        body,
+        [figure],
+        claims(by_method),
+    )
+
+
+def fd_lines(check: dict[str, Any]) -> list[str]:
+    lines = []
+    for when, label in (("init", "at initialization"), ("end", "after training")):
+        if when not in check:
+            continue
+        c = check[when]
+        worst = max(c["random"])
+        lines.append(
+            f"- {label}: random directions max {worst:.2e}, top eigenvector {c['top']:.2e}; "
+            f"λ₁ exact {c['lambda1_exact']:.4g}, by differences {c['lambda1_fd']:.4g}"
+        )
+    return lines
+
+
+def claims(by_method: dict[str, list[dict[str, Any]]]) -> list[Claim]:
+    """Paired over seeds: validation loss (Eigen-SAM vs SAM, SAM vs AdamW), Align and λ₁
+    (Eigen-SAM vs SAM)."""
+
+    def paired(a: str, b: str, key: Any) -> tuple[list[float], list[float]]:
+        va = {r["seed"]: key(r) for r in by_method[a]}
+        vb = {r["seed"]: key(r) for r in by_method[b]}
+        seeds = sorted(set(va) & set(vb))
+        return [va[s] for s in seeds], [vb[s] for s in seeds]
+
+    def val(r: dict[str, Any]) -> float:
+        return float(r["val_loss"])
+
+    out = [
+        paired_claim(
+            "Transfer to language modelling: Eigen-SAM(AdamW) reaches a lower validation loss "
+            "than SAM(AdamW)",
+            "Eigen-SAM beats SAM in test accuracy on image classification (Tables 1-2); "
+            "language models untested",
+            *paired("eigen-sam", "sam", val),
+            expect=-1,
+            unit=" nats/byte",
+        ),
+        paired_claim(
+            "SAM(AdamW) reaches a lower validation loss than AdamW",
+            "SAM beats the base optimizer (Tables 1-2)",
+            *paired("sam", "adamw", val),
+            expect=-1,
+            unit=" nats/byte",
+        ),
+        paired_claim(
+            "Eigen-SAM's perturbation is better aligned with v₁ than SAM's (mean Align)",
+            "Align rises with Eigen-SAM (Fig. 1)",
+            *paired("eigen-sam", "sam", lambda r: run_mean(r, "align")),
+            expect=+1,
+        ),
+        paired_claim(
+            "Eigen-SAM ends with a lower λ₁ than SAM",
+            "Eigen-SAM lowers the top eigenvalue more than SAM (Fig. 1)",
+            *paired("eigen-sam", "sam", lambda r: r["track"][-1]["lambda1"]),
+            expect=-1,
+            digits=2,
+        ),
+    ]
+    return out
+
+
+TARGET = Target("lm", "Language model: Eigen-SAM on a small GPT", plan, analyze)
