@@ -9,8 +9,9 @@ import pytest
 
 from eigensam.cli import main
 from eigensam.lab.experiments import reproduce
+from eigensam.lab.experiments.report import Section, not_testable, write_report
 from eigensam.lab.experiments.runs import check_runs, make_scale
-from eigensam.lab.experiments.verdicts import NOT_TESTABLE, VERDICTS
+from eigensam.lab.experiments.verdicts import VERDICTS
 from eigensam.lab.train import TrainConfig
 
 # Synthetic data, a quarter-width SimpleCNN: 2 steps per epoch.
@@ -41,7 +42,8 @@ def test_one_seed_is_refused_where_intervals_are_needed(tmp_path):
         plans("fig1", tmp_path, seeds=(3,))
     with pytest.raises(ValueError, match="more than once"):
         plans("fig1", tmp_path, seeds=(3, 3))
-    plans("table2", tmp_path, seeds=(3,))  # nothing to average
+    with pytest.raises(ValueError, match="seeds: table2 .* at least 2"):
+        plans("table2", tmp_path, seeds=(3,))
 
 
 def test_table1_gives_sgd_twice_the_epochs_and_every_method_all_seeds(tmp_path):
@@ -113,11 +115,15 @@ def test_cli_reports_bad_input_before_training(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_table2_report_without_runs(tmp_path):
+def test_report_states_scales_rules_and_times(tmp_path):
+    scale = make_scale("cpu", tmp_path)
+    header = reproduce._header("table2", scale, 600.0, 540.0, 2, (15, 1800.0), 1100.0)
+    claim = not_testable("ViT-B-16", "98.5", "needs a GPU")
+    section = Section("table2", "Table 2", "eigensam reproduce table2", "body\n", [], [claim])
     report = tmp_path / "report.md"
-    sections = reproduce.reproduce("table2", "cpu", (0,), tmp_path, report=report)
-    assert [c.verdict for c in sections[0].claims] == [NOT_TESTABLE]
+    write_report([section], report, header=header)
     text = report.read_text()
+    assert "10.0 min" in text and "1100 CPU-seconds" in text and "short CPU scale" in text
     assert "## Verdicts" in text and "not testable on CPU" in text and "Deviations" in text
     assert "*contradicted*" in text and "*inconclusive*" in text and "MDE" in text
 
