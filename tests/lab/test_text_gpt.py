@@ -152,7 +152,7 @@ def test_gpt_learns_a_repeating_text() -> None:
     first = None
     for _ in range(60):
         loss = lm_loss(model(x), y)
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
