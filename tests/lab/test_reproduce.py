@@ -153,12 +153,12 @@ def test_the_converged_and_the_short_cpu_scales(tmp_path):
     headline = reproduce.TARGETS["headline"].plan(scale)
     assert list(headline) == ["sgd", "sam", "eigen-sam"]
     sam, sgd = headline["sam"][0], headline["sgd"][0]
-    # Converged scale (the pilot's choice): 2,048 images, quarter width, 30 epochs, no
-    # augmentation, cosine to 0; 16 steps per epoch, so 480 steps; SGD trains twice the epochs.
-    assert (sam.train_subset, sam.width, sam.epochs, sam.augment) == (2048, 0.25, 30, False)
-    assert sam.lr_schedule == "cosine" and sgd.epochs == 60 and sgd.method == "sgd"
+    # Converged scale (the pilot's choice): 1,024 images, quarter width, 60 epochs, no
+    # augmentation, cosine to 0; 8 steps per epoch, so 480 steps; SGD trains twice the epochs.
+    assert (sam.train_subset, sam.width, sam.epochs, sam.augment) == (1024, 0.25, 60, False)
+    assert sam.lr_schedule == "cosine" and sgd.epochs == 120 and sgd.method == "sgd"
     assert sam.epochs * -(-sam.train_subset // sam.batch_size) == 480
-    assert sam.track_every == 120 and sam.track_batches == 0 and sam.eval_every == 10
+    assert sam.track_every == 120 and sam.track_batches == 0 and sam.eval_every == 20
     assert [c.seed for c in headline["eigen-sam"]] == [0, 1, 2, 3, 4]
     assert headline["eigen-sam"][0].eig_interval == 20
     fig1 = reproduce.TARGETS["fig1"].plan(scale)["sam"][0]
