@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -165,9 +166,10 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     s = settings
     body = (
         f"TinyGPT ({s.layers} layers, width {s.width}, {s.heads} heads, context {s.context}, "
-        f"SDPA attention) on bytes of the Python standard library's sources (files split "
-        f"{1 - s.valid_fraction:.0%}/{s.valid_fraction:.0%} by path; {s.train_bytes or 'all'} "
-        f"training bytes, validation loss on the first {s.eval_windows} validation windows), "
+        f"SDPA attention) on bytes of the Python {platform.python_version()} standard "
+        f"library's sources (files split {1 - s.valid_fraction:.0%}/{s.valid_fraction:.0%} by "
+        f"path; {len(corpus.train):,} training bytes from {len(corpus.files['train'])} files, "
+        f"validation loss on the first {s.eval_windows} validation windows), "
         f"{s.steps} steps of batch {s.batch_size}, AdamW lr {s.lr} (warm-up {s.warmup}, "
         f"cosine), weight decay {s.weight_decay}; SAM and Eigen-SAM ρ = {s.rho}, Eigen-SAM "
         f"α = {s.alpha}, p = {s.eig_interval}, q = {s.eig_iters}, hvp='auto'. λ₁ and Align "
