@@ -167,3 +167,18 @@ def test_the_converged_and_the_short_cpu_scales(tmp_path):
     assert scale.note_for(True) != scale.note and "not converged" in scale.note_for(True)
     with pytest.raises(ValueError, match="headline target runs at CPU scale"):
         reproduce.TARGETS["headline"].plan(make_scale("paper", tmp_path))
+
+
+def test_threads_per_job_keeps_omp_num_threads(monkeypatch):
+    from eigensam.lab.experiments import runs
+
+    monkeypatch.setattr(runs.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert runs.threads_per_job(1) == 8 and runs.threads_per_job(3) == 2
+    assert runs.threads_per_job(16) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert runs.threads_per_job(1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert runs.threads_per_job(2) == 4
+    with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
+        runs.threads_per_job(0)

@@ -247,6 +247,14 @@ def check_jobs(jobs: object) -> int:
     return jobs
 
 
+def threads_per_job(jobs: int) -> int:
+    """CPU threads of each of ``jobs`` concurrent runs: the cores divided among them, at most
+    ``OMP_NUM_THREADS`` when that is set (a shared machine's limit is kept)."""
+    threads = max(1, (os.cpu_count() or 1) // check_jobs(jobs))
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(limit)) if limit.isdigit() and int(limit) >= 1 else threads
+
+
 def execute(configs: Sequence[TrainConfig], jobs: int = 1) -> dict[Path, dict[str, Any]]:
     """Train every run of ``configs`` that is not finished, ``jobs`` at a time (separate
     processes sharing the CPU threads), and return the summary of every run by folder. A run
@@ -260,7 +268,7 @@ def execute(configs: Sequence[TrainConfig], jobs: int = 1) -> dict[Path, dict[st
         file=sys.stderr,
         flush=True,
     )
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_job(jobs)
     if jobs == 1:
         for number, config in enumerate(todo, start=1):
             _announce(number, len(todo), config, _train_one(config, threads))
