@@ -269,8 +269,11 @@ def test_run_sde_writes_every_output(tmp_path):
     assert set(summary["weak_errors"]) == {"sde2", "sde3", "sgd"}
     assert summary["weak_errors"]["sde3"]["train_loss"]["error"] >= 0
     assert set(summary["l_convergence"]["errors"]) == {"1", "2"}
-    slopes = summary["eta_scaling"]["schedules"]["eta^(1/3)"]["slopes"]
-    assert set(slopes) == {"sde2", "sde3"}
+    schedules = summary["eta_scaling"]["schedules"]
+    assert set(schedules) == {"eta^(1/3)", "eta^(1/2)", "eta^0"}
+    assert set(schedules["eta^(1/3)"]["slopes"]) == {"sde2", "sde3"}
+    # ρ held constant: c·η^0 is the configured ρ at every η.
+    assert schedules["eta^0"]["power"] == 0 and schedules["eta^0"]["c"] == config.rho
     assert any("step 4/4" in m for m in messages)
 
 

@@ -57,7 +57,9 @@ DRIFTS = ("sgd", "sam", "sde2", "sde3")
 DISCRETE = ("sam", "sgd")
 METHODS = ("sam", "sde2", "sde3", "sgd")
 METRICS = ("train_loss", "test_loss", "test_acc", "weight_norm", "grad_norm", "lambda1")
-SCALING_POWERS = {"eta^(1/3)": 1 / 3, "eta^(1/2)": 1 / 2}
+# ρ = c·η^p schedules of the η-scaling study: Theorem 4.1's regime ρ = O(η^(1/3)), Compagnoni et
+# al.'s ρ = O(η^(1/2)), and ρ held constant (beyond both: issue 17's open check).
+SCALING_POWERS = {"eta^(1/3)": 1 / 3, "eta^(1/2)": 1 / 2, "eta^0": 0.0}
 Batch = tuple[Tensor, Tensor]
 
 

@@ -18,8 +18,11 @@ from eigensam.lab.experiments import (
     fig3,
     fig4,
     fig5,
+    grid,
     headline,
     lm,
+    sde_eta,
+    stability,
     table1,
     table2,
     table34,
@@ -49,6 +52,9 @@ TARGETS: dict[str, Target] = {
         fig5.TARGET,
         fig2.TARGET,
         table2.TARGET,
+        stability.TARGET,
+        grid.TARGET,
+        sde_eta.TARGET,
         lm.TARGET,
     )
 }
