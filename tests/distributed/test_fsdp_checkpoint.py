@@ -31,7 +31,8 @@ FIRST, THEN = 3, 2  # steps before the checkpoint, steps after it
 
 
 def state_of(model: nn.Module, opt: Any) -> dict[str, Any]:
-    return {"model": get_model_state_dict(model), "optim": distributed_state_dict(opt)}
+    optim = distributed_state_dict(opt)  # first: it reshards a model left gathered
+    return {"model": get_model_state_dict(model), "optim": optim}
 
 
 def save(model: nn.Module, opt: Any, folder: Path) -> None:
@@ -54,6 +55,8 @@ def resume_worker(rank: int, world: int, folder: Path) -> None:
     model = shard_model(make_model())
     opt = build(NAME, model, sharded=True)
     train(opt, model, batches[:FIRST])
+    with torch.no_grad():  # an evaluation leaves the root's gathered parameters registered
+        model(batches[0][0])
     save(model, opt, folder / "two")
     train(opt, model, batches[FIRST:])
     torch.manual_seed(123)  # the resumed run starts from other weights and no state

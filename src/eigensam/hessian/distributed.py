@@ -146,6 +146,20 @@ def is_fsdp2(model: object) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def reshard(model: object) -> None:
+    """Put every FSDP2 module of ``model`` back in its sharded state. A forward pass without
+    backward (evaluation) leaves the root module's gathered parameters registered, so that
+    ``named_parameters()`` yields whole tensors instead of the ``DTensor`` shards that the
+    optimizer holds (and checkpoints key by name); nothing for other models."""
+    if not isinstance(model, nn.Module):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def refuse_fsdp1(model: object) -> None:
     """Raise ``TypeError`` if ``model`` holds an FSDP1 wrapper (its flat parameters hide the
     model's tensors; eigensam supports FSDP2)."""

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
+from torch.distributed.checkpoint import CheckpointException
 
 from eigensam.lab import tracking
 from eigensam.lab.data import load_dataset
+from eigensam.lab.distributed import load_sharded_weights
 from eigensam.lab.models import build_model
 from eigensam.lab.train import TrainConfig, checkpoint_config
 
@@ -48,6 +50,17 @@ def load_trained(path: Path | str) -> TrainedModel:
     model = build_model(
         config.model, data.num_classes, data.in_channels, data.image_size, config.width
     )
+    if state.get("sharded"):  # strategy fsdp: the shards every rank wrote, gathered here
+        folder = file.parent / state["sharded"]
+        try:
+            vector = load_sharded_weights(folder, model)
+        except (RuntimeError, KeyError, FileNotFoundError, CheckpointException) as error:
+            reason = (str(error).splitlines() or [""])[0]
+            raise ValueError(
+                f"checkpoint {file}: its sharded state {folder} cannot be loaded into the model "
+                f"its configuration describes ({type(error).__name__}: {reason})"
+            ) from error
+        return TrainedModel(model, config, vector, file.parent, state["step"])
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as error:

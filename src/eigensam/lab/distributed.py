@@ -1,18 +1,32 @@
 """The training engine on several processes (``torchrun``): which process this is, rank-0
-output, and sums over ranks for logged losses and evaluation."""
+output, sums over ranks for logged losses and evaluation, and FSDP2 sharding of a model."""
 
 from __future__ import annotations
 
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.optim import Optimizer
 
-from eigensam.hessian.distributed import distributed_ready
+from eigensam.hessian.distributed import distributed_ready, reshard
 from eigensam.lab.data import TensorData
+from eigensam.optim.checkpoint import distributed_state_dict, load_distributed_state_dict
+from eigensam.optim.sam import SAM
 
 
 @dataclass(frozen=True)
@@ -105,3 +119,77 @@ def broadcast_buffers(model: nn.Module) -> None:
     if distributed_ready():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def is_shard_unit(module: nn.Module) -> bool:
+    """Whether ``module`` is sharded on its own by :func:`shard_model`: a residual block of the
+    lab's models (class name ending in ``Block`` or ``Bottleneck``: the ViT's transformer
+    blocks, the ResNets' and WideResNet's blocks)."""
+    return type(module).__name__.endswith(("Block", "Bottleneck"))
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` over all ranks with FSDP2: ``fully_shard`` on every block
+    (:func:`is_shard_unit`, so one block's weights are gathered at a time), then on the root,
+    on a 1-D device mesh of the parameters' device type. Returns ``model`` (now an FSDP module
+    whose parameters are ``DTensor`` shards)."""
+    if not distributed_ready():
+        raise ValueError(
+            "sharding a model (strategy fsdp) needs an initialized torch.distributed process "
+            "group: launch with torchrun"
+        )
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for module in [m for m in model.modules() if m is not model and is_shard_unit(m)]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def sharded_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+    """The model's and optimizer's state as ``torch.distributed.checkpoint`` saves and loads
+    it: every rank's shards (``get_model_state_dict``; the SAM family through
+    :func:`~eigensam.optim.checkpoint.distributed_state_dict`, other optimizers through
+    ``get_optimizer_state_dict``)."""
+    reshard(model)  # after an evaluation the root's gathered parameters are registered
+    opt_state = (
+        distributed_state_dict(optimizer)
+        if isinstance(optimizer, SAM)
+        else get_optimizer_state_dict(model, optimizer)
+    )
+    return {"model": get_model_state_dict(model), "optimizer": opt_state}
+
+
+def save_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
+    """Every rank writes its shards of :func:`sharded_state` into ``folder`` (collective)."""
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
+    """Load what :func:`save_sharded` wrote (collective), resharded to this job's ranks."""
+    state = sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(model, state["model"])
+    if isinstance(optimizer, SAM):
+        load_distributed_state_dict(optimizer, state["optimizer"])
+    else:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def load_sharded_weights(folder: Path, model: nn.Module) -> Tensor | None:
+    """Into the whole ``model`` of one process, the weights that :func:`save_sharded` wrote
+    (DCP gathers the shards); returns the optimizer's eigenvector estimate ``v̂`` as one flat
+    vector in parameter order (None when the optimizer has none, or had none yet)."""
+    weights = model.state_dict()
+    pieces = [torch.zeros_like(p) for p in model.parameters()]
+    tracker: dict[str, Any] = {"vector": pieces, "has_vector": False}
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    has_tracker = "optimizer.tracker.has_vector" in metadata
+    state: dict[str, Any] = {"model": weights}
+    if has_tracker:
+        state["optimizer"] = {"tracker": tracker}
+    dcp.load(state, checkpoint_id=str(folder))
+    model.load_state_dict(weights)
+    if not has_tracker or not tracker["has_vector"]:
+        return None
+    return torch.cat([piece.reshape(-1) for piece in pieces])

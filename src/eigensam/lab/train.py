@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 import sys
 import time
 import typing
@@ -55,12 +56,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from eigensam.hessian.distributed import MeanAcrossRanks, check_same_across_ranks
+from eigensam.hessian.distributed import MeanAcrossRanks, check_same_across_ranks, reshard
 from eigensam.hessian.eigen import lanczos, random_unit_vector
 from eigensam.hessian.hvp import (
     AUTO,
@@ -93,6 +95,7 @@ DEFAULT_ALPHA = {"eigen-sam": 0.2, "x-sam": 1.0}
 LR_SCHEDULES = ("cosine", "constant")
 INITS = ("default", "kaiming")
 HESSIAN_MODES = ("train", "eval")
+STRATEGIES = ("ddp", "fsdp")
 # Methods whose optimizer computes Hessian-vector products (backend ``hvp``).
 HVP_METHODS = ("eigen-sam", "x-sam", "egr")
 EVAL_BATCH_SIZE = 256  # faster than larger batches for the CPU-sized models
@@ -147,6 +150,7 @@ class TrainConfig:
         f"auto: {AUTO_HESSIAN_PARTS} when allowed, else 1",
     )
     sharpness: str = _opt("global", "under torchrun: global (averaged) or local (m-sharpness) ε")
+    strategy: str = _opt("ddp", "under torchrun: ddp (replicas) or fsdp (FSDP2 shards per block)")
     seed: int = _opt(0, "seed of initialization, shuffling, augmentation, dropout")
     track_every: int = _opt(0, "measure sharpness every k steps (0: off)")
     track_iters: int = _opt(20, "Lanczos budget (Hessian-vector products) per measurement")
@@ -210,6 +214,7 @@ class TrainConfig:
             raise ValueError(
                 f"sharpness='local' needs an ascent step; method {self.method} has none"
             )
+        _check_choice("strategy", self.strategy, STRATEGIES)
         _check_int("seed", self.seed, 0)
         _check_int("track_every", self.track_every, 0)
         _check_int("track_iters", self.track_iters, 1)
@@ -234,6 +239,32 @@ class TrainConfig:
             )
         for epoch in self.snapshot_epochs:
             _check_int("snapshot_epochs entry", epoch, 1)
+        if self.strategy == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What ``strategy: fsdp`` cannot run (FSDP2's sharded parameters have no double
+        backward; see :mod:`eigensam.hessian.distributed`)."""
+        if self.sharpness == "local":
+            raise ValueError(
+                "sharpness local is not supported with strategy fsdp (FSDP2 keeps an "
+                "unsynchronized gradient unsharded); use sharpness global or strategy ddp"
+            )
+        if self.method in HVP_METHODS and self.hvp == "autograd":
+            raise ValueError(
+                "hvp autograd (exact products) is not available with strategy fsdp: double "
+                "backward does not reach FSDP2's sharded parameters; use hvp auto, fd-central "
+                "or fd-forward"
+            )
+        if self.method in ("eigen-sam", "x-sam") and self.eig_method != "power":
+            raise ValueError(
+                f"eig_method {self.eig_method} is not supported with strategy fsdp; use power"
+            )
+        if self.track_every:
+            raise ValueError(
+                f"track_every must be 0 with strategy fsdp (sharpness tracking uses exact "
+                f"Lanczos products), got {self.track_every}"
+            )
 
     @property
     def resolved_alpha(self) -> float | str:
@@ -621,14 +652,28 @@ def evaluate(model: nn.Module, data: TensorData, device: torch.device) -> tuple[
 
 
 @torch.no_grad()
-def evaluation_sums(model: nn.Module, data: TensorData, device: torch.device) -> tuple[float, int]:
-    """Summed cross-entropy and number of correct predictions of ``model`` in eval mode."""
+def evaluation_sums(
+    model: nn.Module, data: TensorData, device: torch.device, num_batches: int | None = None
+) -> tuple[float, int]:
+    """Summed cross-entropy and number of correct predictions of ``model`` in eval mode, in
+    batches of ``EVAL_BATCH_SIZE``, or in exactly ``num_batches`` near-equal batches (some
+    possibly empty: every rank of an FSDP2 model must run as many forward passes)."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
-    for start in range(0, len(data), EVAL_BATCH_SIZE):
-        images = data.images[start : start + EVAL_BATCH_SIZE].to(device)
-        labels = data.labels[start : start + EVAL_BATCH_SIZE].to(device)
+    if num_batches is None:
+        starts = range(0, len(data), EVAL_BATCH_SIZE)
+        batches = [
+            (data.images[i : i + EVAL_BATCH_SIZE], data.labels[i : i + EVAL_BATCH_SIZE])
+            for i in starts
+        ]
+    else:
+        images, labels = data.images, data.labels
+        batches = list(
+            zip(images.tensor_split(num_batches), labels.tensor_split(num_batches), strict=True)
+        )
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
         logits = model(images)
         total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())
@@ -708,6 +753,14 @@ class Trainer:
                 )
             if device == "cuda":
                 device = f"cuda:{self.ranks.local_rank}"
+        elif config.strategy == "fsdp":
+            raise ValueError(
+                "strategy fsdp shards the model over the processes of a torchrun job, but this "
+                "process runs alone: launch with torchrun --nproc_per_node N (N >= 2) or use "
+                "strategy ddp"
+            )
+        self.sharded = self.ranks.distributed and config.strategy == "fsdp"
+        self._sharded_saved: set[str] = set()  # sharded folders this run wrote or loaded
         self.device = check_device(device)
         if data is None:
             data = load_dataset(
@@ -728,7 +781,9 @@ class Trainer:
         self.model.to(self.device)
         self.net: nn.Module = self.model  # what the training closure calls
         reduce = None
-        if self.ranks.distributed:
+        if self.sharded:  # FSDP2: self.model itself becomes the sharded module
+            self.net = distributed.shard_model(self.model)
+        elif self.ranks.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
             reduce = MeanAcrossRanks()
@@ -744,7 +799,10 @@ class Trainer:
         )
         self.total_steps = config.epochs * len(self.loader)
         self.scheduler = make_scheduler(config, self.optimizer, self.total_steps)
-        self.hessian_parts = resolve_hessian_parts(config, self.model, self.loader.batch_size)
+        # Under FSDP2 the products are finite differences: whole batches.
+        self.hessian_parts = (
+            1 if self.sharded else resolve_hessian_parts(config, self.model, self.loader.batch_size)
+        )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.probe = None
         self.fixed_closures: list[Callable[[], Tensor]] = []
@@ -797,12 +855,20 @@ class Trainer:
             return evaluate(self.model, data, self.device)
         distributed.broadcast_buffers(self.model)
         part = distributed.rank_shard(data, self.ranks)
-        total_loss, correct = evaluation_sums(self.model, part, self.device)
+        # FSDP2 gathers weights in every forward pass: all ranks run as many (their shards
+        # differ in size by at most one sample).
+        largest = -(-len(data) // self.ranks.world_size)
+        count = -(-largest // EVAL_BATCH_SIZE) if self.sharded else None
+        total_loss, correct = evaluation_sums(self.model, part, self.device, count)
+        if self.sharded:
+            reshard(self.model)  # forward passes without backward leave the root gathered
         total_loss, correct = distributed.sum_across_ranks([total_loss, correct])
         return total_loss / len(data), correct / len(data)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run bit for bit."""
+    def state_dict(self, sharded: str | None = None) -> dict[str, Any]:
+        """Everything needed to continue the run bit for bit. Under FSDP2 the model and
+        optimizer state are not in it (None) but in the ``sharded`` folder beside the checkpoint
+        file that every rank wrote (:meth:`_save`), whose name it keeps."""
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -810,8 +876,9 @@ class Trainer:
             "config": self.config.to_dict(),
             "step": self.step,
             "epoch": self.epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": None if self.sharded else self.model.state_dict(),
+            "optimizer": None if self.sharded else self.optimizer.state_dict(),
+            "sharded": sharded,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": rng,
@@ -825,11 +892,19 @@ class Trainer:
         """Load a checkpoint's state; one that does not fit this run raises ``ValueError``
         naming ``file`` (nothing is written before)."""
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                if not state.get("sharded"):
+                    raise ValueError("it holds no sharded (strategy fsdp) model state")
+                distributed.load_sharded(file.parent / state["sharded"], self.model, self.optimizer)
+                self._sharded_saved.add(state["sharded"])
+            else:
+                if state["model"] is None:
+                    raise ValueError("its model state is sharded (strategy fsdp)")
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.loader.load_state_dict(state["loader"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        except (RuntimeError, ValueError, KeyError, TypeError, CheckpointException) as error:
             reason = (str(error).splitlines() or [""])[0]
             raise ValueError(
                 f"checkpoint {file} does not fit this run's model and optimizer "
@@ -849,9 +924,27 @@ class Trainer:
     def _checkpoint(self) -> None:
         self._lap("train")
         distributed.broadcast_buffers(self.model)  # rank 0's state is every rank's state
-        if self.ranks.main:
-            tracking.save_checkpoint(self.dir / tracking.CHECKPOINT_FILE, self.state_dict())
+        self._save(self.dir / tracking.CHECKPOINT_FILE)
         self.checkpoint_step = self.step
+
+    def _save(self, file: Path) -> None:
+        """Rank 0 writes the checkpoint ``file`` (atomically). Under FSDP2 every rank first
+        writes its shards of the model and optimizer state with ``torch.distributed.checkpoint``
+        into the folder ``<file stem>-step<step>.dcp`` beside it, which the file names; the
+        folder of an earlier step is removed once the file names the new one, so a crash at any
+        point leaves a complete checkpoint."""
+        folder = file.with_name(f"{file.stem}-step{self.step}.dcp")
+        # Written once per step (a step's end-of-epoch checkpoint may follow its step
+        # checkpoint); decided from state every rank shares, since the save is collective.
+        if self.sharded and folder.name not in self._sharded_saved:
+            distributed.save_sharded(folder, self.model, self.optimizer)
+            self._sharded_saved.add(folder.name)
+        if not self.ranks.main:
+            return
+        tracking.save_checkpoint(file, self.state_dict(folder.name if self.sharded else None))
+        for old in file.parent.glob(f"{file.stem}-step*.dcp"):
+            if old != folder:
+                shutil.rmtree(old)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -961,8 +1054,8 @@ class Trainer:
             or self.epoch in self.config.snapshot_epochs
         ):
             self._checkpoint()
-        if self.epoch in self.config.snapshot_epochs and self.ranks.main:
-            tracking.save_checkpoint(self.dir / snapshot_file(self.epoch), self.state_dict())
+        if self.epoch in self.config.snapshot_epochs:
+            self._save(self.dir / snapshot_file(self.epoch))
 
     def fixed_batches(self, count: int) -> list[tuple[Tensor, Tensor]]:
         """The first ``count`` batches of ``batch_size`` training samples, not augmented, on

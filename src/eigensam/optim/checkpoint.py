@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn import Module
 
-from eigensam.hessian.distributed import ParamLayout
+from eigensam.hessian.distributed import ParamLayout, reshard
 from eigensam.optim.sam import SAM
 
 
@@ -56,6 +56,7 @@ def distributed_state_dict(optimizer: SAM) -> dict[str, Any]:
     On a fresh optimizer the base state is initialized first (zero buffers), so that the
     dictionary can receive a saved state."""
     model = _model(optimizer)
+    reshard(model)  # parameters are keyed by name: the shards must be the registered ones
     state: dict[str, Any] = {
         "base": get_optimizer_state_dict(model, optimizer.base_optimizer),
         "sam_steps": optimizer.sam_steps,
@@ -79,6 +80,7 @@ def load_distributed_state_dict(optimizer: SAM, state: dict[str, Any]) -> None:
     """Load a state that ``torch.distributed.checkpoint.load`` filled in (built by
     :func:`distributed_state_dict` on this optimizer)."""
     model = _model(optimizer)
+    reshard(model)
     set_optimizer_state_dict(model, optimizer.base_optimizer, state["base"])
     optimizer.param_groups = optimizer.base_optimizer.param_groups
     optimizer.sam_steps = int(state["sam_steps"])
