@@ -15,7 +15,7 @@ from eigensam.optim import EigenSAM
 VOCAB, CONTEXT = 64, 16
 
 
-def tiny_gpt(seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt(seed: int = 0, attention: str = "sdpa") -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=VOCAB,
@@ -29,6 +29,7 @@ def tiny_gpt(seed: int = 0) -> GPT2LMHeadModel:
         bos_token_id=None,
         eos_token_id=None,
     )
+    config._attn_implementation = attention  # "eager" supports double backward
     model = GPT2LMHeadModel(config)
     # GPT2LMHeadModel's class name matches no loss type, so the Trainer would count all T labels
     # of a row in num_items_in_batch instead of the T - 1 the shifted loss sums (its logged loss
@@ -92,8 +93,10 @@ class RecordingTrainer(SAMTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def run_trainer(tmp_path: Path, accumulation: int, **overrides) -> RecordingTrainer:
-    model = tiny_gpt()
+def run_trainer(
+    tmp_path: Path, accumulation: int, attention: str = "sdpa", **overrides
+) -> RecordingTrainer:
+    model = tiny_gpt(attention=attention)
     opt = eigen_sam(model)
     args = arguments(tmp_path, gradient_accumulation_steps=accumulation, **overrides)
     trainer = RecordingTrainer(
@@ -111,10 +114,11 @@ def hand_loop(
     autocast: bool = False,
     schedule: str = "linear",
     warmup: int = 1,
+    attention: str = "sdpa",
 ):
     """The eigensam loop a user would write: one ``opt.step(closure)`` per accumulation group,
     the closure summing the micro-batches' mean losses / k."""
-    model = tiny_gpt()
+    model = tiny_gpt(attention=attention)
     opt = eigen_sam(model)
     scheduler = transformers.get_scheduler(
         schedule, opt, num_warmup_steps=warmup, num_training_steps=steps

@@ -19,7 +19,9 @@ What one optimizer step does (``gradient_accumulation_steps = k``, micro-batches
   token-weighted mean when the model normalizes by ``num_items_in_batch``). So SAM's ``ε``,
   Eigen-SAM's Hessian-vector products and the second pass all see the whole accumulated batch:
   ``k`` micro-batches of size ``B`` give exactly the step of one batch of size ``k·B``, at the
-  memory of one micro-batch. Each pass costs ``k`` forward/backward passes. Under DDP the
+  memory of one micro-batch: exact Hessian-vector products are summed over the micro-batches
+  (a :class:`~eigensam.hessian.hvp.SplitClosure`), one graph at a time. Each pass costs ``k``
+  forward/backward passes. Under DDP the
   gradients are all-reduced once per pass (``no_sync`` on all but the last micro-batch).
 - ``max_grad_norm``: the gradient clipped is the **second-pass** gradient, the one the base
   optimizer steps with (after X-SAM's correction), in a step pre-hook of the base optimizer.
@@ -52,6 +54,7 @@ calls them after ``training_step``); the gradients are then already cleared.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,6 +72,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from eigensam.hessian.distributed import MeanAcrossRanks
+from eigensam.hessian.hvp import SplitClosure
 from eigensam.optim import SAM
 
 INSTALL_HINT = 'pip install "eigensam[hf]"'
@@ -280,18 +284,29 @@ class SAMTrainer(Trainer):
         self, model: nn.Module, batches: list[dict[str, Any]], num_items: Tensor | int | None
     ) -> Callable[[], Tensor]:
         """The closure of one optimizer step: forward and backward on every micro-batch, the
-        gradients summing to the accumulated batch's; returns the accumulated loss."""
+        gradients summing to the accumulated batch's; returns the accumulated loss. With several
+        micro-batches it is a :class:`~eigensam.hessian.hvp.SplitClosure` whose parts are the
+        micro-batches (their scaled losses sum to the accumulated loss), so exact
+        Hessian-vector products keep one micro-batch's graph at a time."""
+        count = len(batches)
 
         def closure() -> Tensor:
             total = torch.zeros((), device=self.args.device)
             for i, inputs in enumerate(batches):
-                last = i == len(batches) - 1
-                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                sync = (
+                    contextlib.nullcontext() if i == count - 1 else self.accelerator.no_sync(model)
+                )
                 with sync:
-                    total = total + self._micro_batch(model, inputs, num_items, len(batches))
+                    total = total + self._micro_batch(model, inputs, num_items, count)
             return total
 
-        return closure
+        if count == 1:
+            return closure
+        parts = [
+            functools.partial(self._micro_batch, model, inputs, num_items, count)
+            for inputs in batches
+        ]
+        return SplitClosure(closure, parts)
 
     def _micro_batch(
         self, model: nn.Module, inputs: dict[str, Any], num_items: Tensor | int | None, count: int
