@@ -68,6 +68,8 @@ def test_plan_lists_every_method_for_every_seed(tmp_path: Path) -> None:
     assert [r.fd_check for r in runs] == [False, False, True, False, False, False]
     assert runs[0].file(tmp_path) == tmp_path / "runs" / "adamw-seed3.json"
     assert target.plan(scale) == {}  # no runs of the image engine
+    with pytest.raises(ValueError, match="trains on the CPU; got --device 'cuda'"):
+        target.plan(make_scale("cpu", tmp_path, overrides={"device": "cuda"}))
     assert reproduce.TARGETS["lm"] is target.TARGET
 
 

@@ -106,8 +106,12 @@ def planned_seconds(runs: list[LMRun]) -> float:
 
 
 def plan(scale: Scale) -> Plan:
-    """No runs of the image engine (see the module documentation); checks the scale."""
+    """No runs of the image engine (see the module documentation); checks the scale and that
+    no ``--device`` other than the CPU is asked for (this target trains on the CPU)."""
     settings_for(scale)
+    device = scale.overrides.get("device")
+    if device not in (None, "cpu"):
+        raise ValueError(f"the lm target trains on the CPU; got --device {device!r}")
     return {}
 
 
@@ -165,6 +169,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     accuracy = "\n".join(fd_lines(checks[0])) if checks else "(no accuracy check in these runs)"
     s = settings
     body = (
+        "This target does not use the image scale described at the top of the report: "
         f"TinyGPT ({s.layers} layers, width {s.width}, {s.heads} heads, context {s.context}, "
         f"SDPA attention) on bytes of the Python {platform.python_version()} standard "
         f"library's sources (files split {1 - s.valid_fraction:.0%}/{s.valid_fraction:.0%} by "
