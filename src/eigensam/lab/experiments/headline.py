@@ -96,6 +96,17 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
             expect=1,
         ),
     ]
+    power = [
+        f"{c.claim}: {c.power.needed} seeds"
+        for c in claims
+        if c.power is not None and c.power.needed is not None and c.power.needed > c.power.n
+    ]
+    if power:
+        body += (
+            f"\nPower: `make main`'s budget (10 minutes on 2 cores) holds {len(scale.seeds)} "
+            "seeds. At the measured paired SD, detecting the paper's effect with 80% power "
+            "would need: " + "; ".join(power) + ".\n"
+        )
     return Section(
         "headline",
         "Headline: SGD, SAM and Eigen-SAM trained to convergence",

@@ -1,0 +1,62 @@
+"""The headline's analysis on constructed finished runs (no training): the table, the
+convergence criterion, the claims with power and three-way verdicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from eigensam.lab import tracking
+from eigensam.lab.experiments import headline
+from eigensam.lab.experiments.convergence import FIT_FILE, converged
+from eigensam.lab.experiments.runs import make_scale
+from eigensam.lab.experiments.verdicts import CONTRADICTED, INCONCLUSIVE, REPRODUCES
+
+# Per method and seed: (test acc, final λ₁, mean Align, train acc).
+VALUES = {
+    "sgd": [(0.810, 1.20, -0.30, 1.0), (0.812, 1.30, -0.31, 1.0), (0.808, 1.10, -0.29, 1.0)],
+    "sam": [(0.820, 0.60, -0.20, 0.998), (0.821, 0.65, -0.22, 0.999), (0.819, 0.55, -0.21, 1.0)],
+    "eigen-sam": [(0.815, 0.62, 0.10, 1.0), (0.816, 0.60, 0.12, 1.0), (0.814, 0.58, 0.11, 1.0)],
+}
+
+
+def finished_runs(tmp_path, sgd_train_acc=1.0):
+    scale = make_scale("cpu", tmp_path, seeds=(0, 1, 2))
+    plan = headline.plan(scale)
+    for method, configs in plan.items():
+        for config, (acc, lam, align, fit) in zip(configs, VALUES[method], strict=True):
+            config.run_dir.mkdir(parents=True)
+            summary = {"status": "finished", "seed": config.seed, "test_acc": acc}
+            summary.update(final_lambda1=lam, mean_align=align)
+            tracking.write_json(config.run_dir / tracking.SUMMARY_FILE, summary)
+            (config.run_dir / tracking.METRICS_FILE).write_text("")
+            fit = sgd_train_acc if method == "sgd" else fit
+            tracking.write_json(config.run_dir / FIT_FILE, {"train_fit_acc": fit})
+    return scale, plan
+
+
+def test_headline_table_criterion_and_verdicts(tmp_path):
+    scale, plan = finished_runs(tmp_path)
+    (tmp_path / "out").mkdir()
+    section = headline.analyze(scale, plan, tmp_path / "out")
+    assert "| sgd | 3 | 120 | 100.00 ± 0.00 | 81.00 ± 0.50 | 1.20 ± 0.25 |" in section.body
+    assert "every seed): met" in section.body
+    verdicts = {c.claim.split(" (")[0]: c.verdict for c in section.claims}
+    assert verdicts["SAM has a higher test accuracy than SGD"] == REPRODUCES  # +1.0 ± small
+    # Eigen-SAM − SAM = −0.5 points on every seed: a significant opposite sign.
+    assert verdicts["Eigen-SAM has a higher test accuracy than SAM"] == CONTRADICTED
+    assert verdicts["SAM ends at a lower λ₁ than SGD"] == REPRODUCES
+    assert verdicts["Eigen-SAM aligns ε with v₁ better than SAM"] == REPRODUCES
+    assert verdicts["Eigen-SAM ends at a lower λ₁ than SAM"] == INCONCLUSIVE
+    accuracy = section.claims[1].power
+    assert accuracy.n == 3 and accuracy.sd == pytest.approx(0.0, abs=1e-9)
+    assert (tmp_path / "out" / "headline.json").is_file()
+
+
+def test_headline_says_when_sgd_did_not_converge(tmp_path):
+    scale, plan = finished_runs(tmp_path, sgd_train_acc=0.975)
+    (tmp_path / "out").mkdir()
+    section = headline.analyze(scale, plan, tmp_path / "out")
+    assert "every seed): NOT met (lowest 97.50%)" in section.body
+    assert converged(0.99) and not converged(0.9899)
+    with pytest.raises(ValueError, match="train_acc must be a fraction"):
+        converged(99.0)
