@@ -23,7 +23,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from eigensam import SAM, XSAM, EigenSAM
 from eigensam.hessian.distributed import ParamLayout
-from eigensam.hessian.hvp import FD_FALLBACK
+from eigensam.hessian.hvp import FD_FALLBACK, HessianOperator
+from eigensam.hessian.tracker import EigenTracker
 from eigensam.optim import EGR, ReverseSAM
 
 STEPS = 3
@@ -171,11 +172,31 @@ def refusal_worker(rank: int, world: int, folder: Path) -> None:
             cls(model, SGD, lr=0.1, hvp="autograd")
     with pytest.raises(ValueError, match=r"eig_method='lanczos'.*FSDP2.*'power'"):
         EigenSAM(model, SGD, lr=0.1, eig_method="lanczos")
+    # The Hessian tools refuse the same, used directly.
+    params = list(model.parameters())
+    x, y = shard(global_batches(1)[0], rank)
+
+    def closure() -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match=r"hvp='autograd'.*FSDP2.*'fd-central'"):
+        HessianOperator(closure, params, backend="autograd")
+    with pytest.raises(ValueError, match=r"eig_method='lanczos' is not supported on FSDP2"):
+        EigenTracker(2, 3, method="lanczos", backend="fd-central").update(closure, params)
     # Ranks with different settings: the existing mismatch check, on every rank.
     opt = SAM(model, SGD, rho=0.05 * (rank + 1), lr=0.1)
     with pytest.raises(ValueError, match="ranks disagree on the optimizer configuration.*rho"):
         train(opt, model, [shard(global_batches(1)[0], rank)])
     assert all(torch.equal(a, b) for a, b in zip(before, full_params(model), strict=True))
+    Path(folder, f"refusals-rank{rank}.ok").touch()
+
+
+def main_worker(rank: int, world: int, folder: Path) -> None:
+    """The refusals, then the trainings (one pair of processes for both: spawning costs)."""
+    refusal_worker(rank, world, folder)
+    global_worker(rank, world, folder)
 
 
 def bf16_worker(rank: int, world: int, folder: Path) -> None:
@@ -201,9 +222,16 @@ def bf16_worker(rank: int, world: int, folder: Path) -> None:
 # tests
 
 
-def test_fsdp2_equals_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
-    run_ranks(global_worker, tmp_path, timeout=240)
-    ranks = [torch.load(tmp_path / f"global-rank{r}.pt") for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder where :func:`main_worker` left each rank's results."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    run_ranks(main_worker, folder, timeout=300)
+    return folder
+
+
+def test_fsdp2_equals_one_process_on_the_concatenated_batch(two_ranks: Path) -> None:
+    ranks = [torch.load(two_ranks / f"global-rank{r}.pt") for r in range(WORLD)]
     for name in OPTIMIZERS:
         model = make_model()
         opt = build(name, model, sharded=False)
@@ -230,10 +258,11 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(tmp_path: Path) -> N
         assert_close(r["clipped"]["params"], full_params(model), "clipped")
 
 
-def test_fsdp2_refusals_raise_on_every_rank(tmp_path: Path) -> None:
-    run_ranks(refusal_worker, tmp_path, timeout=120)
+def test_fsdp2_refusals_raise_on_every_rank(two_ranks: Path) -> None:
+    assert all((two_ranks / f"refusals-rank{r}.ok").exists() for r in range(WORLD))
 
 
+@pytest.mark.slow  # 2 more processes: about 20 s on a busy 2-core CPU
 def test_fsdp2_bf16_mixed_precision_follows_float32(tmp_path: Path) -> None:
     run_ranks(bf16_worker, tmp_path, timeout=180)
     ranks = [torch.load(tmp_path / f"bf16-rank{r}.pt") for r in range(WORLD)]
