@@ -720,6 +720,10 @@ class Trainer:
     the algorithm of one process, ``sharpness="global"``); the logged training loss is the
     global batch's; evaluation is sharded and summed over the ranks; rank 0 alone writes the run
     folder (logs, checkpoints, summary); a resumed run loads rank 0's checkpoint on every rank.
+    With ``strategy="fsdp"`` the model is sharded by FSDP2 instead
+    (:func:`~eigensam.lab.distributed.shard_model`), and every rank writes its shards of the model
+    and optimizer state with ``torch.distributed.checkpoint`` beside the checkpoint file, which
+    names them (:meth:`_save`).
     """
 
     def __init__(
