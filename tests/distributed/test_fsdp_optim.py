@@ -185,6 +185,9 @@ def refusal_worker(rank: int, world: int, folder: Path) -> None:
         HessianOperator(closure, params, backend="autograd")
     with pytest.raises(ValueError, match=r"eig_method='lanczos' is not supported on FSDP2"):
         EigenTracker(2, 3, method="lanczos", backend="fd-central").update(closure, params)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="scaler: a GradScaler is not supported under FSDP2"):
+        SAM(model, SGD, lr=0.1).step(closure, scaler=scaler)
     # Ranks with different settings: the existing mismatch check, on every rank.
     opt = SAM(model, SGD, rho=0.05 * (rank + 1), lr=0.1)
     with pytest.raises(ValueError, match="ranks disagree on the optimizer configuration.*rho"):

@@ -40,6 +40,12 @@ LOCAL_UNDER_FSDP2 = (
     "sharpness='global', or DistributedDataParallel for m-sharpness"
 )
 
+SCALER_UNDER_FSDP2 = (
+    "scaler: a GradScaler is not supported under FSDP2 (fully_shard): each rank sees only its "
+    "shards' overflow, so the ranks could disagree on skipping a step; train in bfloat16 "
+    "(MixedPrecisionPolicy(param_dtype=torch.bfloat16)), which needs no scaler"
+)
+
 
 def check_nonnegative(name: str, value: object) -> float:
     """Return ``value`` as a float if it is a finite real ≥ 0, else raise naming the argument."""
@@ -340,6 +346,8 @@ class SAM(Optimizer):
         """Restore ``w`` and let the base optimizer step with the gradients now in ``p.grad``."""
         if not self._perturbed:
             raise RuntimeError("second_step() called without a first_step() before it")
+        if scaler is not None and self.layout.sharded:
+            raise ValueError(SCALER_UNDER_FSDP2)
         self._restore_params()
         self._grads()
         self._correct_descent_gradient()
@@ -446,6 +454,8 @@ class SAM(Optimizer):
                 f"{type(self).__name__}.step() needs a closure that computes the loss, calls "
                 "backward() and returns the loss; in a manual loop use first_step()/second_step()"
             )
+        if scaler is not None and self.layout.sharded:
+            raise ValueError(SCALER_UNDER_FSDP2)
         closure = self._bind(closure, batch)
         self._check_ranks()
         self._before_first_pass(closure, scaler)
