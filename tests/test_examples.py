@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,21 @@ def test_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
     ]
     assert len(losses) == 2 and losses[1] < losses[0]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp_example_trains_and_resumes_under_torchrun(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    script = [str(EXAMPLES / "fsdp_train.py"), "--checkpoint", str(tmp_path / "ckpt")]
+    records = []
+    for extra in (["--epochs", "2"], ["--epochs", "3", "--resume"]):
+        done = subprocess.run(
+            [*command, "2", *script, *extra], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        records += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # the resumed run starts at epoch 3
+    losses = [r["train_loss"] for r in records]
+    assert losses[2] < losses[1] < losses[0]
+    assert (tmp_path / "ckpt" / ".metadata").is_file() and not (tmp_path / "ckpt.new").exists()
