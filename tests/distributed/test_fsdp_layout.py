@@ -78,6 +78,11 @@ def layout_worker(rank: int, world: int, folder: Path) -> None:
     assert sharded.eigenvalue == pytest.approx(plain_result.eigenvalue, rel=1e-12)
     assert sharded.residual == pytest.approx(plain_result.residual, rel=1e-9)
     torch.testing.assert_close(layout.full(sharded.eigenvector), plain_result.eigenvector)
+    # HSDP (a 2-D mesh: replicated, then sharded) is refused, naming the placement.
+    mesh2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    hsdp = fully_shard(make_model(), mesh=mesh2d)
+    with pytest.raises(ValueError, match=r"parameter 0 is a DTensor placed \(Replicate\(\), Sh"):
+        ParamLayout(list(hsdp.parameters()))
     # Mixed plain and sharded parameters cannot be summed once: refused.
     with pytest.raises(ValueError, match=r"parameters \[4\] are plain tensors.*fully_shard"):
         ParamLayout([*model.parameters(), nn.Parameter(torch.ones(2))])
