@@ -187,8 +187,6 @@ class SAM(Optimizer):
         self.model = unwrap(model)
         self.sharpness = sharpness
         self._layout: ParamLayout | None = None
-        if self.layout.sharded and sharpness == "local":
-            raise ValueError(LOCAL_UNDER_FSDP2)
         # Averages Hessian-vector products over the replicas (Eigen-SAM, X-SAM, EGR); FSDP2's
         # gradients, hence finite-difference products, are global already.
         self.reduce = None if self.ddp is None else MeanAcrossRanks()
