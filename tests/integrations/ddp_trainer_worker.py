@@ -11,10 +11,16 @@ import torch
 from tiny_hf import RecordingTrainer, TokenData, arguments, eigen_sam, tiny_gpt
 
 
-def main(folder: Path) -> None:
+def main(folder: Path, accumulation: int) -> None:
     model = tiny_gpt()
     opt = eigen_sam(model)
-    args = arguments(folder, max_steps=3, warmup_steps=0, lr_scheduler_type="constant")
+    args = arguments(
+        folder,
+        max_steps=3,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        gradient_accumulation_steps=accumulation,
+    )
     trainer = RecordingTrainer(
         model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
     )
@@ -33,4 +39,4 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), int(sys.argv[2]))

@@ -197,16 +197,20 @@ def test_sequence_longer_than_the_model_allows_is_refused(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_ddp_under_torchrun_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_ddp_under_torchrun_equals_one_process_on_the_global_batch(
+    tmp_path: Path, accumulation: int
+) -> None:
     """Two ranks of batch 4 under torchrun: the ranks end identical, and equal to one process
-    stepping on the 8 samples of both ranks (Eigen-SAM's ε from the all-reduced gradient, its
-    Hessian-vector products averaged over the ranks)."""
+    stepping on the samples of both ranks (Eigen-SAM's ε from the all-reduced gradient, its
+    Hessian-vector products averaged over the ranks), with and without accumulation."""
     here = Path(__file__).parent
     src = Path(__file__).parents[2] / "src"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here}{os.pathsep}{src}"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     done = subprocess.run(
-        [*command, "--nproc_per_node", "2", str(here / "ddp_trainer_worker.py"), str(tmp_path)],
+        [*command, "--nproc_per_node", "2", str(here / "ddp_trainer_worker.py"), str(tmp_path)]
+        + [str(accumulation)],
         env=env,
         capture_output=True,
         text=True,
@@ -218,12 +222,13 @@ def test_ddp_under_torchrun_equals_one_process_on_the_global_batch(tmp_path: Pat
     for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(ranks[0]["vector"], ranks[1]["vector"])
+    # Micro-batch i of the global step: rank 0's and rank 1's micro-batch i side by side.
     merged = [
         {k: torch.cat([a[k], b[k]]) for k in a}
         for a, b in zip(ranks[0]["seen"], ranks[1]["seen"], strict=True)
     ]
-    assert len(merged) == 3
-    model, opt, _ = hand_loop(merged, 1, steps=3, schedule="constant", warmup=0)
+    assert len(merged) == 3 * accumulation
+    model, opt, _ = hand_loop(merged, accumulation, steps=3, schedule="constant", warmup=0)
     for a, b in zip(ranks[0]["params"], model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # Finite-difference products divide rounding differences (rank-wise vs one-process sums) by
