@@ -33,6 +33,7 @@ from transformers import Trainer  # noqa: E402
 from eigensam.hessian.hvp import SplitClosure  # noqa: E402
 from eigensam.integrations.transformers import (  # noqa: E402
     SAMTrainer,
+    attach_ddp,
     check_arguments,
     check_sequence_length,
 )
@@ -234,3 +235,39 @@ def test_ddp_under_torchrun_equals_one_process_on_the_global_batch(
     # Finite-difference products divide rounding differences (rank-wise vs one-process sums) by
     # the small step h: v̂ agrees to 1e-4 where the weights agree to 1e-5.
     torch.testing.assert_close(ranks[0]["vector"], opt.tracker.vector, rtol=1e-4, atol=1e-4)
+
+
+def test_attach_ddp_equals_building_the_optimizer_on_the_wrapper(tmp_path: Path) -> None:
+    """SAMTrainer hands the DDP wrapper to an optimizer built on the bare model; that must set
+    up what building it on the wrapper does (one-process gloo group), step for step."""
+    dist = pytest.importorskip("torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        built_model, attached_model = tiny_gpt(), tiny_gpt()
+        built_ddp = torch.nn.parallel.DistributedDataParallel(built_model)
+        attached_ddp = torch.nn.parallel.DistributedDataParallel(attached_model)
+        built = eigen_sam(built_ddp)
+        attached = eigen_sam(attached_model)
+        assert attached.ddp is None and attached.reduce is None
+        attach_ddp(attached, attached_ddp)
+        assert attached.ddp is attached_ddp and attached.model is attached_model
+        assert type(attached.reduce) is type(built.reduce)
+        assert attached.tracker.reduce is attached.reduce
+        assert attached._ranks_checked is built._ranks_checked is False
+        batch = TokenData()[0]
+        inputs = {k: v.unsqueeze(0).repeat(4, 1) for k, v in batch.items()}
+        for opt, wrapper in ((built, built_ddp), (attached, attached_ddp)):
+            for _ in range(2):
+
+                def closure(wrapper=wrapper):
+                    loss = wrapper(**inputs).loss
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+        for a, b in zip(built_model.parameters(), attached_model.parameters(), strict=True):
+            assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="different module"):
+            attach_ddp(eigen_sam(tiny_gpt()), attached_ddp)
+    finally:
+        dist.destroy_process_group()
