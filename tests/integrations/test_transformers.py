@@ -33,7 +33,6 @@ from transformers import Trainer  # noqa: E402
 from eigensam.hessian.hvp import SplitClosure  # noqa: E402
 from eigensam.integrations.transformers import (  # noqa: E402
     SAMTrainer,
-    attach_ddp,
     check_arguments,
     check_sequence_length,
 )
@@ -249,7 +248,7 @@ def test_attach_ddp_equals_building_the_optimizer_on_the_wrapper(tmp_path: Path)
         built = eigen_sam(built_ddp)
         attached = eigen_sam(attached_model)
         assert attached.ddp is None and attached.reduce is None
-        attach_ddp(attached, attached_ddp)
+        attached.attach_ddp(attached_ddp)
         assert attached.ddp is attached_ddp and attached.model is attached_model
         assert type(attached.reduce) is type(built.reduce)
         assert attached.tracker.reduce is attached.reduce
@@ -268,6 +267,6 @@ def test_attach_ddp_equals_building_the_optimizer_on_the_wrapper(tmp_path: Path)
         for a, b in zip(built_model.parameters(), attached_model.parameters(), strict=True):
             assert torch.equal(a, b)
         with pytest.raises(ValueError, match="different module"):
-            attach_ddp(eigen_sam(tiny_gpt()), attached_ddp)
+            eigen_sam(tiny_gpt()).attach_ddp(attached_ddp)
     finally:
         dist.destroy_process_group()

@@ -71,7 +71,6 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         'pip install "eigensam[hf]"'
     ) from error
 
-from eigensam.hessian.distributed import MeanAcrossRanks
 from eigensam.hessian.hvp import SplitClosure
 from eigensam.optim import SAM
 
@@ -127,24 +126,6 @@ def check_sequence_length(inputs: Mapping[str, Any], limit: int | None) -> None:
                 f"(e.g. the tokenizer's max_length={limit}) or build the model with a larger "
                 "context"
             )
-
-
-def attach_ddp(optimizer: SAM, wrapper: DistributedDataParallel) -> None:
-    """Make ``optimizer`` (built on ``wrapper.module``) behave as if built with
-    ``model=wrapper``: the rank check at its next step, and Hessian-vector products run on the
-    inner module and averaged over the ranks (what ``SAM.__init__`` sets up for a DDP model)."""
-    if optimizer.model is not None and optimizer.model is not wrapper.module:
-        raise ValueError(
-            "the optimizer was built on a different module than the one the Trainer trains; "
-            "build it on the model passed to SAMTrainer"
-        )
-    optimizer.ddp = wrapper
-    optimizer.model = wrapper.module
-    optimizer.reduce = MeanAcrossRanks()
-    optimizer._ranks_checked = False
-    tracker = getattr(optimizer, "tracker", None)
-    if tracker is not None:
-        tracker.reduce = optimizer.reduce
 
 
 class TrainerOptimizer(Optimizer):
@@ -268,7 +249,7 @@ class SAMTrainer(Trainer):
         batches, self._micro_batches = self._micro_batches, []
         sam = self.eigensam_optimizer
         if isinstance(model, DistributedDataParallel) and sam.ddp is not model:
-            attach_ddp(sam, model)
+            sam.attach_ddp(model)
         model.train()
         self._grad_norm = None
         hook = sam.base_optimizer.register_step_pre_hook(self._clip_second_pass)

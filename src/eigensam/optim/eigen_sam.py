@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from eigensam.hessian.distributed import local_forward
@@ -133,6 +134,11 @@ class TrackedSAM(SAM):
         if parts == 1 or not self.tracker.due(self.sam_steps):
             return super()._bind(closure, batch)
         return batch_split_closure(closure, batch, parts)
+
+    def attach_ddp(self, wrapper: DistributedDataParallel) -> None:
+        """SAM's, and the tracker averages its products over the ranks too."""
+        super().attach_ddp(wrapper)
+        self.tracker.reduce = self.reduce
 
     def _rank_signature(self) -> dict[str, Any]:
         """SAM's, plus the refresh schedule (replicas must run the same products)."""

@@ -196,6 +196,25 @@ class SAM(Optimizer):
         self._saved_params: list[Tensor] | None = None
         self._perturbed = False
 
+    def attach_ddp(self, wrapper: DistributedDataParallel) -> None:
+        """Use the ``DistributedDataParallel`` ``wrapper`` of the model this optimizer was built
+        on as if it had been passed as ``model``: ε from the all-reduced gradient, the rank
+        check at the next step, Hessian-vector products on the inner module averaged over the
+        ranks. For frameworks that wrap the model after the optimizer exists (the Hugging Face
+        ``Trainer``). ``sharpness="local"`` needs the wrapper at construction."""
+        if not is_ddp(wrapper):
+            raise TypeError(
+                f"wrapper must be a DistributedDataParallel module, got {type(wrapper).__name__}"
+            )
+        if self.model is not None and self.model is not wrapper.module:
+            raise ValueError(
+                "wrapper wraps a different module than the one this optimizer was built on"
+            )
+        self.ddp = wrapper
+        self.model = wrapper.module
+        self.reduce = MeanAcrossRanks()
+        self._ranks_checked = False
+
     # -- hooks for the variants -------------------------------------------------------------
 
     def _extra_defaults(self) -> dict[str, Any]:
