@@ -10,6 +10,8 @@ Run it one setting at a time, on one thread::
 
     OMP_NUM_THREADS=1 python -m eigensam.lab.experiments.pilot --out runs/pilot \\
         --subset 2048 --epochs 15 --width 0.5 --no-augment
+
+``--finetune-from RUN --steps N`` instead fine-tunes table2's pretrained ViT on the digits.
 """
 
 from __future__ import annotations
@@ -83,16 +85,53 @@ def run_pilot(
     return record
 
 
+def run_finetune_pilot(
+    out: Path, pretrained: Path, steps: int, method: str = "sgd"
+) -> dict[str, Any]:
+    """Fine-tune table2's pretrained ViT (run folder ``pretrained``) on the digits for ``steps``
+    steps (seed 0) and append the train/test accuracy and CPU seconds to ``<out>/pilot.jsonl``:
+    the measurement that sets table2's N."""
+    from eigensam.lab.checkpoints import load_trained
+    from eigensam.lab.experiments.finetune import Finetune, finetune, load_digits
+
+    model, data = load_trained(pretrained).model, load_digits()
+    cpu0 = time.process_time()
+    result = finetune(model, data, Finetune(method, 0, steps))
+    record = {
+        "kind": "finetune-pilot",
+        "method": method,
+        "steps": steps,
+        "train_acc": result["train_acc"],
+        "test_acc": result["test_acc"],
+        "cpu_seconds": time.process_time() - cpu0,
+    }
+    tracking.append_record(out / PILOT_FILE, record)
+    return record
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/pilot"))
-    parser.add_argument("--subset", type=int, required=True)
-    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--subset", type=int)
+    parser.add_argument("--epochs", type=int)
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--method", default="sgd")
+    parser.add_argument(
+        "--finetune-from", type=Path, help="table2's pretraining run: fine-tune it instead"
+    )
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (with --finetune-from)")
     args = parser.parse_args(argv)
-    record = run_pilot(args.out, args.subset, args.epochs, args.width, args.augment, args.method)
+    if args.finetune_from is not None:
+        if args.steps is None:
+            parser.error("--finetune-from needs --steps")
+        record = run_finetune_pilot(args.out, args.finetune_from, args.steps, args.method)
+    else:
+        if args.subset is None or args.epochs is None:
+            parser.error("--subset and --epochs are required (or --finetune-from and --steps)")
+        record = run_pilot(
+            args.out, args.subset, args.epochs, args.width, args.augment, args.method
+        )
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
     )
