@@ -49,10 +49,16 @@ RESNET50_PARAMS = 25_557_032
 ALLREDUCES = {"sgd": 1, "sam": 2, "eigen-sam": 2}
 
 
-def make_optimizer(method: str, model: torch.nn.Module, args: argparse.Namespace) -> Any:
+def make_optimizer(
+    method: str, model: torch.nn.Module, args: argparse.Namespace, hvp: str = "auto"
+) -> Any:
+    """``method`` (sgd, adamw, sam or eigen-sam with SGD inside) on ``model``; Eigen-SAM refreshes
+    every ``args.eig_interval`` steps with ``args.eig_iters`` products of backend ``hvp``."""
     sgd = dict(lr=0.01, momentum=0.9)
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), **sgd)
+    if method == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
     if method == "sam":
         return SAM(model, torch.optim.SGD, 0.05, **sgd)
     return EigenSAM(
@@ -61,6 +67,7 @@ def make_optimizer(method: str, model: torch.nn.Module, args: argparse.Namespace
         0.05,
         eig_interval=args.eig_interval,
         eig_iters=args.eig_iters,
+        hvp=hvp,
         **sgd,
     )
 

@@ -40,10 +40,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from bench_ddp import make_optimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eigensam import SAM, EigenSAM
 from eigensam.hessian.distributed import local_shard
 from eigensam.hessian.hvp import FD_FALLBACK
 from eigensam.lab.distributed import shard_model
@@ -95,25 +95,6 @@ class PeakHeap(TorchDispatchMode):
         return out
 
 
-def make_optimizer(method: str, model: torch.nn.Module, args: argparse.Namespace) -> Any:
-    sgd = dict(lr=0.01, momentum=0.9)
-    if method == "sgd":
-        return torch.optim.SGD(model.parameters(), **sgd)
-    if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if method == "sam":
-        return SAM(model, torch.optim.SGD, 0.05, **sgd)
-    return EigenSAM(
-        model,
-        torch.optim.SGD,
-        0.05,
-        eig_interval=args.eig_interval,
-        eig_iters=args.eig_iters,
-        hvp=FD_FALLBACK,
-        **sgd,
-    )
-
-
 def tensor_bytes(tensors: Iterable[Any]) -> int:
     """Bytes of this rank's part of ``tensors`` (None and non-tensors skipped)."""
     return sum(
@@ -156,7 +137,7 @@ def measure(strategy: str, method: str, rank: int, world: int, args: argparse.Na
     torch.manual_seed(0)
     model = ViT(10, 3, 32, patch_size=4, dim=args.dim, depth=args.depth, heads=4)
     net = DistributedDataParallel(model) if strategy == "ddp" else shard_model(model)
-    opt = make_optimizer(method, net, args)
+    opt = make_optimizer(method, net, args, hvp=FD_FALLBACK)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=g)[rank::world].contiguous()
     y = torch.randint(0, 10, (args.batch_size,), generator=g)[rank::world].contiguous()
