@@ -10,7 +10,7 @@ import pytest
 from eigensam.cli import main
 from eigensam.lab.experiments import reproduce
 from eigensam.lab.experiments.report import Section, not_testable, write_report
-from eigensam.lab.experiments.runs import check_runs, make_scale
+from eigensam.lab.experiments.runs import check_runs, estimated_cost, make_scale
 from eigensam.lab.experiments.verdicts import VERDICTS
 from eigensam.lab.train import TrainConfig
 
@@ -158,7 +158,7 @@ def test_the_converged_and_the_short_cpu_scales(tmp_path):
     assert (sam.train_subset, sam.width, sam.epochs, sam.augment) == (1024, 0.25, 60, False)
     assert sam.lr_schedule == "cosine" and sgd.epochs == 120 and sgd.method == "sgd"
     assert sam.epochs * -(-sam.train_subset // sam.batch_size) == 480
-    assert sam.track_every == 120 and sam.track_batches == 0 and sam.eval_every == 20
+    assert sam.track_every == 160 and sam.track_batches == 0 and sam.eval_every == 30
     assert [c.seed for c in headline["eigen-sam"]] == [0, 1, 2, 3, 4]
     assert headline["eigen-sam"][0].eig_interval == 20
     fig1 = reproduce.TARGETS["fig1"].plan(scale)["sam"][0]
@@ -182,3 +182,15 @@ def test_threads_per_job_keeps_omp_num_threads(monkeypatch):
     assert runs.threads_per_job(2) == 4
     with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
         runs.threads_per_job(0)
+
+
+def test_runs_are_trained_longest_first(tmp_path):
+    """Parallel jobs end together when the longest runs start first: Eigen-SAM (2.5 gradients
+    per step for 60 epochs) before SGD (1 for 120) and SAM (2 for 60); the short scale's runs
+    (8× the images at twice the width) before all of them."""
+    scale = make_scale("cpu", tmp_path)
+    headline = reproduce.TARGETS["headline"].plan(scale)
+    short = reproduce.TARGETS["fig1"].plan(scale)["sgd"][0]
+    costs = {m: estimated_cost(runs[0]) for m, runs in headline.items()}
+    assert costs["eigen-sam"] > costs["sgd"] == costs["sam"]
+    assert estimated_cost(short) > costs["eigen-sam"]
