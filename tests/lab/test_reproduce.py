@@ -113,6 +113,11 @@ def test_cli_reports_bad_input_before_training(tmp_path, capsys):
         assert err.count("\n") == 1 and "jobs must be an integer >= 1" in err
         assert "Traceback" not in err
     assert not any(tmp_path.iterdir())
+    file = tmp_path / "report.md"
+    file.write_text("not a folder")
+    assert main(["reproduce", "headline", "--out", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"out: {file} is a file" in err
 
 
 def test_report_states_scales_rules_and_times(tmp_path):
@@ -158,7 +163,7 @@ def test_the_converged_and_the_short_cpu_scales(tmp_path):
     assert (sam.train_subset, sam.width, sam.epochs, sam.augment) == (1024, 0.25, 60, False)
     assert sam.lr_schedule == "cosine" and sgd.epochs == 120 and sgd.method == "sgd"
     assert sam.epochs * -(-sam.train_subset // sam.batch_size) == 480
-    assert sam.track_every == 160 and sam.track_batches == 0 and sam.eval_every == 30
+    assert sam.track_every == 240 and sam.track_batches == 0 and sam.eval_every == 60
     assert [c.seed for c in headline["eigen-sam"]] == [0, 1, 2, 3, 4]
     assert headline["eigen-sam"][0].eig_interval == 20
     fig1 = reproduce.TARGETS["fig1"].plan(scale)["sam"][0]

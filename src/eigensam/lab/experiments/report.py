@@ -179,12 +179,13 @@ def plot_band(
     y: str,
     title: str,
 ) -> None:
-    """One line per group (mean over its runs) with a shaded 95% band."""
+    """One line per group (mean over its runs; marked points when there are fewer than 4)
+    with a shaded 95% band."""
     for name, runs in groups.items():
         xs, means, halves = band(runs, kind, x, y)
         if not xs:
             continue
-        (line,) = ax.plot(xs, means, label=name)
+        (line,) = ax.plot(xs, means, label=name, marker="o" if len(xs) < 4 else None)
         low = [m - h for m, h in zip(means, halves, strict=True)]
         high = [m + h for m, h in zip(means, halves, strict=True)]
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)

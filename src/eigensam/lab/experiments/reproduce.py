@@ -94,6 +94,8 @@ def plan_targets(
     present, runs already in ``out`` started with the same configuration) before anything
     trains."""
     check_jobs(jobs)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"out: {out} is a file; give a folder (the runs go in OUT/runs)")
     scale = make_scale(scale_name, out, seeds, overrides)
     for target in targets:
         if len(scale.seeds) < target.min_seeds:

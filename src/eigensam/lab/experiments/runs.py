@@ -54,12 +54,12 @@ CPU_BASE: dict[str, Any] = dict(
     rho=0.05,
     eig_interval=20,
     eig_iters=5,
-    track_every=160,
+    track_every=240,
     track_iters=20,
     track_tol=1e-3,
     track_batches=0,
     snapshot_epochs=[],
-    eval_every=30,
+    eval_every=60,
     log_every=10,
 )
 # The short CPU scale, kept for the targets about training dynamics (fig1's alignment curves,
@@ -96,7 +96,7 @@ CPU_DEVIATIONS = (
     "sits on a loss plateau for its first ~70 steps, a fifth of a CPU-scale run",
     "Eigen-SAM/X-SAM refresh interval p = 20 instead of 100 (24 refreshes per run instead of "
     "4); the p sweep of Tables 3-4 is scaled the same way (p = 10, 20, 50, 100 for 100-1000)",
-    "sharpness (λ₁ and Align of the optimizer's ε) measured every 160 steps on the training "
+    "sharpness (λ₁ and Align of the optimizer's ε) measured every 240 steps on the training "
     "batch (Lanczos, relative residual 1e-3, at most 20 products); final λ₁ on a fixed batch",
     "the sweeps (fig3's α values other than 0, 0.2 and X-SAM's 1; table3-4's p other than 20 "
     "and the spread schedule) and the SDE study (fig2) use the first 3 seeds, the paper's own "
