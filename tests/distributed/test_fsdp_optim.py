@@ -45,6 +45,7 @@ OPTIMIZERS: dict[str, Build] = {
 }
 TRACKED_NAMES = ("eigen-sam", "x-sam")
 FD_NAMES = (*TRACKED_NAMES, "egr")  # their products are finite differences under FSDP2
+ATTACHED = ("sam", "eigen-sam")  # built before fully_shard, then attach_fsdp()
 
 
 def make_model() -> nn.Module:
@@ -69,6 +70,22 @@ def build(name: str, model: nn.Module, sharded: bool, **kw: Any) -> Any:
     if name in FD_NAMES and not sharded:
         kw = {"hvp": FD_FALLBACK, **kw}
     return OPTIMIZERS[name](model, **kw)
+
+
+def attached_after_sharding(name: str) -> tuple[nn.Module, Any]:
+    """What Accelerate (the Hugging Face Trainer with ``fsdp=``) does: the optimizer is built on
+    the whole model, ``fully_shard`` replaces the parameters, the optimizer's ``param_groups``
+    get the shards (matched by name), then the optimizer takes them up (``attach_fsdp``)."""
+    model = make_model()
+    opt = build(name, model, sharded=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    before = [[names[id(p)] for p in group["params"]] for group in opt.param_groups]
+    shard_model(model)
+    shards = dict(model.named_parameters())
+    for group, group_names in zip(opt.param_groups, before, strict=True):
+        group["params"][:] = [shards[n] for n in group_names]
+    opt.attach_fsdp()
+    return model, opt
 
 
 def global_batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -143,6 +160,10 @@ def global_worker(rank: int, world: int, folder: Path) -> None:
                 math.ceil(p.shape[0] / world) * p[0].numel() for p in model.parameters()
             )
         results[name] = result
+    for name in ATTACHED:
+        model, opt = attached_after_sharding(name)
+        train(opt, model, [shard(b, rank) for b in global_batches()])
+        results[f"{name}/attached"] = {"params": full_params(model), "sharded": opt.layout.sharded}
     # Clipping inside the closure (global norm over the shards) and a step skipped for a NaN
     # that only rank 1's batch holds.
     model = shard_model(make_model())
@@ -172,6 +193,14 @@ def refusal_worker(rank: int, world: int, folder: Path) -> None:
             cls(model, SGD, lr=0.1, hvp="autograd")
     with pytest.raises(ValueError, match=r"eig_method='lanczos'.*FSDP2.*'power'"):
         EigenSAM(model, SGD, lr=0.1, eig_method="lanczos")
+    with pytest.raises(ValueError, match="attach_fsdp: the optimizer's parameters are not FSDP2"):
+        SAM(make_model(), SGD, lr=0.1).attach_fsdp()
+    with pytest.raises(ValueError, match=r"eig_method='lanczos'.*FSDP2.*'power'"):
+        unsharded = make_model()
+        lanczos = EigenSAM(unsharded, SGD, lr=0.1, eig_method="lanczos")
+        shard_model(unsharded)
+        lanczos.param_groups[0]["params"][:] = list(unsharded.parameters())
+        lanczos.attach_fsdp()
     # The Hessian tools refuse the same, used directly.
     params = list(model.parameters())
     x, y = shard(global_batches(1)[0], rank)
@@ -243,6 +272,9 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(two_ranks: Path) -> 
             assert_close(r[name]["params"], full_params(model), name)
             # X-SAM: the corrected descent gradient (left in .grad) is the one process's.
             assert_close(r[name]["grads"], full_grads(model), name)
+            if name in ATTACHED:
+                assert r[f"{name}/attached"]["sharded"]
+                assert_close(r[f"{name}/attached"]["params"], full_params(model), name)
         if name in TRACKED_NAMES:
             assert all(torch.equal(ranks[0][name]["vector"], r[name]["vector"]) for r in ranks)
             torch.testing.assert_close(ranks[0][name]["vector"], opt.tracker.vector)

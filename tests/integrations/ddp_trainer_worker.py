@@ -1,17 +1,19 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_transformers.py: SAMTrainer with Eigen-SAM
-under DDP on CPU; each rank saves the batches it trained on, its final weights and ``v̂``."""
+under DDP on CPU (with ``fsdp=True`` too, which the CPU runs as DDP); each rank saves the
+batches it trained on, its final weights and ``v̂``, and whether SAMTrainer warned."""
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from tiny_hf import RecordingTrainer, TokenData, arguments, eigen_sam, tiny_gpt
 
 
-def main(folder: Path, accumulation: int) -> None:
+def main(folder: Path, accumulation: int, fsdp: bool) -> None:
     model = tiny_gpt()
     opt = eigen_sam(model)
     args = arguments(
@@ -20,10 +22,14 @@ def main(folder: Path, accumulation: int) -> None:
         warmup_steps=0,
         lr_scheduler_type="constant",
         gradient_accumulation_steps=accumulation,
+        fsdp=fsdp,
     )
-    trainer = RecordingTrainer(
-        model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = RecordingTrainer(
+            model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
+        )
+    warned = any("Accelerate enables FSDP only on" in str(w.message) for w in caught)
     trainer.seen = []
     trainer.train()
     rank = int(os.environ["RANK"])
@@ -33,10 +39,11 @@ def main(folder: Path, accumulation: int) -> None:
             "params": [p.detach() for p in model.parameters()],
             "vector": opt.tracker.vector,
             "bound": opt.ddp is not None,
+            "warned": warned,
         },
         folder / f"rank{rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3])))

@@ -162,14 +162,16 @@ def test_optimizer_built_on_another_model_is_refused(tmp_path: Path) -> None:
         SAMTrainer(model=tiny_gpt(), args=arguments(tmp_path), optimizers=(opt, None))
 
 
-def test_deepspeed_fsdp_and_fp16_are_refused_naming_the_option(tmp_path: Path) -> None:
+def test_deepspeed_fsdp1_and_fp16_are_refused_naming_the_option(tmp_path: Path) -> None:
     # TrainingArguments(deepspeed=...) needs the deepspeed package; the check reads the field.
     with pytest.raises(ValueError, match=r"deepspeed='ds.json'.*not supported"):
         check_arguments(types.SimpleNamespace(deepspeed="ds.json"))
+    fsdp1 = types.SimpleNamespace(fsdp=True, fsdp_config={"version": 1})
+    with pytest.raises(ValueError, match=r"fsdp_config=\{'version': 1\}.*FSDP2"):
+        check_arguments(fsdp1)
+    check_arguments(types.SimpleNamespace(fsdp=True, fsdp_config={"version": 2}))
     model = tiny_gpt()
     opt = eigen_sam(model)
-    with pytest.raises(ValueError, match=r"fsdp=True.*not supported by SAMTrainer yet"):
-        SAMTrainer(model=model, args=arguments(tmp_path, fsdp=True), optimizers=(opt, None))
     with pytest.raises(ValueError, match=r"fp16=True.*bf16=True"):
         SAMTrainer(model=model, args=arguments(tmp_path, fp16=True), optimizers=(opt, None))
 
@@ -196,29 +198,34 @@ def test_sequence_longer_than_the_model_allows_is_refused(tmp_path: Path) -> Non
         trainer.train()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_ddp_under_torchrun_equals_one_process_on_the_global_batch(
-    tmp_path: Path, accumulation: int
-) -> None:
-    """Two ranks of batch 4 under torchrun: the ranks end identical, and equal to one process
-    stepping on the samples of both ranks (Eigen-SAM's ε from the all-reduced gradient, its
-    Hessian-vector products averaged over the ranks), with and without accumulation."""
+def torchrun(worker: str, *args: object, ranks: int = 2) -> None:
     here = Path(__file__).parent
     src = Path(__file__).parents[2] / "src"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here}{os.pathsep}{src}"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     done = subprocess.run(
-        [*command, "--nproc_per_node", "2", str(here / "ddp_trainer_worker.py"), str(tmp_path)]
-        + [str(accumulation)],
+        [*command, "--nproc_per_node", str(ranks), str(here / worker), *map(str, args)],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("accumulation", "fsdp"), [(1, False), (2, False), (1, True)])
+def test_ddp_under_torchrun_equals_one_process_on_the_global_batch(
+    tmp_path: Path, accumulation: int, fsdp: bool
+) -> None:
+    """Two ranks of batch 4 under torchrun: the ranks end identical, and equal to one process
+    stepping on the samples of both ranks (Eigen-SAM's ε from the all-reduced gradient, its
+    Hessian-vector products averaged over the ranks), with and without accumulation. On the
+    CPU fsdp=True runs DDP (Accelerate enables FSDP only on accelerators), with a warning."""
+    torchrun("ddp_trainer_worker.py", tmp_path, accumulation, int(fsdp))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["bound"] and ranks[1]["bound"]
+    assert ranks[0]["warned"] == fsdp
     for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(ranks[0]["vector"], ranks[1]["vector"])
@@ -234,6 +241,55 @@ def test_ddp_under_torchrun_equals_one_process_on_the_global_batch(
     # Finite-difference products divide rounding differences (rank-wise vs one-process sums) by
     # the small step h: v̂ agrees to 1e-4 where the weights agree to 1e-5.
     torch.testing.assert_close(ranks[0]["vector"], opt.tracker.vector, rtol=1e-4, atol=1e-4)
+
+
+# Accelerate enables FSDP only on accelerators: on the CPU, fsdp=True runs DDP (and warns).
+GPUS = torch.cuda.device_count()
+needs_gpu = pytest.mark.skipif(
+    GPUS == 0, reason="Accelerate enables FSDP only on GPUs/accelerators (the CPU runs DDP)"
+)
+
+
+@needs_gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_fsdp2_equals_one_process_on_the_global_batch(tmp_path: Path, accumulation: int) -> None:
+    """fsdp=True on up to 2 GPUs, batch 4 each: the gathered weights and v̂ equal one process
+    stepping on the samples of every rank (Eigen-SAM's ε from the global gradient norm, its
+    finite-difference products on the global gradients)."""
+    ranks = min(GPUS, 2)
+    torchrun("fsdp_trainer_worker.py", tmp_path, accumulation, ranks=ranks)
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
+    assert saved[0]["sharded"] and saved[0]["steps"] == 4
+    merged = [
+        {k: torch.cat([s[i][k] for s in [r["seen"] for r in saved]]) for k in saved[0]["seen"][i]}
+        for i in range(len(saved[0]["seen"]))
+    ]
+    assert len(merged) == 4 * accumulation
+    model, opt, _ = hand_loop(
+        merged, accumulation, steps=4, schedule="constant", warmup=0, device="cuda"
+    )
+    for a, b in zip(saved[0]["params"], model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach().cpu(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(saved[0]["vector"], opt.tracker.vector.cpu(), rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.slow
+def test_fsdp2_resume_from_checkpoint_continues(tmp_path: Path) -> None:
+    """A run resumed from its step-2 checkpoint (the eigensam optimizer's sharded state through
+    DCP) ends with the weights and v̂ of the uninterrupted 4-step run."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    ranks = min(GPUS, 2)
+    torchrun("fsdp_trainer_worker.py", whole, 1, ranks=ranks)
+    checkpoint = whole / "out" / "checkpoint-2"
+    assert (checkpoint / "eigensam_optimizer").is_dir()
+    torchrun("fsdp_trainer_worker.py", resumed, 1, checkpoint, ranks=ranks)
+    a, b = (torch.load(d / "rank0.pt", weights_only=True) for d in (whole, resumed))
+    assert b["steps"] == 4 and len(b["seen"]) == 2
+    for x, y in zip(a["params"], b["params"], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a["vector"], b["vector"], rtol=1e-6, atol=1e-7)
 
 
 def test_attach_ddp_equals_building_the_optimizer_on_the_wrapper(tmp_path: Path) -> None:

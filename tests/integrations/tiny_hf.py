@@ -115,10 +115,11 @@ def hand_loop(
     schedule: str = "linear",
     warmup: int = 1,
     attention: str = "sdpa",
+    device: str = "cpu",
 ):
     """The eigensam loop a user would write: one ``opt.step(closure)`` per accumulation group,
-    the closure summing the micro-batches' mean losses / k."""
-    model = tiny_gpt(attention=attention)
+    the closure summing the micro-batches' mean losses / k (on ``device``)."""
+    model = tiny_gpt(attention=attention).to(device)
     opt = eigen_sam(model)
     scheduler = transformers.get_scheduler(
         schedule, opt, num_warmup_steps=warmup, num_training_steps=steps
@@ -128,8 +129,9 @@ def hand_loop(
         group = batches[step * accumulation : (step + 1) * accumulation]
 
         def closure(group=group):
-            total = torch.zeros(())
+            total = torch.zeros((), device=device)
             for batch in group:
+                batch = {k: v.to(device) for k, v in batch.items()}
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     loss = model(**batch).loss.float() / len(group)
                 loss.backward()

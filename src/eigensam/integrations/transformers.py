@@ -42,8 +42,16 @@ What one optimizer step does (``gradient_accumulation_steps = k``, micro-batches
   and Hessian-vector products averaged over the ranks. ``sharpness="local"`` needs the wrapper at
   construction and is therefore not available here.
 
+- FSDP2 (``fsdp=True``, under ``torchrun``): the Trainer shards the model in ``train()``, after
+  the optimizer exists, and Accelerate swaps the optimizer's parameters for the shards; at the
+  first step the eigensam optimizer takes them up (:meth:`~eigensam.optim.SAM.attach_fsdp`):
+  ``ε`` from the global gradient norm, ``v̂`` sharded like the weights, finite-difference
+  products. Checkpoints save the optimizer's sharded state with ``torch.distributed.checkpoint``
+  (:mod:`eigensam.optim.checkpoint`) in ``eigensam_optimizer/`` beside the Trainer's FSDP
+  model checkpoint.
+
 Refused with ``ValueError`` naming the option: ``deepspeed=`` (DeepSpeed runs its own optimizer
-step), ``fsdp=`` (not supported by this integration yet) and ``fp16=True``. A batch whose
+step), FSDP version 1 (``fsdp_config={"version": 1}``) and ``fp16=True``. A batch whose
 sequence length exceeds the model's ``max_position_embeddings`` (or ``n_positions``) raises
 ``ValueError`` before any forward pass.
 
@@ -55,25 +63,35 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 try:
+    from accelerate.utils import save_fsdp_model
     from transformers import Trainer, TrainingArguments
+    from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
+    from transformers.trainer import SCHEDULER_NAME
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "eigensam.integrations.transformers needs Hugging Face Transformers and Accelerate: "
         'pip install "eigensam[hf]"'
     ) from error
 
+from eigensam.hessian.distributed import is_fsdp2
 from eigensam.hessian.hvp import SplitClosure
 from eigensam.optim import SAM
+from eigensam.optim.checkpoint import distributed_state_dict, load_distributed_state_dict
 
+# The eigensam optimizer's DCP checkpoint under FSDP2, inside the Trainer's checkpoint folder.
+FSDP_OPTIMIZER_DIR = "eigensam_optimizer"
 INSTALL_HINT = 'pip install "eigensam[hf]"'
 # Config attributes that bound the sequence length, in the order they are looked up.
 POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx")
@@ -81,18 +99,19 @@ POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx")
 
 def check_arguments(args: TrainingArguments) -> None:
     """Raise ``ValueError`` naming the ``TrainingArguments`` option that :class:`SAMTrainer`
-    cannot honour: ``deepspeed``, ``fsdp``, ``fp16``."""
+    cannot honour: ``deepspeed``, FSDP version 1 (``fsdp_config``), ``fp16``."""
     if getattr(args, "deepspeed", None):
         raise ValueError(
             f"TrainingArguments(deepspeed={args.deepspeed!r}) is not supported by SAMTrainer: "
             "DeepSpeed takes over the optimizer step, which cannot run eigensam's two passes; "
             "remove deepspeed= (single-process and DDP/torchrun training are supported)"
         )
-    if getattr(args, "fsdp", None):
+    version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    if getattr(args, "fsdp", None) and version != 2:
         raise ValueError(
-            f"TrainingArguments(fsdp={args.fsdp!r}) is not supported by SAMTrainer yet "
-            "(FSDP is not supported by this integration); remove fsdp= "
-            "(single-process and DDP/torchrun training are supported)"
+            f"TrainingArguments(fsdp_config={{'version': {version}}}) is not supported by "
+            "SAMTrainer: FSDP1 (FullyShardedDataParallel) hides the parameters eigensam "
+            "perturbs; use FSDP2, fsdp_config={'version': 2} (the default)"
         )
     if getattr(args, "fp16", False):
         raise ValueError(
@@ -196,9 +215,9 @@ class SAMTrainer(Trainer):
 
     Every optimizer step is ``optimizer.step(closure)`` with a closure over the whole gradient
     accumulation group; see the module documentation for gradient accumulation, clipping
-    (second pass), bf16, checkpoints and DDP. All other ``Trainer`` arguments work as usual.
-    ``eigensam_optimizer`` is the eigensam optimizer; ``optimizer`` is the Trainer's view of it
-    (:class:`TrainerOptimizer`, wrapped by Accelerate).
+    (second pass), bf16, checkpoints, DDP and FSDP2. All other ``Trainer`` arguments work as
+    usual. ``eigensam_optimizer`` is the eigensam optimizer; ``optimizer`` is the Trainer's view
+    of it (:class:`TrainerOptimizer`, wrapped by Accelerate).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -214,12 +233,28 @@ class SAMTrainer(Trainer):
                 f"e.g. EigenSAM(model, torch.optim.AdamW, lr=...); got optimizers[0]={sam!r} "
                 "(for a plain torch optimizer use transformers.Trainer)"
             )
-        super().__init__(*args, **kwargs)
+        # The Trainer refuses optimizers= under FSDP (it shards the model in train(), after the
+        # optimizer exists); Accelerate then swaps the optimizer's parameters for the shards and
+        # training_step has the eigensam optimizer take them up (SAM.attach_fsdp).
+        super().__init__(*args, **{**kwargs, "optimizers": (None, None)})
         check_arguments(self.args)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled:
             raise ValueError(
-                "the Accelerate configuration enables DeepSpeed or FSDP, which SAMTrainer does "
-                "not support; launch with plain DDP (torchrun) or a single process"
+                "the Accelerate configuration enables DeepSpeed, which SAMTrainer does not "
+                "support; launch with DDP (torchrun), FSDP2 (fsdp=) or a single process"
+            )
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            warnings.warn(
+                f"TrainingArguments(fsdp={self.args.fsdp!r}): Accelerate enables FSDP only on "
+                "GPUs and other accelerators, so this run is not sharded; the Trainer runs DDP "
+                "and the eigensam optimizer follows it",
+                UserWarning,
+                stacklevel=2,
+            )
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise ValueError(
+                "the Accelerate configuration enables FSDP version 1, which SAMTrainer does not "
+                "support; use FSDP2 (fsdp_version: 2)"
             )
         if sam.model is not None and sam.model is not self.model:
             raise ValueError(
@@ -229,6 +264,7 @@ class SAMTrainer(Trainer):
         self.eigensam_optimizer = sam
         self._view = TrainerOptimizer(sam)
         self.optimizer = self._view
+        self.lr_scheduler = optimizers[1] if len(optimizers) > 1 else None
         self._sequence_limit = sequence_limit(self.model)
         self._micro_batches: list[dict[str, Any]] = []
         self._grad_norm: Tensor | None = None
@@ -250,6 +286,8 @@ class SAMTrainer(Trainer):
         sam = self.eigensam_optimizer
         if isinstance(model, DistributedDataParallel) and sam.ddp is not model:
             sam.attach_ddp(model)
+        if is_fsdp2(model) and not sam.layout.sharded:
+            sam.attach_fsdp()
         model.train()
         self._grad_norm = None
         hook = sam.base_optimizer.register_step_pre_hook(self._clip_second_pass)
@@ -309,6 +347,38 @@ class SAMTrainer(Trainer):
             loss = loss / count
         self.accelerator.backward(loss)
         return loss.detach()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's, except under FSDP2: there the eigensam optimizer's sharded state
+        (base state, step count, ``v̂``) goes through ``torch.distributed.checkpoint``
+        (:mod:`eigensam.optim.checkpoint`) into ``<output_dir>/eigensam_optimizer``, beside the
+        Trainer's FSDP model checkpoint and scheduler."""
+        if not self.is_fsdp_enabled:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        plugin = self.accelerator.state.fsdp_plugin
+        save_fsdp_model(plugin, self.accelerator, self.model, output_dir, **get_fsdp_ckpt_kwargs())
+        state = {"optimizer": distributed_state_dict(self.eigensam_optimizer)}
+        dcp.save(state, checkpoint_id=os.path.join(output_dir, FSDP_OPTIMIZER_DIR))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's, except under FSDP2 (see :meth:`_save_optimizer_and_scheduler`)."""
+        if not self.is_fsdp_enabled or checkpoint is None:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        folder = os.path.join(checkpoint, FSDP_OPTIMIZER_DIR)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={checkpoint!r} has no {FSDP_OPTIMIZER_DIR}/: it was "
+                "not saved by SAMTrainer under FSDP2"
+            )
+        state = {"optimizer": distributed_state_dict(self.eigensam_optimizer)}
+        dcp.load(state, checkpoint_id=folder)
+        load_distributed_state_dict(self.eigensam_optimizer, state["optimizer"])
+        scheduler = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        self.lr_scheduler.load_state_dict(scheduler)
 
     def _clip_second_pass(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """Base optimizer step pre-hook: record the second-pass gradient norm and clip it to

@@ -111,9 +111,7 @@ class TrackedSAM(SAM):
         )
         self._reusable: Evaluation | None = None
         if self.layout.sharded:  # refused now, before any pass or product
-            choose_backend(hvp, self._params())
-            if eig_method != "power":
-                raise ValueError(LANCZOS_UNDER_FSDP2.format(eig_method))
+            self._check_fsdp2()
         self.hessian_parts = check_hessian_parts(hessian_parts)
         # Checked now (an explicit number with BatchNorm in train mode raises); capped per batch.
         self._parts = hessian_parts_for(hessian_parts, self.model, self.tracker.mode)
@@ -139,6 +137,17 @@ class TrackedSAM(SAM):
         """SAM's, and the tracker averages its products over the ranks too."""
         super().attach_ddp(wrapper)
         self.tracker.reduce = self.reduce
+
+    def attach_fsdp(self) -> None:
+        """SAM's, and the tracker's FSDP2 checks (finite-difference products, power
+        iteration)."""
+        super().attach_fsdp()
+        self._check_fsdp2()
+
+    def _check_fsdp2(self) -> None:
+        choose_backend(self.tracker.requested_backend, self._params())
+        if self.tracker.method != "power":
+            raise ValueError(LANCZOS_UNDER_FSDP2.format(self.tracker.method))
 
     def _rank_signature(self) -> dict[str, Any]:
         """SAM's, plus the refresh schedule (replicas must run the same products)."""

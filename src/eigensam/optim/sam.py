@@ -215,6 +215,22 @@ class SAM(Optimizer):
         self.reduce = MeanAcrossRanks()
         self._ranks_checked = False
 
+    def attach_fsdp(self) -> None:
+        """Take up the sharded parameters that ``fully_shard`` put in ``param_groups`` after this
+        optimizer was built, as if it had been built on the sharded model: the FSDP2 checks, the
+        layout over the ranks, the rank check at the next step. For frameworks that shard the
+        model after the optimizer exists and swap its parameters in place (Accelerate, the
+        Hugging Face ``Trainer`` with ``fsdp=``)."""
+        if self.sharpness == "local":
+            raise ValueError(LOCAL_UNDER_FSDP2)
+        self._layout = None
+        if not self.layout.sharded:
+            raise ValueError(
+                "attach_fsdp: the optimizer's parameters are not FSDP2 shards (DTensor); call it "
+                "after fully_shard has replaced them in param_groups"
+            )
+        self._ranks_checked = False
+
     # -- hooks for the variants -------------------------------------------------------------
 
     def _extra_defaults(self) -> dict[str, Any]:

@@ -1,0 +1,55 @@
+"""Run by ``torchrun`` from test_transformers.py on GPUs (Accelerate enables FSDP only on
+accelerators): SAMTrainer with Eigen-SAM under FSDP2 (``fsdp=True``). Each rank saves the
+batches it trained on and the gathered weights and ``v̂`` (on the CPU). With a checkpoint folder
+as third argument the run resumes from it (``resume_from_checkpoint``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tiny_hf import RecordingTrainer, TokenData, arguments, eigen_sam, tiny_gpt
+from torch.distributed.tensor import DTensor
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+
+
+def main(folder: Path, accumulation: int, resume: str | None) -> None:
+    model = tiny_gpt()
+    opt = eigen_sam(model)
+    args = arguments(
+        folder,
+        max_steps=4,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        gradient_accumulation_steps=accumulation,
+        use_cpu=False,
+        fsdp=True,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    trainer = RecordingTrainer(
+        model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
+    )
+    trainer.seen = []
+    trainer.train(resume_from_checkpoint=resume)
+    torch.save(
+        {
+            "seen": [{k: v.cpu() for k, v in batch.items()} for batch in trainer.seen],
+            "params": [full(p) for p in trainer.model.parameters()],
+            "vector": opt.layout.full(opt.tracker.vector).cpu(),
+            "sharded": opt.layout.sharded,
+            "steps": opt.sam_steps,
+        },
+        folder / f"rank{os.environ['RANK']}.pt",
+    )
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
