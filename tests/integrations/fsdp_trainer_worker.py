@@ -1,7 +1,12 @@
-"""Run by ``torchrun`` from test_transformers.py on GPUs (Accelerate enables FSDP only on
-accelerators): SAMTrainer with Eigen-SAM under FSDP2 (``fsdp=True``). Each rank saves the
-batches it trained on and the gathered weights and ``v̂`` (on the CPU). With a checkpoint folder
-as third argument the run resumes from it (``resume_from_checkpoint``)."""
+"""Run by ``torchrun`` from test_transformers.py: SAMTrainer with Eigen-SAM under FSDP2
+(``fsdp=True``). Each rank saves the batches it trained on and the gathered weights and ``v̂``
+(on the CPU). With a checkpoint folder as third argument the run resumes from it
+(``resume_from_checkpoint``).
+
+Accelerate enables FSDP only on GPUs and other accelerators. Without CUDA the worker sets
+Accelerate's state to FSDP2 after the Trainer is built (what Accelerate itself does on GPUs), so
+the Trainer's FSDP2 path (sharding in ``train()``, the optimizer's parameter swap, the FSDP
+checkpoints) runs on gloo."""
 
 from __future__ import annotations
 
@@ -11,12 +16,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from tiny_hf import RecordingTrainer, TokenData, arguments, eigen_sam, tiny_gpt
 from torch.distributed.tensor import DTensor
+
+from eigensam.integrations.transformers import SAMTrainer
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+
+
+def force_fsdp2(trainer: SAMTrainer) -> None:
+    state = trainer.accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    trainer.is_fsdp_enabled = True
 
 
 def main(folder: Path, accumulation: int, resume: str | None) -> None:
@@ -28,7 +43,7 @@ def main(folder: Path, accumulation: int, resume: str | None) -> None:
         warmup_steps=0,
         lr_scheduler_type="constant",
         gradient_accumulation_steps=accumulation,
-        use_cpu=False,
+        use_cpu=not torch.cuda.is_available(),
         fsdp=True,
         save_strategy="steps",
         save_steps=2,
@@ -36,6 +51,8 @@ def main(folder: Path, accumulation: int, resume: str | None) -> None:
     trainer = RecordingTrainer(
         model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
     )
+    if not trainer.is_fsdp_enabled:
+        force_fsdp2(trainer)
     trainer.seen = []
     trainer.train(resume_from_checkpoint=resume)
     torch.save(
