@@ -8,12 +8,14 @@ import importlib.util
 
 import pytest
 import torch
+from tiny_runs import tiny
 
 from eigensam.cli import main
-from eigensam.lab.experiments import finetune, reproduce, table2
+from eigensam.lab.experiments import finetune, pilot, reproduce, table2
 from eigensam.lab.experiments.finetune import Finetune, plan_finetunes, split_digits
 from eigensam.lab.experiments.runs import make_scale
 from eigensam.lab.models import build_model
+from eigensam.lab.train import Trainer
 
 
 def synthetic_digits(n: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,3 +108,16 @@ def test_finetune_replaces_the_head_and_is_deterministic():
 
 def test_table2_is_a_target():
     assert reproduce.TARGETS["table2"].min_seeds == 2
+
+
+def test_finetune_pilot_records_in_a_folder_it_creates(tmp_path, monkeypatch):
+    """``pilot --finetune-from RUN --steps N``: fine-tunes the run's model (here a tiny ViT
+    trained one epoch on synthetic images; the digits replaced by synthetic ones) and appends
+    its record to ``<out>/pilot.jsonl``, creating ``out``."""
+    config = tiny(tmp_path, model="vit-small", width=0.5, epochs=1, track_every=0)
+    Trainer(config).run()
+    monkeypatch.setattr(finetune, "load_digits", lambda: split_digits(*synthetic_digits(60)))
+    out = tmp_path / "pilot" / "new"
+    record = pilot.run_finetune_pilot(out, config.run_dir, steps=2)
+    assert record["steps"] == 2 and 0.0 <= record["test_acc"] <= 1.0
+    assert (out / pilot.PILOT_FILE).read_text(encoding="utf-8").count("\n") == 1

@@ -105,6 +105,7 @@ def run_finetune_pilot(
         "test_acc": result["test_acc"],
         "cpu_seconds": time.process_time() - cpu0,
     }
+    out.mkdir(parents=True, exist_ok=True)
     tracking.append_record(out / PILOT_FILE, record)
     return record
 
