@@ -145,6 +145,7 @@ class TrackedSAM(SAM):
         self._check_fsdp2()
 
     def _check_fsdp2(self) -> None:
+        """Refuse what sharded parameters cannot run: exact products, Lanczos."""
         choose_backend(self.tracker.requested_backend, self._params())
         if self.tracker.method != "power":
             raise ValueError(LANCZOS_UNDER_FSDP2.format(self.tracker.method))
