@@ -10,28 +10,23 @@ import warnings
 from pathlib import Path
 
 import torch
-from tiny_hf import RecordingTrainer, TokenData, arguments, eigen_sam, tiny_gpt
+from tiny_hf import recording_trainer
 
 
 def main(folder: Path, accumulation: int, fsdp: bool) -> None:
-    model = tiny_gpt()
-    opt = eigen_sam(model)
-    args = arguments(
-        folder,
-        max_steps=3,
-        warmup_steps=0,
-        lr_scheduler_type="constant",
-        gradient_accumulation_steps=accumulation,
-        fsdp=fsdp,
-    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = RecordingTrainer(
-            model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
+        trainer = recording_trainer(
+            folder,
+            accumulation,
+            max_steps=3,
+            warmup_steps=0,
+            lr_scheduler_type="constant",
+            fsdp=fsdp,
         )
     warned = any("Accelerate enables FSDP only on" in str(w.message) for w in caught)
-    trainer.seen = []
     trainer.train()
+    model, opt = trainer.model, trainer.eigensam_optimizer
     rank = int(os.environ["RANK"])
     torch.save(
         {

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-from tiny_hf import RecordingTrainer, TokenData, arguments, eigen_sam, tiny_gpt
+from tiny_hf import recording_trainer
 from torch.distributed.tensor import DTensor
 
 from eigensam.integrations.transformers import SAMTrainer
@@ -35,25 +35,20 @@ def force_fsdp2(trainer: SAMTrainer) -> None:
 
 
 def main(folder: Path, accumulation: int, resume: str | None) -> None:
-    model = tiny_gpt()
-    opt = eigen_sam(model)
-    args = arguments(
+    trainer = recording_trainer(
         folder,
+        accumulation,
         max_steps=4,
         warmup_steps=0,
         lr_scheduler_type="constant",
-        gradient_accumulation_steps=accumulation,
         use_cpu=not torch.cuda.is_available(),
         fsdp=True,
         save_strategy="steps",
         save_steps=2,
     )
-    trainer = RecordingTrainer(
-        model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
-    )
+    opt = trainer.eigensam_optimizer
     if not trainer.is_fsdp_enabled:
         force_fsdp2(trainer)
-    trainer.seen = []
     trainer.train(resume_from_checkpoint=resume)
     torch.save(
         {

@@ -93,16 +93,24 @@ class RecordingTrainer(SAMTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
+def recording_trainer(
+    folder: Path, accumulation: int, attention: str = "sdpa", **overrides
+) -> RecordingTrainer:
+    """A RecordingTrainer with Eigen-SAM (``trainer.eigensam_optimizer``) on a fresh tiny GPT-2
+    and the token task, with :func:`arguments` and ``overrides``; not trained yet."""
+    model = tiny_gpt(attention=attention)
+    args = arguments(folder, gradient_accumulation_steps=accumulation, **overrides)
+    trainer = RecordingTrainer(
+        model=model, args=args, train_dataset=TokenData(), optimizers=(eigen_sam(model), None)
+    )
+    trainer.seen = []
+    return trainer
+
+
 def run_trainer(
     tmp_path: Path, accumulation: int, attention: str = "sdpa", **overrides
 ) -> RecordingTrainer:
-    model = tiny_gpt(attention=attention)
-    opt = eigen_sam(model)
-    args = arguments(tmp_path, gradient_accumulation_steps=accumulation, **overrides)
-    trainer = RecordingTrainer(
-        model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None)
-    )
-    trainer.seen = []
+    trainer = recording_trainer(tmp_path, accumulation, attention, **overrides)
     trainer.train()
     return trainer
 
