@@ -21,7 +21,8 @@ from eigensam.lab.checkpoints import fixed_batches, load_trained
 from eigensam.lab.distributed import is_main, leave
 from eigensam.lab.experiments import reproduce
 from eigensam.lab.reports import power_convergence_report, spectrum_report
-from eigensam.lab.train import METHODS, TrainConfig, Trainer, load_config
+from eigensam.lab.run_config import METHODS, TrainConfig, load_config
+from eigensam.lab.train import Trainer
 
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
 Handler = Callable[[argparse.Namespace], int]

@@ -5,7 +5,8 @@ import os
 import signal
 import sys
 
-from eigensam.lab.train import Trainer, load_config
+from eigensam.lab.run_config import load_config
+from eigensam.lab.train import Trainer
 
 
 def main(config: str, out: str, rank: int, step: int) -> None:

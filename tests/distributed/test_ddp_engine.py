@@ -18,7 +18,8 @@ import eigensam
 from eigensam import cli
 from eigensam.lab import tracking
 from eigensam.lab.distributed import Ranks, join, leave
-from eigensam.lab.train import TrainConfig, Trainer
+from eigensam.lab.run_config import TrainConfig
+from eigensam.lab.train import Trainer
 
 HERE = Path(__file__).parent
 SRC = Path(eigensam.__file__).parents[1]

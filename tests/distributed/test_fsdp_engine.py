@@ -16,7 +16,8 @@ from tiny_runs import TINY
 from eigensam.hessian.hvp import FD_FALLBACK
 from eigensam.lab import tracking
 from eigensam.lab.checkpoints import load_trained
-from eigensam.lab.train import TrainConfig, Trainer
+from eigensam.lab.run_config import TrainConfig
+from eigensam.lab.train import Trainer
 
 # The lab's small ViT (dim 16), TINY's 96 synthetic samples, global batch 32: 3 steps per epoch.
 CONFIG = dict(

@@ -17,21 +17,16 @@ from eigensam.lab import tracking
 from eigensam.lab.data import make_synthetic
 from eigensam.lab.experiments.runs import check_runs
 from eigensam.lab.models import build_model
-from eigensam.lab.train import (
+from eigensam.lab.optimizer_factory import make_optimizer
+from eigensam.lab.run_config import (
     HVP_METHODS,
     METHODS,
-    SharpnessProbe,
     TrainConfig,
-    Trainer,
-    applied_perturbation,
     check_same_run,
     config_from_dict,
-    make_closure,
-    make_optimizer,
-    resolve_hessian_parts,
-    step_closure,
-    train,
 )
+from eigensam.lab.sharpness_probe import SharpnessProbe, applied_perturbation
+from eigensam.lab.train import Trainer, make_closure, resolve_hessian_parts, step_closure, train
 from eigensam.optim import EGR
 
 

@@ -12,7 +12,7 @@ from eigensam.lab.experiments import reproduce
 from eigensam.lab.experiments.report import Section, not_testable, write_report
 from eigensam.lab.experiments.runs import check_runs, estimated_cost, make_scale
 from eigensam.lab.experiments.verdicts import VERDICTS
-from eigensam.lab.train import TrainConfig
+from eigensam.lab.run_config import TrainConfig
 
 # Synthetic data, a quarter-width SimpleCNN: 2 steps per epoch.
 TINY = dict(

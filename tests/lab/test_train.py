@@ -1,4 +1,5 @@
-"""Tests for eigensam.lab.train: configuration, runs, tracking, resume and interruption."""
+"""Tests for the training engine (eigensam.lab.train, run_config, sharpness_probe): configuration,
+runs, tracking, resume and interruption."""
 
 from __future__ import annotations
 
@@ -17,18 +18,10 @@ from eigensam.hessian.hvp import flatten
 from eigensam.lab import tracking
 from eigensam.lab.data import make_synthetic
 from eigensam.lab.models import build_model
-from eigensam.lab.train import (
-    METHODS,
-    SharpnessProbe,
-    TrainConfig,
-    Trainer,
-    applied_perturbation,
-    config_from_dict,
-    load_config,
-    make_closure,
-    make_optimizer,
-    train,
-)
+from eigensam.lab.optimizer_factory import make_optimizer
+from eigensam.lab.run_config import METHODS, TrainConfig, config_from_dict, load_config
+from eigensam.lab.sharpness_probe import SharpnessProbe, applied_perturbation
+from eigensam.lab.train import Trainer, make_closure, train
 from eigensam.optim import EGR, SAM, XSAM, EigenSAM, ReverseSAM
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

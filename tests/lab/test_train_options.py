@@ -10,7 +10,8 @@ import torch
 from tiny_runs import tiny
 
 from eigensam.lab import tracking
-from eigensam.lab.train import Trainer, make_optimizer, snapshot_file, train
+from eigensam.lab.optimizer_factory import make_optimizer
+from eigensam.lab.train import Trainer, snapshot_file, train
 from eigensam.optim import EigenSAM
 
 

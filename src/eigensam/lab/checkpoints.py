@@ -12,7 +12,7 @@ from eigensam.lab import tracking
 from eigensam.lab.data import load_dataset
 from eigensam.lab.distributed import load_sharded_weights
 from eigensam.lab.models import build_model
-from eigensam.lab.train import TrainConfig, checkpoint_config
+from eigensam.lab.run_config import TrainConfig, checkpoint_config
 
 Batch = tuple[Tensor, Tensor]
 

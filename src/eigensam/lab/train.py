@@ -1,4 +1,5 @@
-"""The training engine: a validated configuration, optimizer factory, loop, tracking and resume.
+"""The training engine: :class:`Trainer` and :func:`train` (loop, tracking, checkpoints and
+resume), with the closures, device check and snapshot names they use.
 
 One run trains ``config.model`` on ``config.dataset`` with SGD (momentum, weight decay) wrapped by
 the chosen sharpness-aware method, evaluates every epoch and writes its run folder
@@ -40,548 +41,43 @@ once more on a fixed batch (the first ``batch_size`` training samples, not augme
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import shutil
 import sys
 import time
-import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from eigensam.hessian.distributed import MeanAcrossRanks, check_same_across_ranks, reshard
-from eigensam.hessian.eigen import lanczos, random_unit_vector
-from eigensam.hessian.hvp import (
-    AUTO,
-    AUTO_HESSIAN_PARTS,
-    HessianOperator,
-    SplitClosure,
-    hessian_parts_for,
-    split_closure,
-)
-from eigensam.hessian.metrics import abs_cosine, align
-from eigensam.hessian.tracker import METHODS as EIG_METHODS
-from eigensam.hessian.tracker import SCHEDULES as EIG_SCHEDULES
-from eigensam.hessian.tracker import TRACKER_BACKENDS
+from eigensam.hessian.hvp import AUTO, hessian_parts_for, split_closure
 from eigensam.lab import distributed, tracking
 from eigensam.lab.data import (
-    DATASETS,
-    SYNTHETIC,
     BatchLoader,
     DataSplits,
     TensorData,
     default_augmentation,
     load_dataset,
 )
-from eigensam.lab.models import MODELS, build_model, kaiming_init
-from eigensam.optim import EGR, SAM, XSAM, EigenSAM, ReverseSAM
-from eigensam.optim.sam import SHARPNESS
-
-METHODS = ("sgd", "sam", "asam", "eigen-sam", "x-sam", "reverse-sam", "egr")
-DEFAULT_ALPHA = {"eigen-sam": 0.2, "x-sam": 1.0}
-LR_SCHEDULES = ("cosine", "constant")
-INITS = ("default", "kaiming")
-HESSIAN_MODES = ("train", "eval")
-STRATEGIES = ("ddp", "fsdp")
-# Methods whose optimizer computes Hessian-vector products (backend ``hvp``).
-HVP_METHODS = ("eigen-sam", "x-sam", "egr")
-EVAL_BATCH_SIZE = 256  # faster than larger batches for the CPU-sized models
-# Fields that may differ between a run and its resumption: they do not change the result.
-RESUME_FREE_FIELDS = ("out_dir", "data_dir", "download")
-
-
-def _opt(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run; validated on construction (``ValueError`` or
-    ``TypeError`` naming the field, its value and what is allowed). Defaults follow the paper's
-    recipe (§6.2, Appendix E)."""
-
-    dataset: str = _opt("fashion-mnist", f"one of {', '.join((*DATASETS, SYNTHETIC))}")
-    data_dir: str | None = _opt(None, "dataset root (default $EIGENSAM_DATA or ~/.cache)")
-    download: bool = _opt(False, "download a missing dataset with torchvision")
-    train_subset: int | None = _opt(None, "train on a seeded random subset of this size")
-    val_fraction: float = _opt(0.0, "fraction of the training (sub)set held out for validation")
-    data_seed: int = _opt(0, "seed of the subset and validation split (shared by all seeds)")
-    augment: bool = _opt(True, "random crop (pad 4) and flip as in data.default_augmentation")
-    model: str = _opt("simplecnn", f"one of {', '.join(MODELS)}")
-    width: float = _opt(1.0, "width multiplier of the model")
-    init: str = _opt("default", "weight initialization: default (PyTorch's) or kaiming (He)")
-    method: str = _opt("sgd", f"one of {', '.join(METHODS)}")
-    epochs: int = _opt(200, "number of epochs")
-    batch_size: int = _opt(256, "mini-batch size")
-    lr: float = _opt(0.1, "initial learning rate")
-    lr_schedule: str = _opt("cosine", "cosine (per step, to 0) or constant")
-    momentum: float = _opt(0.9, "SGD momentum")
-    weight_decay: float = _opt(5e-5, "SGD weight decay")
-    nesterov: bool = _opt(False, "Nesterov momentum")
-    label_smoothing: float = _opt(0.0, "label smoothing of the training loss")
-    rho: float = _opt(0.05, "perturbation radius (SAM family, EGR coefficient)")
-    alpha: float | str | None = _opt(
-        None, "Eigen-SAM (default 0.2, or auto) / X-SAM (default 1, in [0, 2])"
-    )
-    target_align: float = _opt(0.0, "Eigen-SAM alpha=auto: target Align(eps, v) per step")
-    eta: float = _opt(0.01, "ASAM: T = |w| + eta")
-    eig_interval: int = _opt(100, "Eigen-SAM/X-SAM: eigenvector refresh interval p (steps)")
-    eig_iters: int = _opt(5, "Eigen-SAM/X-SAM: Hessian-vector products per refresh q")
-    eig_method: str = _opt("power", f"Eigen-SAM/X-SAM solver: one of {', '.join(EIG_METHODS)}")
-    eig_schedule: str = _opt("burst", "Eigen-SAM/X-SAM: products all at once (burst) or spread")
-    hvp: str = _opt("auto", f"Hessian-vector products: one of {', '.join(TRACKER_BACKENDS)}")
-    hessian_mode: str = _opt("eval", "model mode during Eigen-SAM/X-SAM's Hessian products")
-    hessian_parts: int | str = _opt(
-        AUTO,
-        "micro-batches of the optimizer's exact Hessian-vector products (memory); "
-        f"auto: {AUTO_HESSIAN_PARTS} when allowed, else 1",
-    )
-    sharpness: str = _opt("global", "under torchrun: global (averaged) or local (m-sharpness) ε")
-    strategy: str = _opt("ddp", "under torchrun: ddp (replicas) or fsdp (FSDP2 shards per block)")
-    seed: int = _opt(0, "seed of initialization, shuffling, augmentation, dropout")
-    track_every: int = _opt(0, "measure sharpness every k steps (0: off)")
-    track_iters: int = _opt(20, "Lanczos budget (Hessian-vector products) per measurement")
-    track_tol: float = _opt(1e-3, "Lanczos stops at relative residual ‖Hv − λv‖/|λ| ≤ tol")
-    track_batches: int = _opt(0, "also measure on this many fixed unaugmented training batches")
-    log_every: int = _opt(10, "log the mean training loss every n steps")
-    eval_every: int = _opt(1, "evaluate on the test (and validation) set every n epochs and last")
-    device: str = _opt("cpu", "torch device, e.g. cpu, cuda, cuda:1")
-    out_dir: str | None = _opt(None, "run folder (default runs/<dataset>-<model>-<method>-seed<s>)")
-    checkpoint_every_epochs: int = _opt(1, "checkpoint every n epochs (and at the end)")
-    checkpoint_every_steps: int = _opt(0, "also checkpoint every n steps (0: off)")
-    snapshot_epochs: list[int] = field(
-        default_factory=list,
-        metadata={"help": "keep a copy of the checkpoint after these epochs"},
-    )
-
-    def __post_init__(self) -> None:
-        _check_choice("dataset", self.dataset, (*DATASETS, SYNTHETIC))
-        _check_optional_str("data_dir", self.data_dir)
-        _check_bool("download", self.download)
-        if self.train_subset is not None:
-            _check_int("train_subset", self.train_subset, 1)
-        _check_real("val_fraction", self.val_fraction, 0, 1, high_open=True)
-        _check_int("data_seed", self.data_seed, 0)
-        _check_bool("augment", self.augment)
-        _check_choice("model", self.model, tuple(MODELS))
-        _check_real("width", self.width, 0, low_open=True)
-        _check_choice("init", self.init, INITS)
-        _check_choice("method", self.method, METHODS)
-        _check_int("epochs", self.epochs, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_real("lr", self.lr, 0, low_open=True)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_real("momentum", self.momentum, 0, 1, high_open=True)
-        _check_real("weight_decay", self.weight_decay, 0)
-        _check_bool("nesterov", self.nesterov)
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0, got momentum=0")
-        _check_real("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
-        _check_real("rho", self.rho, 0)
-        if self.alpha == AUTO and self.method != "eigen-sam":
-            raise ValueError(f"alpha='auto' is defined for method eigen-sam, got {self.method!r}")
-        if self.alpha is not None and self.alpha != AUTO:
-            _check_real("alpha", self.alpha, 0)
-        _check_real("target_align", self.target_align, 1 - math.sqrt(2), 1, high_open=True)
-        if self.method == "x-sam" and not 0 <= float(self.resolved_alpha) <= 2:
-            raise ValueError(f"alpha must be in [0, 2] for method x-sam, got {self.alpha}")
-        _check_real("eta", self.eta, 0)
-        _check_int("eig_interval", self.eig_interval, 1)
-        _check_int("eig_iters", self.eig_iters, 1)
-        _check_choice("eig_method", self.eig_method, EIG_METHODS)
-        _check_choice("eig_schedule", self.eig_schedule, EIG_SCHEDULES)
-        if self.eig_schedule == "spread" and self.eig_method != "power":
-            raise ValueError(f"eig_schedule spread needs eig_method power, got {self.eig_method!r}")
-        _check_choice("hvp", self.hvp, TRACKER_BACKENDS)
-        _check_choice("hessian_mode", self.hessian_mode, HESSIAN_MODES)
-        if self.hessian_parts != AUTO:
-            _check_int("hessian_parts", self.hessian_parts, 1, or_auto=True)
-        _check_choice("sharpness", self.sharpness, SHARPNESS)
-        if self.sharpness == "local" and self.method in ("sgd", "egr"):
-            raise ValueError(
-                f"sharpness='local' needs an ascent step; method {self.method} has none"
-            )
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_int("seed", self.seed, 0)
-        _check_int("track_every", self.track_every, 0)
-        _check_int("track_iters", self.track_iters, 1)
-        _check_real("track_tol", self.track_tol, 0, low_open=True)
-        _check_int("track_batches", self.track_batches, 0)
-        _check_int("log_every", self.log_every, 1)
-        _check_int("eval_every", self.eval_every, 1)
-        _check_optional_str("device", self.device)
-        try:
-            torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(
-                f"device must be a torch device such as 'cpu' or 'cuda:0', got "
-                f"{self.device!r} ({error})"
-            ) from None
-        _check_optional_str("out_dir", self.out_dir)
-        _check_int("checkpoint_every_epochs", self.checkpoint_every_epochs, 1)
-        _check_int("checkpoint_every_steps", self.checkpoint_every_steps, 0)
-        if not isinstance(self.snapshot_epochs, list):
-            raise TypeError(
-                f"snapshot_epochs must be a list of epochs, got {self.snapshot_epochs!r}"
-            )
-        for epoch in self.snapshot_epochs:
-            _check_int("snapshot_epochs entry", epoch, 1)
-        if self.strategy == "fsdp":
-            self._check_fsdp()
-
-    def _check_fsdp(self) -> None:
-        """What ``strategy: fsdp`` cannot run (FSDP2's sharded parameters have no double
-        backward; see :mod:`eigensam.hessian.distributed`)."""
-        if self.sharpness == "local":
-            raise ValueError(
-                "sharpness local is not supported with strategy fsdp (FSDP2 keeps an "
-                "unsynchronized gradient unsharded); use sharpness global or strategy ddp"
-            )
-        if self.method in HVP_METHODS and self.hvp == "autograd":
-            raise ValueError(
-                "hvp autograd (exact products) is not available with strategy fsdp: double "
-                "backward does not reach FSDP2's sharded parameters; use hvp auto, fd-central "
-                "or fd-forward"
-            )
-        if self.method in ("eigen-sam", "x-sam") and self.eig_method != "power":
-            raise ValueError(
-                f"eig_method {self.eig_method} is not supported with strategy fsdp; use power"
-            )
-        if self.track_every:
-            raise ValueError(
-                f"track_every must be 0 with strategy fsdp (sharpness tracking uses exact "
-                f"Lanczos products), got {self.track_every}"
-            )
-
-    @property
-    def resolved_alpha(self) -> float | str:
-        """``alpha`` ('auto' or a number), or the method's default when it is None (0 for
-        methods without alpha)."""
-        if self.alpha is None:
-            return DEFAULT_ALPHA.get(self.method, 0.0)
-        return AUTO if self.alpha == AUTO else float(self.alpha)
-
-    @property
-    def run_dir(self) -> Path:
-        """``out_dir``, or ``runs/<dataset>-<model>-<method>-seed<seed>``."""
-        if self.out_dir is not None:
-            return Path(self.out_dir)
-        return Path("runs") / f"{self.dataset}-{self.model}-{self.method}-seed{self.seed}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be true or false, got {value!r}")
-
-
-def _check_optional_str(name: str, value: object) -> None:
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, got {value!r}")
-
-
-def _check_int(name: str, value: object, low: int, *, or_auto: bool = False) -> None:
-    allowed = f"an integer >= {low}" + (f" or {AUTO!r}" if or_auto else "")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be {allowed}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-
-
-def _check_real(
-    name: str,
-    value: object,
-    low: float,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    interval = (
-        ("(" if low_open else "[")
-        + f"{low}, "
-        + ("inf)" if high is None else f"{high}" + (")" if high_open else "]"))
-    )
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number in {interval}, got {value!r}")
-    ok = math.isfinite(value) and (value > low if low_open else value >= low)
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        raise ValueError(f"{name} must be a number in {interval}, got {value}")
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration files
-
-
-def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from a mapping (a YAML file, ``--set`` overrides). Unknown keys are
-    refused with the list of valid ones; for number fields, strings that read as numbers are
-    accepted (YAML 1.1 reads ``5e-5`` as a string)."""
-    if not isinstance(values, Mapping):
-        raise TypeError(f"a configuration must be a mapping of field: value, got {values!r}")
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(names)}")
-    hints = typing.get_type_hints(TrainConfig)
-    parsed = {}
-    for key, value in values.items():
-        if isinstance(value, str) and float in (hints[key], *typing.get_args(hints[key])):
-            try:
-                value = float(value)
-            except ValueError:
-                pass  # left as a string: validation reports it with the field's range
-        parsed[key] = value
-    return TrainConfig(**parsed)
-
-
-def load_config(path: Path | str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config file; ``overrides`` replace its values before validation."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        mark = getattr(error, "problem_mark", None)
-        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
-        reason = getattr(error, "problem", None) or type(error).__name__
-        raise ValueError(f"config file {path} is not valid YAML{where}: {reason}") from error
-    if not isinstance(values, Mapping):
-        raise ValueError(
-            f"config file {path}: expected a mapping of field: value, got {type(values).__name__}"
-        )
-    try:
-        return config_from_dict({**values, **(overrides or {})})
-    except (ValueError, TypeError) as combined:
-        error: Exception = combined
-        source = f"config file {path} with the overrides {dict(overrides or {})}"
-        try:  # blame the file when it is wrong on its own, else the overrides
-            config_from_dict(values)
-        except (ValueError, TypeError) as own:
-            source, error = f"config file {path}", own
-        raise type(error)(f"{source}: {error}") from error
-
-
-def checkpoint_config(state: Mapping[str, Any], file: Path) -> TrainConfig:
-    """The configuration a checkpoint (from :func:`tracking.load_checkpoint`) was written with."""
-    try:
-        return config_from_dict(state["config"])
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"checkpoint {file} holds an invalid configuration: {error}") from error
-
-
-# --------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def make_optimizer(config: TrainConfig, model: nn.Module) -> Optimizer:
-    """``torch.optim.SGD`` for ``sgd``, else the method's wrapper around it (given the module, so
-    its BatchNorm statistics are protected; under torchrun the DDP wrapper), with the
-    configuration's hyperparameters."""
-    base = dict(
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-    )
-    sgd = torch.optim.SGD
-    tracked = dict(
-        alpha=config.resolved_alpha,
-        eig_interval=config.eig_interval,
-        eig_iters=config.eig_iters,
-        eig_method=config.eig_method,
-        eig_schedule=config.eig_schedule,
-        hvp=config.hvp,
-        hessian_mode=config.hessian_mode,
-        seed=config.seed,
-    )
-    if config.method == "sgd":
-        return sgd(model.parameters(), **base)
-    if config.method != "egr":
-        base["sharpness"] = config.sharpness
-    if config.method == "sam":
-        return SAM(model, sgd, config.rho, **base)
-    if config.method == "asam":
-        return SAM(model, sgd, config.rho, adaptive=True, eta=config.eta, **base)
-    if config.method == "eigen-sam":
-        return EigenSAM(model, sgd, config.rho, target_align=config.target_align, **tracked, **base)
-    if config.method == "x-sam":
-        return XSAM(model, sgd, config.rho, **tracked, **base)
-    if config.method == "reverse-sam":
-        return ReverseSAM(model, sgd, config.rho, **base)
-    return EGR(model, sgd, config.rho, hvp=config.hvp, **base)
-
-
-def make_scheduler(config: TrainConfig, optimizer: Optimizer, total_steps: int) -> LambdaLR:
-    """Per-step schedule: factor ``½(1 + cos(π t / total_steps))`` (cosine) or 1 (constant)."""
-    if config.lr_schedule == "constant":
-        return LambdaLR(optimizer, lambda step: 1.0)
-    return LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps)))
-
-
-# --------------------------------------------------------------------------------------------
-# Sharpness tracking
-
-
-class SharpnessProbe:
-    """λ₁ of a batch loss by Lanczos, and the alignment of the optimizer's perturbation with v₁.
-
-    The Lanczos start is the previous measurement's eigenvector on the same stream of batches
-    (warm start): one for the training batches, one per fixed batch; the first start is a random
-    unit vector from a private generator seeded with ``seed``. ``reduce`` averages the
-    products over the ranks (the global batch's Hessian, see :mod:`eigensam.hessian.distributed`).
-    """
-
-    def __init__(
-        self, iters: int, tol: float, seed: int, reduce: Callable[[Tensor], Tensor] | None = None
-    ):
-        self.reduce = reduce
-        self.iters = iters
-        self.tol = tol
-        self.generator = torch.Generator().manual_seed(seed)
-        self.vector: Tensor | None = None
-        self.fixed_vectors: dict[int, Tensor] = {}
-
-    def top_eigenpair(
-        self, closure: Callable[[], Tensor], model: nn.Module, stream: int | None = None
-    ) -> tuple[dict[str, Any], Tensor, Tensor]:
-        """Record of λ₁, its residual ``‖Hv − λv‖`` (absolute and relative to |λ|), convergence
-        and number of products; v₁; and the flat gradient, all in train mode. ``stream`` names
-        the fixed batch measured (None: the training batch), whose last v₁ is the warm start."""
-        params = list(model.parameters())
-        operator = HessianOperator(
-            closure, params, backend="autograd", model=model, mode="train", reduce=self.reduce
-        )
-        with operator as op:
-            start = self.vector if stream is None else self.fixed_vectors.get(stream)
-            if start is None:
-                start = random_unit_vector(op.dim, generator=self.generator, dtype=op.dtype)
-            top = lanczos(op.matvec, start.to(op.device), self.iters, k=1, which="LA", tol=self.tol)
-            grad = op.gradient()
-        pair = top[0]
-        if stream is None:
-            self.vector = pair.eigenvector.detach().cpu()
-        else:
-            self.fixed_vectors[stream] = pair.eigenvector.detach().cpu()
-        relative = pair.residual / abs(pair.eigenvalue) if pair.eigenvalue != 0 else math.inf
-        record = {
-            "lambda1": pair.eigenvalue,
-            "residual": pair.residual,
-            "relative_residual": relative,
-            "converged": pair.converged,
-            "hvps": pair.num_matvecs,
-            "grad_norm": float(grad.norm()),
-        }
-        return record, pair.eigenvector, grad
-
-    def measure(
-        self,
-        closure: Callable[[], Tensor],
-        model: nn.Module,
-        optimizer: Optimizer,
-        fixed: Sequence[Callable[[], Tensor]] = (),
-    ) -> dict[str, Any]:
-        """One tracking record for the step the optimizer is about to take on this batch; with
-        ``fixed`` closures (fixed batches), also the mean of λ₁, Align and |cos| over them of
-        the perturbation the optimizer would apply on each (``fixed_*`` keys). ``closure`` is
-        the one the optimizer gets: a :class:`SplitClosure` is measured on its whole batch and
-        its parts serve the preview of the optimizer's refresh."""
-        whole = closure.closure if isinstance(closure, SplitClosure) else closure
-        record, v1, grad = self.top_eigenpair(whole, model)
-        eps, tracker = applied_perturbation(optimizer, grad, closure)
-        record["align_of"] = "gradient" if eps is grad else "perturbation"
-        nonzero = float(eps.norm()) > 0
-        record["align"] = align(eps, v1) if nonzero else None
-        record["abs_cos"] = abs_cosine(eps, v1) if nonzero else None
-        if tracker is not None:
-            vector = tracker.vector
-            record["opt_eigenvalue"] = tracker.eigenvalue
-            record["opt_vector_cos"] = None if vector is None else abs_cosine(vector, v1)
-        if fixed:
-            values: dict[str, list[float]] = {"lambda1": [], "align": [], "abs_cos": []}
-            for stream, fixed_closure in enumerate(fixed):
-                pair, v1, grad = self.top_eigenpair(fixed_closure, model, stream)
-                eps = perturbation_with(optimizer, tracker, grad)
-                values["lambda1"].append(pair["lambda1"])
-                if float(eps.norm()) > 0:
-                    values["align"].append(align(eps, v1))
-                    values["abs_cos"].append(abs_cosine(eps, v1))
-            record.update({f"fixed_{key}": _mean(vals) for key, vals in values.items()})
-        return record
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "generator": self.generator.get_state(),
-            "vector": self.vector,
-            "fixed_vectors": dict(self.fixed_vectors),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.vector = state["vector"]
-        self.fixed_vectors = dict(state.get("fixed_vectors", {}))
-
-
-def perturbation_with(optimizer: Optimizer, tracker: Any, grad: Tensor) -> Tensor:
-    """The perturbation ε the optimizer applies for ``grad`` when its eigenvector tracker is
-    ``tracker`` (``grad`` itself for SGD and EGR, which apply none)."""
-    if isinstance(optimizer, EGR) or not isinstance(optimizer, SAM):
-        return grad
-    if tracker is None:
-        return optimizer.perturbation(grad)
-    saved = optimizer.tracker
-    optimizer.tracker = tracker
-    try:
-        return optimizer.perturbation(grad)
-    finally:
-        optimizer.tracker = saved
-
-
-def applied_perturbation(
-    optimizer: Optimizer, grad: Tensor, closure: Callable[[], Tensor]
-) -> tuple[Tensor, Any]:
-    """The perturbation ε the optimizer applies for gradient ``grad`` on this batch (``grad``
-    itself for SGD and EGR, which apply none), and the eigenvector tracker it uses, if any.
-
-    When the optimizer's tracker is due for a refresh at this step (Eigen-SAM's ε depends on v̂),
-    the refresh is run on a copy of the tracker (same start vector, batch and RNG: the same
-    result) and that copy is returned, so the optimizer itself is not touched.
-    """
-    if isinstance(optimizer, EGR) or not isinstance(optimizer, SAM):
-        return grad, None
-    tracker = getattr(optimizer, "tracker", None)
-    if tracker is not None and tracker.due(optimizer.sam_steps):
-        tracker = copy.deepcopy(tracker)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        tracker.update(closure, params, optimizer.model)
-    return perturbation_with(optimizer, tracker, grad), tracker
-
-
-# --------------------------------------------------------------------------------------------
-# The run
+from eigensam.lab.evaluation import EVAL_BATCH_SIZE, evaluate, evaluation_sums
+from eigensam.lab.models import build_model, kaiming_init
+from eigensam.lab.optimizer_factory import make_optimizer, make_scheduler
+from eigensam.lab.run_config import (
+    HVP_METHODS,
+    TrainConfig,
+    check_same_run,
+    checkpoint_config,
+    load_config,
+)
+from eigensam.lab.sharpness_probe import SharpnessProbe, mean_or_none
+from eigensam.optim import SAM
 
 
 def snapshot_file(epoch: int) -> str:
@@ -643,65 +139,6 @@ def resolve_hessian_parts(config: TrainConfig, model: nn.Module, batch_size: int
             f"(their batch statistics would differ per part); use {fix}"
         ) from None
     return min(parts, batch_size)
-
-
-def evaluate(model: nn.Module, data: TensorData, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy (without label smoothing) and accuracy of ``model`` in eval mode."""
-    total_loss, correct = evaluation_sums(model, data, device)
-    return total_loss / len(data), correct / len(data)
-
-
-@torch.no_grad()
-def evaluation_sums(
-    model: nn.Module, data: TensorData, device: torch.device, num_batches: int | None = None
-) -> tuple[float, int]:
-    """Summed cross-entropy and number of correct predictions of ``model`` in eval mode, in
-    batches of ``EVAL_BATCH_SIZE``, or in exactly ``num_batches`` near-equal batches (some
-    possibly empty: every rank of an FSDP2 model must run as many forward passes)."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    if num_batches is None:
-        starts = range(0, len(data), EVAL_BATCH_SIZE)
-        batches = [
-            (data.images[i : i + EVAL_BATCH_SIZE], data.labels[i : i + EVAL_BATCH_SIZE])
-            for i in starts
-        ]
-    else:
-        images, labels = data.images, data.labels
-        batches = list(
-            zip(images.tensor_split(num_batches), labels.tensor_split(num_batches), strict=True)
-        )
-    for images, labels in batches:
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == labels).sum())
-    model.train(was_training)
-    return total_loss, correct
-
-
-def _mean(values: list[float]) -> float | None:
-    return math.fsum(values) / len(values) if values else None
-
-
-def check_same_run(
-    saved: TrainConfig, given: TrainConfig, where: Path, subject: str | None = None
-) -> None:
-    """Refuse to continue the run in ``where`` (started with ``saved``) with a configuration that
-    differs in a field other than :data:`RESUME_FREE_FIELDS`. ``subject`` replaces "the run in
-    ``where`` was started" in the message."""
-    changed = [
-        f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(given, f.name)!r}"
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in RESUME_FREE_FIELDS and getattr(saved, f.name) != getattr(given, f.name)
-    ]
-    if changed:
-        raise ValueError(
-            f"{subject or f'the run in {where} was started'} with a different configuration "
-            f"({'; '.join(changed)}); resume it with its own configuration or start a new run in "
-            "another out_dir"
-        )
 
 
 class Trainer:
@@ -1112,9 +549,11 @@ class Trainer:
             if final is None
             else final["relative_residual"],
             "last_tracked_lambda1": tracks[-1]["lambda1"] if tracks else None,
-            "mean_align": _mean([r["align"] for r in tracks if r["align"] is not None]),
-            "mean_abs_cos": _mean([r["abs_cos"] for r in tracks if r["abs_cos"] is not None]),
-            "mean_fixed_align": _mean(
+            "mean_align": mean_or_none([r["align"] for r in tracks if r["align"] is not None]),
+            "mean_abs_cos": mean_or_none(
+                [r["abs_cos"] for r in tracks if r["abs_cos"] is not None]
+            ),
+            "mean_fixed_align": mean_or_none(
                 [r["fixed_align"] for r in tracks if r.get("fixed_align") is not None]
             ),
             "align_of": tracks[0]["align_of"] if tracks else None,

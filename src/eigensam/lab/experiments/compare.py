@@ -12,13 +12,8 @@ from typing import Any
 from eigensam.lab import tracking
 from eigensam.lab.data import DataSplits, load_dataset
 from eigensam.lab.distributed import barrier, is_main
-from eigensam.lab.train import (
-    TrainConfig,
-    Trainer,
-    check_same_run,
-    config_from_dict,
-    load_config,
-)
+from eigensam.lab.run_config import TrainConfig, check_same_run, config_from_dict, load_config
+from eigensam.lab.train import Trainer
 
 COMPARISON_TABLE = "comparison.md"
 COMPARISON_PLOT = "comparison.png"

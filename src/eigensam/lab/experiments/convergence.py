@@ -16,8 +16,9 @@ import torch
 from eigensam.lab import tracking
 from eigensam.lab.checkpoints import load_trained
 from eigensam.lab.data import load_dataset
+from eigensam.lab.evaluation import evaluate
 from eigensam.lab.experiments.common import Plan, Results
-from eigensam.lab.train import TrainConfig, evaluate
+from eigensam.lab.run_config import TrainConfig
 
 # SGD's final train accuracy at which a scale counts as trained to convergence (issue 17).
 CONVERGED_TRAIN_ACC = 0.99

@@ -19,7 +19,7 @@ from eigensam.lab.experiments.common import Plan, Results, Target, command, swee
 from eigensam.lab.experiments.report import Section, figure_title, fmt, paired_claim, save_figure
 from eigensam.lab.experiments.runs import Scale
 from eigensam.lab.reports import spectrum_report
-from eigensam.lab.train import TrainConfig
+from eigensam.lab.run_config import TrainConfig
 
 EIGEN_ALPHAS = (0.05, 0.1, 0.4, 0.8)  # plus 0 (SAM) and 0.2 (the default) from table1's runs
 XSAM_ALPHAS = (0.25, 0.5, 1.5)  # plus 1 (the default) from table1's runs

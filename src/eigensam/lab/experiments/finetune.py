@@ -25,13 +25,10 @@ from torch import Tensor, nn
 
 from eigensam.lab import tracking
 from eigensam.lab.data import DataSplits, TensorData
-from eigensam.lab.train import (
-    TrainConfig,
-    evaluate,
-    make_optimizer,
-    make_scheduler,
-    step_closure,
-)
+from eigensam.lab.evaluation import evaluate
+from eigensam.lab.optimizer_factory import make_optimizer, make_scheduler
+from eigensam.lab.run_config import TrainConfig
+from eigensam.lab.train import step_closure
 from eigensam.optim import SAM
 
 METHODS = ("sgd", "sam", "eigen-sam")

@@ -28,7 +28,8 @@ import torch
 from eigensam.lab import tracking
 from eigensam.lab.experiments.convergence import converged, train_fit
 from eigensam.lab.experiments.runs import CPU_BASE
-from eigensam.lab.train import Trainer, config_from_dict
+from eigensam.lab.run_config import config_from_dict
+from eigensam.lab.train import Trainer
 
 PILOT_FILE = "pilot.jsonl"
 

@@ -37,7 +37,7 @@ from eigensam.lab.experiments.runs import (
     load_summary,
     make_scale,
 )
-from eigensam.lab.train import TrainConfig
+from eigensam.lab.run_config import TrainConfig
 
 # In the order ``all`` trains them: the cheapest evidence first, the sweeps last.
 TARGETS: dict[str, Target] = {

@@ -18,14 +18,14 @@ import torch
 import yaml
 
 from eigensam.lab import tracking
-from eigensam.lab.train import (
+from eigensam.lab.run_config import (
     HVP_METHODS,
     TrainConfig,
-    Trainer,
     check_same_run,
     config_from_dict,
     load_config,
 )
+from eigensam.lab.train import Trainer
 
 CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs"
 SCALES = ("cpu", "paper")

@@ -29,7 +29,9 @@ from eigensam.lab import tracking
 from eigensam.lab.experiments.common import Plan, Target, command
 from eigensam.lab.experiments.report import Section, bound_claim, fmt, plot_band, save_figure
 from eigensam.lab.experiments.runs import Scale
-from eigensam.lab.train import SharpnessProbe, TrainConfig, Trainer, make_closure
+from eigensam.lab.run_config import TrainConfig
+from eigensam.lab.sharpness_probe import SharpnessProbe
+from eigensam.lab.train import Trainer, make_closure
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "simplecnn": {"model": "simplecnn"},
