@@ -3,14 +3,23 @@ runs), bad input before anything trains, and a tiny end-to-end run on synthetic 
 
 from __future__ import annotations
 
+import functools
+import shutil
 from pathlib import Path
 
 import pytest
+from tiny_runs import tiny
 
 from eigensam.cli import main
 from eigensam.lab.experiments import reproduce
 from eigensam.lab.experiments.report import Section, not_testable, write_report
-from eigensam.lab.experiments.runs import check_runs, estimated_cost, make_scale
+from eigensam.lab.experiments.runs import (
+    SideTask,
+    check_runs,
+    estimated_cost,
+    execute,
+    make_scale,
+)
 from eigensam.lab.experiments.verdicts import VERDICTS
 from eigensam.lab.run_config import TrainConfig
 
@@ -199,3 +208,26 @@ def test_runs_are_trained_longest_first(tmp_path):
     costs = {m: estimated_cost(runs[0]) for m, runs in headline.items()}
     assert costs["eigen-sam"] > costs["sgd"] == costs["sam"]
     assert estimated_cost(short) > costs["eigen-sam"]
+
+
+# jobs=2 spawns a pool (two fresh interpreters importing torch): slow on a busy machine.
+@pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_side_tasks_run_in_the_pool_once_their_runs_are_finished(tmp_path, capsys, jobs):
+    """A side task starts only when the runs it needs are finished (it copies a run's summary:
+    before the run ends there is none); one that fails, or whose runs never finish, is
+    reported and the others go on."""
+    run, never = tiny(tmp_path, "run", epochs=1), tiny(tmp_path, "never", epochs=1)
+    summary = run.run_dir / "summary.json"
+    side = [
+        SideTask("copy", (run,), functools.partial(shutil.copyfile, summary, tmp_path / "a")),
+        SideTask("broken", (), functools.partial(shutil.copyfile, tmp_path / "no", tmp_path / "b")),
+        SideTask("blocked", (never,), functools.partial(Path.touch, tmp_path / "c")),
+    ]
+    summaries = execute([run], jobs, side)
+    assert summaries[run.run_dir]["status"] == "finished"
+    assert (tmp_path / "a").read_text() == summary.read_text()
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    err = capsys.readouterr().err
+    assert "1 runs: 0 already finished, 1 to train, 3 side tasks" in err
+    assert "copy: done in" in err and "broken: failed: FileNotFoundError" in err
+    assert "blocked: not run (its runs did not finish)" in err

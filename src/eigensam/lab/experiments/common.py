@@ -21,13 +21,16 @@ Plan = dict[str, list[TrainConfig]]
 class Target:
     """A reproduction target: ``plan(scale)`` lists its runs, ``analyze(scale, plan, out)``
     writes its JSON and figures under ``out`` and returns its report section. ``min_seeds`` is
-    the number of seeds its confidence intervals need."""
+    the number of seeds its confidence intervals need. ``computes``: its analysis trains or
+    simulates beyond its plan's runs (cached in ``out``), so ``eigensam reproduce`` runs it
+    beside the training pool."""
 
     name: str
     title: str
     plan: Callable[[Scale], Plan]
     analyze: Callable[[Scale, Plan, Path], Section]
     min_seeds: int = 2
+    computes: bool = False
 
 
 def seeds_plan(

@@ -83,4 +83,4 @@ def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-TARGET = Target("fig2", "Figure 2: SDEs", plan, analyze)
+TARGET = Target("fig2", "Figure 2: SDEs", plan, analyze, computes=True)

@@ -258,4 +258,4 @@ def claims(by_method: dict[str, list[dict[str, Any]]]) -> list[Claim]:
     return out
 
 
-TARGET = Target("lm", "Language model: Eigen-SAM on a small GPT", plan, analyze)
+TARGET = Target("lm", "Language model: Eigen-SAM on a small GPT", plan, analyze, computes=True)

@@ -9,7 +9,8 @@ import json
 import multiprocessing
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,16 +236,6 @@ def estimated_cost(config: TrainConfig) -> float:
     return passes * config.epochs * (config.train_subset or 60000) * config.width**2
 
 
-def _train_one(config: TrainConfig, threads: int) -> dict[str, Any]:
-    """Train (or resume) one run in this process; returns its summary or the error."""
-    torch.set_num_threads(threads)
-    resume = config.run_dir if (config.run_dir / tracking.CONFIG_FILE).is_file() else None
-    try:
-        return Trainer(config, resume).run()
-    except FloatingPointError as error:
-        return {"status": "diverged", "run_dir": str(config.run_dir), "error": str(error)}
-
-
 def check_jobs(jobs: object) -> int:
     """``jobs`` (runs trained at once) when it is an integer ≥ 1, else ValueError."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -260,38 +251,98 @@ def threads_per_job(jobs: int) -> int:
     return min(threads, int(limit)) if limit.isdigit() and int(limit) >= 1 else threads
 
 
-def execute(configs: Sequence[TrainConfig], jobs: int = 1) -> dict[Path, dict[str, Any]]:
+@dataclass(frozen=True)
+class SideTask:
+    """Work that :func:`execute` runs in its pool beside the training runs, as soon as the runs
+    in ``needs`` are finished: a target's own simulations, fine-tuning or training, which
+    ``function()`` (picklable, with no arguments) caches in the target's folder."""
+
+    name: str
+    needs: tuple[TrainConfig, ...]
+    function: Callable[[], object]
+
+
+def execute(
+    configs: Sequence[TrainConfig], jobs: int = 1, side: Sequence[SideTask] = ()
+) -> dict[Path, dict[str, Any]]:
     """Train every run of ``configs`` that is not finished, ``jobs`` at a time (separate
-    processes sharing the CPU threads; the longest first, by :func:`estimated_cost`), and return
-    the summary of every run by folder. A run that diverges is reported (status ``diverged``)
-    and the others go on; Ctrl-C stops all, keeping their checkpoints."""
+    processes sharing the CPU threads; the longest first, by :func:`estimated_cost`), run the
+    ``side`` tasks in the same pool (each before the runs still waiting, once its runs are
+    finished; with ``jobs`` = 1 after the runs), and return the summary of every run by folder.
+    A run that diverges is reported (status ``diverged``) and the others go on; a side task that
+    fails, or whose runs did not finish, is reported and left to its caller; Ctrl-C stops all,
+    keeping their checkpoints."""
     check_jobs(jobs)
     todo = sorted((c for c in configs if not finished(c)), key=estimated_cost, reverse=True)
-    done = len(configs) - len(todo)
     print(
-        f"{len(configs)} runs: {done} already finished, {len(todo)} to train ({jobs} at a time)",
+        f"{len(configs)} runs: {len(configs) - len(todo)} already finished, {len(todo)} to "
+        f"train, {len(side)} side tasks ({jobs} at a time)",
         file=sys.stderr,
         flush=True,
     )
-    threads = threads_per_job(jobs)
+    waiting: list[TrainConfig | SideTask] = [*todo, *side] if jobs == 1 else [*side, *todo]
+    total, threads, number = len(waiting), threads_per_job(jobs), 0
     if jobs == 1:
-        for number, config in enumerate(todo, start=1):
-            _announce(number, len(todo), config, _train_one(config, threads))
+        for work in list(waiting):
+            if _ready(work):
+                waiting.remove(work)
+                number += 1
+                _announce(number, total, work, _do(work, threads))
     else:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            futures = {pool.submit(_train_one, c, threads): c for c in todo}
-            for number, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                _announce(number, len(todo), futures[future], future.result())
+            running: dict[concurrent.futures.Future[dict[str, Any]], TrainConfig | SideTask] = {}
+            while True:
+                while len(running) < jobs and (work := next(filter(_ready, waiting), None)):
+                    waiting.remove(work)
+                    running[pool.submit(_do, work, threads)] = work
+                if not running:
+                    break
+                done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+                for future in done:
+                    number += 1
+                    _announce(number, total, running.pop(future), future.result())
+    for work in waiting:
+        print(f"{_name(work)}: not run (its runs did not finish)", file=sys.stderr, flush=True)
     return {c.run_dir: load_summary(c) for c in configs}
 
 
-def _announce(number: int, total: int, config: TrainConfig, summary: dict[str, Any]) -> None:
-    if summary.get("status") == "finished":
-        status = f"test acc {summary['test_acc']:.4f} in {summary['train_seconds']:.0f} s"
-    else:
+def _name(work: TrainConfig | SideTask) -> str:
+    return work.name if isinstance(work, SideTask) else work.run_dir.name
+
+
+def _ready(work: TrainConfig | SideTask) -> bool:
+    return not isinstance(work, SideTask) or all(finished(c) for c in work.needs)
+
+
+def _do(work: TrainConfig | SideTask, threads: int) -> dict[str, Any]:
+    """Train (or resume) one run, or run one side task, in this process; returns the run's
+    summary or the error (a side task's: its status and seconds, or its error)."""
+    torch.set_num_threads(threads)
+    if isinstance(work, SideTask):
+        started = time.perf_counter()
+        try:
+            work.function()
+        except Exception as error:  # reported; the caller's analysis meets it again
+            return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        return {"status": "finished", "seconds": time.perf_counter() - started}
+    resume = work.run_dir if (work.run_dir / tracking.CONFIG_FILE).is_file() else None
+    try:
+        return Trainer(work, resume).run()
+    except FloatingPointError as error:
+        return {"status": "diverged", "run_dir": str(work.run_dir), "error": str(error)}
+
+
+def _announce(
+    number: int, total: int, work: TrainConfig | SideTask, summary: dict[str, Any]
+) -> None:
+    if summary.get("status") != "finished":
         status = f"{summary.get('status')}: {summary.get('error')}"
-    print(f"[{number}/{total}] {config.run_dir.name}: {status}", file=sys.stderr, flush=True)
+    elif isinstance(work, SideTask):
+        status = f"done in {summary['seconds']:.0f} s"
+    else:
+        status = f"test acc {summary['test_acc']:.4f} in {summary['train_seconds']:.0f} s"
+    print(f"[{number}/{total}] {_name(work)}: {status}", file=sys.stderr, flush=True)
 
 
 def load_summary(config: TrainConfig) -> dict[str, Any]:

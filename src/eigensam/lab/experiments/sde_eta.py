@@ -63,4 +63,4 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     )
 
 
-TARGET = Target("sde-eta", "Open check (c): SDE weak error vs η", plan, analyze)
+TARGET = Target("sde-eta", "Open check (c): SDE weak error vs η", plan, analyze, computes=True)

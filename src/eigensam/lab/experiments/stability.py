@@ -194,4 +194,4 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     )
 
 
-TARGET = Target("stability", "Open check (a): eigenvector stability", plan, analyze)
+TARGET = Target("stability", "Open check (a): eigenvector stability", plan, analyze, computes=True)
