@@ -344,7 +344,13 @@ def _add_reproduce(subparsers: Any) -> None:
     parser.add_argument("--scale", default="cpu", help="cpu (default) or paper")
     parser.add_argument("--seeds", type=_csv(int, "seeds"), default=None, help="default: 0,1,2,3,4")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/reproduce-SCALE")
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (default: 1)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes at once: training runs, and the simulations and fine-tuning of "
+        "stability, sde-eta, fig2, table2 and lm beside them (default: 1)",
+    )
     parser.add_argument(
         "--report", type=Path, default=None, help="report file (default: OUT/reproduction.md)"
     )
