@@ -62,11 +62,11 @@ def test_grid_covers_every_cell_and_shares_the_base_cell_with_table1(tmp_path):
 
 
 def test_sde_eta_check_sweeps_eta_for_three_rho_schedules(tmp_path):
-    from eigensam.lab import sde
+    from eigensam.lab.sde import study
 
     config = sde_eta.sde_config(make_scale("cpu", tmp_path))
     assert config.eta_values == (0.04, 0.02, 0.01) and not config.figure2
     assert config.seeds == (0, 1, 2)
-    assert sde.SCALING_POWERS == {"eta^(1/3)": 1 / 3, "eta^(1/2)": 1 / 2, "eta^0": 0.0}
+    assert study.SCALING_POWERS == {"eta^(1/3)": 1 / 3, "eta^(1/2)": 1 / 2, "eta^0": 0.0}
     with pytest.raises(ValueError, match="CPU scale only"):
         sde_eta.sde_config(make_scale("paper", tmp_path))

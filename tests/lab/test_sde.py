@@ -12,6 +12,7 @@ from torch import nn
 from eigensam import cli
 from eigensam.hessian import HigherOrderUnsupportedError
 from eigensam.lab import sde
+from eigensam.lab.sde import drifts, trajectory, weak_error
 from eigensam.optim import SAM
 
 # --------------------------------------------------------------------------------------------
@@ -49,9 +50,9 @@ def test_rho_zero_drifts_equal_sgd_drift():
     model = small_model()
     params = list(model.parameters())
     batch = batches(1)[0]
-    sgd = sde.make_drift("sgd", params, closure_of(model), 0.0)(batch)
+    sgd = drifts.make_drift("sgd", params, closure_of(model), 0.0)(batch)
     for kind in ("sde2", "sde3", "sam"):
-        h = sde.make_drift(kind, params, closure_of(model), 0.0, model)(batch)
+        h = drifts.make_drift(kind, params, closure_of(model), 0.0, model)(batch)
         assert torch.equal(h, sgd), kind
 
 
@@ -63,9 +64,9 @@ def test_drifts_are_the_taylor_expansion_of_the_sam_gradient():
     batch = batches(1)[0]
     gaps2, gaps3 = [], []
     for rho in (0.02, 0.01):
-        sam = sde.make_drift("sam", params, closure_of(model), rho)(batch)
-        h2 = sde.make_drift("sde2", params, closure_of(model), rho, model)(batch)
-        h3 = sde.make_drift("sde3", params, closure_of(model), rho, model)(batch)
+        sam = drifts.make_drift("sam", params, closure_of(model), rho)(batch)
+        h2 = drifts.make_drift("sde2", params, closure_of(model), rho, model)(batch)
+        h3 = drifts.make_drift("sde3", params, closure_of(model), rho, model)(batch)
         gaps2.append(float((sam - h2).norm()))
         gaps3.append(float((sam - h3).norm()))
     assert 3.5 < gaps2[0] / gaps2[1] < 4.5  # O(ρ²)
@@ -75,10 +76,10 @@ def test_drifts_are_the_taylor_expansion_of_the_sam_gradient():
 
 def test_svag_coefficients():
     for n in (1, 2, 4, 8):
-        c1, c2 = sde.svag_coefficients(n)
+        c1, c2 = drifts.svag_coefficients(n)
         assert c1 + c2 == pytest.approx(1.0)
         assert c1**2 + c2**2 == pytest.approx(n)
-    assert sde.svag_coefficients(1) == (1.0, 0.0)
+    assert drifts.svag_coefficients(1) == (1.0, 0.0)
 
 
 @pytest.mark.parametrize("kind", ["sam", "sgd"])
@@ -99,9 +100,9 @@ def test_l_equal_one_with_discrete_drift_is_the_discrete_algorithm(kind):
             closure()
             optimizer.step()
     params = list(simulated.parameters())
-    drift = sde.make_drift(kind, params, closure_of(simulated), rho, simulated)
+    drift = drifts.make_drift(kind, params, closure_of(simulated), rho, simulated)
     for batch in data:
-        sde.svag_step(params, drift, (batch, None), lr, 1)
+        drifts.svag_step(params, drift, (batch, None), lr, 1)
     for a, b in zip(reference.parameters(), params, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
     assert not torch.equal(params[0], small_model()[1].weight)  # it moved
@@ -135,9 +136,9 @@ def test_ornstein_uhlenbeck_moments():
 
             return closure
 
-        drift = sde.make_drift("sde3", [x], make, 0.0)
+        drift = drifts.make_drift("sde3", [x], make, 0.0)
         for _ in range(steps * svag_l):
-            sde.svag_step([x], drift, (noise(), noise()), eta, svag_l)
+            drifts.svag_step([x], drift, (noise(), noise()), eta, svag_l)
         return x.detach()
 
     x = simulate(16)
@@ -163,13 +164,13 @@ def test_paired_weak_error_and_slope():
         0: [{"step": 0, "m": 1.0}, {"step": 5, "m": 1.0}],
         1: [{"step": 0, "m": 1.0}, {"step": 5, "m": 2.0}],
     }
-    entry = sde.paired_weak_error(ref, other, "m")
+    entry = weak_error.paired_weak_error(ref, other, "m")
     assert entry["error"] == pytest.approx(1.5)  # |mean(1, 2)| at step 5
     assert entry["step"] == 5 and entry["seeds"] == 2
     assert entry["ci"] == pytest.approx(12.706 * 0.5, rel=1e-3)  # t_{0.975,1}·s/√2, s = √0.5
-    assert sde.paired_weak_error(ref, other, "missing") is None
-    assert sde.fit_slope([0.04, 0.02, 0.01], [8e-2, 2e-2, 5e-3]) == pytest.approx(2.0)
-    assert sde.fit_slope([0.04], [1.0]) is None
+    assert weak_error.paired_weak_error(ref, other, "missing") is None
+    assert weak_error.fit_slope([0.04, 0.02, 0.01], [8e-2, 2e-2, 5e-3]) == pytest.approx(2.0)
+    assert weak_error.fit_slope([0.04], [1.0]) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,9 +198,9 @@ def test_bad_config(field, value, match):
 def test_bad_drift_kind_and_trajectory_arguments():
     model = small_model()
     with pytest.raises(ValueError, match="drift kind must be one of"):
-        sde.make_drift("ode", list(model.parameters()), closure_of(model), 0.1)
+        drifts.make_drift("ode", list(model.parameters()), closure_of(model), 0.1)
     with pytest.raises(ValueError, match="rho must be >= 0"):
-        sde.make_drift("sde2", list(model.parameters()), closure_of(model), -1.0)
+        drifts.make_drift("sde2", list(model.parameters()), closure_of(model), -1.0)
 
 
 def test_model_without_third_derivative_is_refused(no_double_backward):
@@ -216,7 +217,7 @@ def test_model_without_third_derivative_is_refused(no_double_backward):
 
         return closure
 
-    drift = sde.make_drift("sde3", list(lin.parameters()), make, 0.2, lin)
+    drift = drifts.make_drift("sde3", list(lin.parameters()), make, 0.2, lin)
     with pytest.raises(HigherOrderUnsupportedError, match="model: cannot compute"):
         drift(batches(1)[0])
 
@@ -257,11 +258,11 @@ def test_run_sde_writes_every_output(tmp_path):
     results = json.loads((tmp_path / "sde.json").read_text())
     assert results["complete"] is True
     runs = results["runs"]
-    assert set(runs) == set(sde.METHODS)
+    assert set(runs) == set(trajectory.METHODS)
     sam0 = runs["sam"]["0"]
     assert [r["step"] for r in sam0] == [0, 2, 4]
     # same x₀ for every process; the processes then differ
-    for method in sde.METHODS:
+    for method in trajectory.METHODS:
         assert runs[method]["0"][0]["weight_norm"] == sam0[0]["weight_norm"]
     assert runs["sde3"]["0"][-1]["weight_norm"] != sam0[-1]["weight_norm"]
     assert {"align", "cos_third"} <= set(sam0[1])
@@ -342,7 +343,7 @@ def test_rerun_reuses_finished_trajectories(tmp_path):
         sde.SDEConfig(**{**TINY, "seeds": (0,)}, l_values=(1,)), tmp_path, messages.append
     )
     reused = [m for m in messages if "reused" in m]
-    assert len(reused) == len(sde.METHODS) + 2  # Figure 2, and l = 2 of the l-convergence
+    assert len(reused) == len(trajectory.METHODS) + 2  # Figure 2, and l = 2 of the l-convergence
     assert again["weak_errors"] == first["weak_errors"]
     assert any("l=1" in m and "step 4/4" in m for m in messages)
     messages.clear()
