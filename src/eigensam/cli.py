@@ -348,8 +348,8 @@ def _add_reproduce(subparsers: Any) -> None:
         "--jobs",
         type=int,
         default=1,
-        help="processes at once: training runs, and the simulations and fine-tuning of "
-        "stability, sde-eta, fig2, table2 and lm beside them (default: 1)",
+        help="processes at once: training runs, and beside them the targets' own "
+        "computations (simulations, fine-tuning, Hessian measurements) (default: 1)",
     )
     parser.add_argument(
         "--report", type=Path, default=None, help="report file (default: OUT/reproduction.md)"

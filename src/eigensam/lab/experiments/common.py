@@ -21,9 +21,10 @@ Plan = dict[str, list[TrainConfig]]
 class Target:
     """A reproduction target: ``plan(scale)`` lists its runs, ``analyze(scale, plan, out)``
     writes its JSON and figures under ``out`` and returns its report section. ``min_seeds`` is
-    the number of seeds its confidence intervals need. ``computes``: its analysis trains or
-    simulates beyond its plan's runs (cached in ``out``), so ``eigensam reproduce`` runs it
-    beside the training pool."""
+    the number of seeds its confidence intervals need. ``computes``: its analysis does more than
+    read its runs back (trains or simulates on its own, measures Hessians of the trained runs)
+    and caches what it computes, so ``eigensam reproduce`` runs it in the training pool as soon
+    as its runs are finished."""
 
     name: str
     title: str

@@ -199,4 +199,4 @@ def _spectra(plan: Plan, results: Results, out: Path) -> list[Path]:
     return paths
 
 
-TARGET = Target("fig3", "Figure 3: α sensitivity and spectrum", plan, analyze)
+TARGET = Target("fig3", "Figure 3: α sensitivity and spectrum", plan, analyze, computes=True)
