@@ -153,6 +153,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     ax = fig.subplots()
     plot_band(ax, curves, "drift", "delta", "abs_cos", "|cos(v₁(t), v₁(t+Δ))| (Eigen-SAM)")
     ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)  # |cos| lies in [0, 1]; a t-interval over 3 seeds may not
     ax.set_xlabel("Δ (steps)")
     figure = save_figure(fig, out / "stability.png")
     p = scale.base.get("eig_interval", 100)
