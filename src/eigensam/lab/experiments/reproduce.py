@@ -155,7 +155,7 @@ def reproduce(
     print(f"wrote {path}", file=sys.stderr)
     print(
         f"eigensam reproduce {target}: wall time {_clock(total)}, CPU time {cpu:.0f} s "
-        f"(this process and its workers, {jobs} runs at a time)",
+        f"(this process and its workers, {jobs} processes at a time)",
         file=sys.stderr,
     )
     return sections
