@@ -268,7 +268,7 @@ def execute(
     """Train every run of ``configs`` that is not finished, ``jobs`` at a time (separate
     processes sharing the CPU threads; the longest first, by :func:`estimated_cost`), run the
     ``side`` tasks in the same pool (each before the runs still waiting, once its runs are
-    finished; with ``jobs`` = 1 after the runs), and return the summary of every run by folder.
+    finished), and return the summary of every run by folder.
     A run that diverges is reported (status ``diverged``) and the others go on; a side task that
     fails, or whose runs did not finish, is reported and left to its caller; Ctrl-C stops all,
     keeping their checkpoints."""
@@ -280,14 +280,13 @@ def execute(
         file=sys.stderr,
         flush=True,
     )
-    waiting: list[TrainConfig | SideTask] = [*todo, *side] if jobs == 1 else [*side, *todo]
+    waiting: list[TrainConfig | SideTask] = [*side, *todo]
     total, threads, number = len(waiting), threads_per_job(jobs), 0
     if jobs == 1:
-        for work in list(waiting):
-            if _ready(work):
-                waiting.remove(work)
-                number += 1
-                _announce(number, total, work, _do(work, threads))
+        while work := next(filter(_ready, waiting), None):
+            waiting.remove(work)
+            number += 1
+            _announce(number, total, work, _do(work, threads))
     else:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
