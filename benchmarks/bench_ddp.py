@@ -41,7 +41,7 @@ from common import load_images
 from torch.nn.parallel import DistributedDataParallel
 
 from eigensam import SAM, EigenSAM
-from eigensam.lab.models import build_model
+from eigensam.lab.workloads.models import build_model
 
 METHODS = ("sgd", "sam", "eigen-sam")
 RESNET50_PARAMS = 25_557_032

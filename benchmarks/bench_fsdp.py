@@ -1,6 +1,7 @@
 """DDP vs FSDP2 on 2 gloo CPU processes: per-rank memory and step time of a small ViT.
 
-One transformer configuration (``eigensam.lab.models.ViT``, 32×32×3 random images, 10 classes),
+One transformer configuration (``eigensam.lab.workloads.models.ViT``, 32×32×3 random images,
+10 classes),
 the same global batch split over 2 processes (1 thread each), and for each of SGD, AdamW, SAM
 (SGD inside) and Eigen-SAM (SGD inside, ``eig_interval`` p, ``eig_iters`` q, finite-difference
 products ``hvp=FD_FALLBACK`` under both strategies, so that only the strategy differs):
@@ -44,10 +45,10 @@ from bench_ddp import make_optimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eigensam.hessian.distributed import local_shard
 from eigensam.hessian.hvp import FD_FALLBACK
-from eigensam.lab.distributed import shard_model
-from eigensam.lab.models import ViT
+from eigensam.lab.engine.launch import shard_model
+from eigensam.lab.workloads.models import ViT
+from eigensam.parallel import local_shard
 
 METHODS = ("sgd", "adamw", "sam", "eigen-sam")
 STRATEGIES = ("ddp", "fsdp2")

@@ -61,9 +61,10 @@ from torch.func import functional_call, grad, jvp
 from eigensam import SAM, XSAM, EigenSAM
 from eigensam.allocator import USER_SETTINGS, keep_freed_memory
 from eigensam.atomic import atomic_write
+from eigensam.hessian.closures import split_closure
 from eigensam.hessian.eigen import power_iteration
-from eigensam.hessian.hvp import HessianOperator, flatten, split_closure, unflatten
-from eigensam.lab.models import build_model
+from eigensam.hessian.hvp import HessianOperator, flatten, unflatten
+from eigensam.lab.workloads.models import build_model
 
 PARTS = 4  # micro-batches of the memory-lean exact products in the HVP table
 CNN_TIME = ("sgd", "sam", "eigen-sam", "eigen-sam/whole", "eigen-sam/lanczos4", "x-sam")

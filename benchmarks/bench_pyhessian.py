@@ -38,7 +38,7 @@ from common import load_images
 from torch import Tensor, nn
 
 from eigensam.hessian import DatasetHessian, abs_cosine, density, top_eigenvalues, trace
-from eigensam.lab.models import build_model
+from eigensam.lab.workloads.models import build_model
 
 Batch = tuple[Tensor, Tensor]
 # PyHessian stops when (change of the estimate) / (estimate + 1e-6) < tol; the trace's ratio is

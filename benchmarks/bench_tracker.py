@@ -43,7 +43,7 @@ from eigensam.hessian import (
     top_eigenvalues,
 )
 from eigensam.hessian.eigen import random_unit_vector
-from eigensam.lab.models import build_model
+from eigensam.lab.workloads.models import build_model
 
 ESTIMATORS = ("power, warm", "lanczos, warm", "power, cold", "lanczos, cold")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from eigensam.lab.data import load_dataset
+from eigensam.lab.workloads.datasets import load_dataset
 
 
 def load_images(count: int) -> tuple[Tensor, Tensor, str]:

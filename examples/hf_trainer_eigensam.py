@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from eigensam import EigenSAM
 from eigensam.integrations.transformers import SAMTrainer
-from eigensam.lab.text import VOCAB_SIZE, ByteWindows, load_corpus
+from eigensam.lab.workloads.text import VOCAB_SIZE, ByteWindows, load_corpus
 
 CONTEXT = 64
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eigensam.lab.run_config import TrainConfig
+from eigensam.lab.engine.config import TrainConfig
 
 TINY: dict[str, Any] = dict(
     dataset="synthetic",

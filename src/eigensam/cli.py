@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from eigensam.lab import experiments, sde
-from eigensam.lab.checkpoints import fixed_batches, load_trained
-from eigensam.lab.distributed import is_main, leave
+from eigensam.lab.curvature_reports import power_convergence_report, spectrum_report
+from eigensam.lab.engine.config import METHODS, TrainConfig, load_config
+from eigensam.lab.engine.launch import is_main, leave
+from eigensam.lab.engine.train import Trainer
+from eigensam.lab.engine.trained_model import fixed_batches, load_trained
 from eigensam.lab.experiments import reproduce
-from eigensam.lab.reports import power_convergence_report, spectrum_report
-from eigensam.lab.run_config import METHODS, TrainConfig, load_config
-from eigensam.lab.train import Trainer
 
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
 Handler = Callable[[argparse.Namespace], int]

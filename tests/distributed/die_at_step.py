@@ -5,8 +5,8 @@ import os
 import signal
 import sys
 
-from eigensam.lab.run_config import load_config
-from eigensam.lab.train import Trainer
+from eigensam.lab.engine.config import load_config
+from eigensam.lab.engine.train import Trainer
 
 
 def main(config: str, out: str, rank: int, step: int) -> None:

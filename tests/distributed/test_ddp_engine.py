@@ -16,10 +16,10 @@ from tiny_runs import TINY
 
 import eigensam
 from eigensam import cli
-from eigensam.lab import tracking
-from eigensam.lab.distributed import Ranks, join, leave
-from eigensam.lab.run_config import TrainConfig
-from eigensam.lab.train import Trainer
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import TrainConfig
+from eigensam.lab.engine.launch import Ranks, join, leave
+from eigensam.lab.engine.train import Trainer
 
 HERE = Path(__file__).parent
 SRC = Path(eigensam.__file__).parents[1]

@@ -21,10 +21,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from eigensam import SAM, XSAM, EigenSAM
-from eigensam.hessian.distributed import MeanAcrossRanks
 from eigensam.hessian.hvp import HessianOperator
 from eigensam.hessian.tracker import EigenTracker
 from eigensam.optim import EGR
+from eigensam.parallel import MeanAcrossRanks
 
 STEPS = 3
 WORLD = 2

@@ -23,8 +23,8 @@ from test_fsdp_optim import (
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from eigensam.hessian.distributed import ParamLayout
 from eigensam.optim.checkpoint import distributed_state_dict, load_distributed_state_dict
+from eigensam.parallel import ParamLayout
 
 NAME = "x-sam"  # SGD with momentum (base state) and an eigenvector tracker (v̂, RNG)
 FIRST, THEN = 3, 2  # steps before the checkpoint, steps after it

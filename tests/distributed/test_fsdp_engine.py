@@ -14,10 +14,10 @@ from test_ddp_engine import HERE, torchrun, without_timing
 from tiny_runs import TINY
 
 from eigensam.hessian.hvp import FD_FALLBACK
-from eigensam.lab import tracking
-from eigensam.lab.checkpoints import load_trained
-from eigensam.lab.run_config import TrainConfig
-from eigensam.lab.train import Trainer
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import TrainConfig
+from eigensam.lab.engine.train import Trainer
+from eigensam.lab.engine.trained_model import load_trained
 
 # The lab's small ViT (dim 16), TINY's 96 synthetic samples, global batch 32: 3 steps per epoch.
 CONFIG = dict(

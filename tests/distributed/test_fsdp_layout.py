@@ -14,8 +14,8 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from eigensam.hessian.distributed import ParamLayout, is_fsdp1, is_fsdp2, refuse_fsdp1
 from eigensam.hessian.eigen import power_iteration
+from eigensam.parallel import ParamLayout, is_fsdp1, is_fsdp2, refuse_fsdp1
 
 
 def make_model() -> nn.Module:

@@ -22,10 +22,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from eigensam import SAM, XSAM, EigenSAM
-from eigensam.hessian.distributed import ParamLayout
 from eigensam.hessian.hvp import FD_FALLBACK, HessianOperator
 from eigensam.hessian.tracker import EigenTracker
 from eigensam.optim import EGR, ReverseSAM
+from eigensam.parallel import ParamLayout
 
 STEPS = 3
 WORLD = 2

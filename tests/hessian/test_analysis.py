@@ -1,5 +1,5 @@
 """High-level analysis (top eigenvalues, trace, density, and the reports of
-:mod:`eigensam.lab.reports`) against the full Hessian of a small network from
+:mod:`eigensam.lab.curvature_reports`) against the full Hessian of a small network from
 torch.autograd.functional.hessian."""
 
 import json
@@ -19,7 +19,7 @@ from eigensam.hessian import (
     trace,
 )
 from eigensam.hessian.analysis import estimates_by_step
-from eigensam.lab.reports import power_convergence_report, spectrum_report
+from eigensam.lab.curvature_reports import power_convergence_report, spectrum_report
 
 F64 = torch.float64
 SIZES = (5, 8, 11)

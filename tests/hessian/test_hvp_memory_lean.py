@@ -6,14 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from eigensam.hessian.closures import SplitClosure, split_closure
 from eigensam.hessian.eigen import power_iteration
-from eigensam.hessian.hvp import (
-    HessianOperator,
-    SplitClosure,
-    flatten,
-    flatten_releasing,
-    split_closure,
-)
+from eigensam.hessian.hvp import HessianOperator, flatten, flatten_releasing
 from eigensam.hessian.tracker import EigenTracker
 
 

@@ -30,7 +30,7 @@ from tiny_hf import (  # noqa: E402
 )
 from transformers import Trainer  # noqa: E402
 
-from eigensam.hessian.hvp import SplitClosure  # noqa: E402
+from eigensam.hessian.closures import SplitClosure  # noqa: E402
 from eigensam.integrations.transformers import (  # noqa: E402
     SAMTrainer,
     check_arguments,

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from eigensam import cli
-from eigensam.lab import experiments, tracking
-from eigensam.lab.train import Trainer
+from eigensam.lab import experiments
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.train import Trainer
 
 TINY_FLAGS = [
     "--dataset",

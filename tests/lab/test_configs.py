@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eigensam.lab.run_config import load_config
+from eigensam.lab.engine.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAPER = {  # dataset: (rho, lr), paper §6.2 and Appendix E

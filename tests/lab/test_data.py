@@ -1,4 +1,5 @@
-"""Tests for eigensam.lab.data: readers, lookup, splits, augmentation and the batch loader."""
+"""Tests for eigensam.lab.workloads.datasets: readers, lookup, splits, augmentation and the
+batch loader."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from eigensam.lab import data
-from eigensam.lab.data import (
+from eigensam.lab.workloads import datasets as data
+from eigensam.lab.workloads.datasets import (
     DATASETS,
     BatchLoader,
     TensorData,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tiny_runs import tiny
 
-from eigensam.lab import tracking
-from eigensam.lab.train import Trainer
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.train import Trainer
 
 
 def test_eval_every_skips_epochs_but_never_the_last(tmp_path):

@@ -11,11 +11,12 @@ import torch
 from tiny_runs import tiny
 
 from eigensam.cli import main
-from eigensam.lab.experiments import finetune, pilot, reproduce, table2
-from eigensam.lab.experiments.finetune import Finetune, plan_finetunes, split_digits
+from eigensam.lab.engine.train import Trainer
+from eigensam.lab.experiments import pilot, reproduce
 from eigensam.lab.experiments.runs import make_scale
-from eigensam.lab.models import build_model
-from eigensam.lab.train import Trainer
+from eigensam.lab.experiments.targets import finetune, table2
+from eigensam.lab.experiments.targets.finetune import Finetune, plan_finetunes, split_digits
+from eigensam.lab.workloads.models import build_model
 
 
 def synthetic_digits(n: int = 50) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from eigensam import cli
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
 
 TINY_YAML = """\
 dataset: synthetic

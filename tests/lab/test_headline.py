@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from eigensam.lab import tracking
-from eigensam.lab.experiments import headline
+from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.convergence import FIT_FILE, converged
 from eigensam.lab.experiments.runs import make_scale
+from eigensam.lab.experiments.targets import headline
 from eigensam.lab.experiments.verdicts import CONTRADICTED, INCONCLUSIVE, REPRODUCES
 
 # Per method and seed: (test acc, final λ₁, mean Align, train acc).

@@ -12,21 +12,28 @@ import torch
 import yaml
 from tiny_runs import TINY_BN, tiny
 
-from eigensam.hessian.hvp import HessianOperator, SplitClosure
-from eigensam.lab import tracking
-from eigensam.lab.data import make_synthetic
-from eigensam.lab.experiments.runs import check_runs
-from eigensam.lab.models import build_model
-from eigensam.lab.optimizer_factory import make_optimizer
-from eigensam.lab.run_config import (
+from eigensam.hessian.closures import SplitClosure
+from eigensam.hessian.hvp import HessianOperator
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import (
     HVP_METHODS,
     METHODS,
     TrainConfig,
     check_same_run,
     config_from_dict,
 )
-from eigensam.lab.sharpness_probe import SharpnessProbe, applied_perturbation
-from eigensam.lab.train import Trainer, make_closure, resolve_hessian_parts, step_closure, train
+from eigensam.lab.engine.optimizers import make_optimizer
+from eigensam.lab.engine.sharpness_probe import SharpnessProbe, applied_perturbation
+from eigensam.lab.engine.train import (
+    Trainer,
+    make_closure,
+    resolve_hessian_parts,
+    step_closure,
+    train,
+)
+from eigensam.lab.experiments.runs import check_runs
+from eigensam.lab.workloads.datasets import make_synthetic
+from eigensam.lab.workloads.models import build_model
 from eigensam.optim import EGR
 
 

@@ -1,4 +1,5 @@
-"""The language-model runs (eigensam.lab.lm) and the ``lm`` reproduction target's plan."""
+"""The language-model runs (eigensam.lab.engine.lm_training) and the ``lm`` reproduction target's
+plan."""
 
 from __future__ import annotations
 
@@ -11,11 +12,7 @@ import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from eigensam.lab.experiments import lm as target
-from eigensam.lab.experiments import reproduce
-from eigensam.lab.experiments.runs import make_scale
-from eigensam.lab.gpt import TinyGPT
-from eigensam.lab.lm import (
+from eigensam.lab.engine.lm_training import (
     LMSettings,
     build_model,
     build_optimizer,
@@ -26,7 +23,11 @@ from eigensam.lab.lm import (
     train_lm,
     warmup_cosine,
 )
-from eigensam.lab.text import ByteWindows
+from eigensam.lab.experiments import reproduce
+from eigensam.lab.experiments.runs import make_scale
+from eigensam.lab.experiments.targets import lm as target
+from eigensam.lab.workloads.gpt import TinyGPT
+from eigensam.lab.workloads.text import ByteWindows
 from eigensam.optim import SAM, EigenSAM
 
 pytestmark = pytest.mark.filterwarnings("ignore:hvp='auto'.*finite differences:RuntimeWarning")

@@ -1,4 +1,5 @@
-"""Tests for eigensam.lab.models: shapes, parameter counts, double backward, argument checks."""
+"""Tests for eigensam.lab.workloads.models: shapes, parameter counts, double backward,
+argument checks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eigensam.lab.models import (
+from eigensam.lab.workloads.models import (
     MLP,
     MODELS,
     ResNet18,

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from eigensam.lab.experiments import grid, reproduce, sde_eta, stability
+from eigensam.lab.experiments import reproduce
 from eigensam.lab.experiments.runs import make_scale
+from eigensam.lab.experiments.targets import grid, sde_eta, stability
 
 
 def test_stability_measures_anchors_and_their_deltas_within_the_run():

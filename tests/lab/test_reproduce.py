@@ -11,6 +11,7 @@ import pytest
 from tiny_runs import tiny
 
 from eigensam.cli import main
+from eigensam.lab.engine.config import TrainConfig
 from eigensam.lab.experiments import reproduce
 from eigensam.lab.experiments.report import Section, not_testable, write_report
 from eigensam.lab.experiments.runs import (
@@ -21,7 +22,6 @@ from eigensam.lab.experiments.runs import (
     make_scale,
 )
 from eigensam.lab.experiments.verdicts import VERDICTS
-from eigensam.lab.run_config import TrainConfig
 
 # Synthetic data, a quarter-width SimpleCNN: 2 steps per epoch.
 TINY = dict(
@@ -103,7 +103,7 @@ def test_a_run_folder_from_another_configuration_is_refused(tmp_path):
     _, plan = plans("fig1", tmp_path)
     config = plan["fig1"]["sam"][0]
     config.run_dir.mkdir(parents=True)
-    from eigensam.lab import tracking
+    from eigensam.lab.engine import run_folder as tracking
 
     other = TrainConfig(**{**config.to_dict(), "lr": 0.5})
     tracking.write_yaml(config.run_dir / tracking.CONFIG_FILE, other.to_dict())

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eigensam.lab.gpt import TinyGPT, lm_loss
-from eigensam.lab.text import (
+from eigensam.lab.workloads.gpt import TinyGPT, lm_loss
+from eigensam.lab.workloads.text import (
     ByteWindows,
     corpus_files,
     decode,

@@ -1,4 +1,4 @@
-"""Tests for eigensam.lab.tracking: atomic files, JSONL, statistics, tables and plots."""
+"""Tests for eigensam.lab.engine.run_folder: atomic files, JSONL, statistics, tables and plots."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import IO
 
 import pytest
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
 
 
 def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path: Path) -> None:

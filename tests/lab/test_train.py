@@ -1,5 +1,5 @@
-"""Tests for the training engine (eigensam.lab.train, run_config, sharpness_probe): configuration,
-runs, tracking, resume and interruption."""
+"""Tests for the training engine (eigensam.lab.engine.train, config, sharpness_probe):
+configuration, runs, tracking, resume and interruption."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import yaml
 from tiny_runs import TINY_BN, tiny
 
 from eigensam.hessian.hvp import flatten
-from eigensam.lab import tracking
-from eigensam.lab.data import make_synthetic
-from eigensam.lab.models import build_model
-from eigensam.lab.optimizer_factory import make_optimizer
-from eigensam.lab.run_config import METHODS, TrainConfig, config_from_dict, load_config
-from eigensam.lab.sharpness_probe import SharpnessProbe, applied_perturbation
-from eigensam.lab.train import Trainer, make_closure, train
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import METHODS, TrainConfig, config_from_dict, load_config
+from eigensam.lab.engine.optimizers import make_optimizer
+from eigensam.lab.engine.sharpness_probe import SharpnessProbe, applied_perturbation
+from eigensam.lab.engine.train import Trainer, make_closure, train
+from eigensam.lab.workloads.datasets import make_synthetic
+from eigensam.lab.workloads.models import build_model
 from eigensam.optim import EGR, SAM, XSAM, EigenSAM, ReverseSAM
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from tiny_runs import tiny
 
-from eigensam.lab import tracking
-from eigensam.lab.optimizer_factory import make_optimizer
-from eigensam.lab.train import Trainer, snapshot_file, train
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.optimizers import make_optimizer
+from eigensam.lab.engine.train import Trainer, snapshot_file, train
 from eigensam.optim import EigenSAM
 
 

@@ -6,7 +6,7 @@ from conftest import make_closure
 from torch import nn
 
 from eigensam import XSAM, EigenSAM
-from eigensam.hessian.hvp import split_closure
+from eigensam.hessian.closures import split_closure
 
 
 def cnn(dtype=torch.float32, batchnorm=True, dropout=0.2):

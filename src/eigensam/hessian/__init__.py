@@ -6,7 +6,7 @@ list of batches), the solvers :func:`power_iteration`, :func:`lanczos`,
 :func:`hutchpp_trace`, :class:`EigenTracker` used by the optimizers, and :func:`taylor_terms`
 (``∇f, ∇²f·u, ∇³f(u, u)``, used by the SDE simulator).
 High level (:mod:`eigensam.hessian.analysis`): :func:`top_eigenvalues`, :func:`trace` and
-:func:`density`. The reports that write them to files are in :mod:`eigensam.lab.reports`.
+:func:`density`. The reports that write them to files are in :mod:`eigensam.lab.curvature_reports`.
 
 This package needs only torch (the ``[lab]`` extra is for training, reports and the CLI).
 """

@@ -7,7 +7,7 @@ a :class:`~eigensam.hessian.hvp.HessianOperator` (open, i.e. inside its ``with``
 with ``matvec``, ``dim``, ``dtype`` and ``device``, or a symmetric matrix (a square tensor).
 :func:`density_curve` smooths an SLQ density for plotting and :func:`estimates_by_step` gives a
 solver's estimate at every budget. The reports that write JSON and PNG files from them live in
-:mod:`eigensam.lab.reports`.
+:mod:`eigensam.lab.curvature_reports`.
 """
 
 from __future__ import annotations

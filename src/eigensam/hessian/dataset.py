@@ -27,14 +27,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from eigensam.hessian.closures import Closure
 from eigensam.hessian.eigen import random_unit_vector
-from eigensam.hessian.hvp import (
-    Closure,
-    FrozenState,
-    HessianOperator,
-    check_backend,
-    check_mode,
-)
+from eigensam.hessian.hvp import FrozenState, HessianOperator, check_backend, check_mode
 
 Batch = tuple[Tensor, Tensor]
 Criterion = Callable[[Tensor, Tensor], Tensor]

@@ -56,7 +56,7 @@ def random_unit_vector(
 
 class VectorAlgebra(Protocol):
     """Dot product and norm of flat vectors, for vectors stored in pieces (such as
-    :class:`~eigensam.hessian.distributed.ParamLayout`'s sharded vectors, whose sums run over
+    :class:`~eigensam.parallel.ParamLayout`'s sharded vectors, whose sums run over
     every rank's piece)."""
 
     def dot(self, a: Tensor, b: Tensor) -> Tensor: ...

@@ -18,10 +18,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from eigensam.hessian.closures import Closure, call_closure
 from eigensam.hessian.hvp import (
-    Closure,
     FrozenState,
-    call_closure,
     check_mode,
     flatten,
     graph_building_backward,

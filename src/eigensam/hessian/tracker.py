@@ -10,20 +10,19 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from eigensam.hessian.distributed import ParamLayout
+from eigensam.hessian.closures import AUTO, Closure
 from eigensam.hessian.eigen import EigenResult, check_positive_int, lanczos, power_iteration
 from eigensam.hessian.hvp import (
-    AUTO,
     BACKENDS,
     EXACT_UNDER_FSDP2,
     FD_FALLBACK,
     FD_SCALE,
-    Closure,
     DoubleBackwardError,
     Evaluation,
     HessianOperator,
     check_mode,
 )
+from eigensam.parallel import ParamLayout
 
 METHODS = ("power", "lanczos")
 SCHEDULES = ("burst", "spread")
@@ -111,7 +110,7 @@ class EigenTracker:
     that reuses it as its first pass. ``update`` accepts a
     :class:`~eigensam.hessian.hvp.SplitClosure` (memory-lean exact products).
     ``reduce`` is passed to the :class:`HessianOperator` (under ``torch.distributed``,
-    :class:`~eigensam.hessian.distributed.MeanAcrossRanks`: the products, hence ``v̂``, are those
+    :class:`~eigensam.parallel.MeanAcrossRanks`: the products, hence ``v̂``, are those
     of the global batch loss and identical on every rank).
     """
 
@@ -171,7 +170,7 @@ class EigenTracker:
         """Refresh ``v̂`` on the closure's loss; ``loss_scale`` divides out a GradScaler scale.
 
         Under FSDP2 (``params`` sharded ``DTensor`` parameters) ``v̂`` is this rank's part
-        (:class:`~eigensam.hessian.distributed.ParamLayout`): the first start vector is drawn
+        (:class:`~eigensam.parallel.ParamLayout`): the first start vector is drawn
         whole (the one process's draw, a transient full-size float32 vector) and cut to this
         rank's rows; power iteration's dot products and norms are global; Lanczos is refused."""
         layout = ParamLayout(params)

@@ -85,10 +85,10 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         'pip install "eigensam[hf]"'
     ) from error
 
-from eigensam.hessian.distributed import is_fsdp2
-from eigensam.hessian.hvp import SplitClosure
+from eigensam.hessian.closures import SplitClosure
 from eigensam.optim import SAM
 from eigensam.optim.checkpoint import distributed_state_dict, load_distributed_state_dict
+from eigensam.parallel import is_fsdp2
 
 # The eigensam optimizer's DCP checkpoint under FSDP2, inside the Trainer's checkpoint folder.
 FSDP_OPTIMIZER_DIR = "eigensam_optimizer"

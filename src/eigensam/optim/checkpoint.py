@@ -32,8 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn import Module
 
-from eigensam.hessian.distributed import ParamLayout, reshard
 from eigensam.optim.sam import SAM
+from eigensam.parallel import ParamLayout, reshard
 
 
 def _model(optimizer: SAM) -> Module:

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eigensam.hessian.distributed import ParamLayout, local_forward, local_shard
-from eigensam.hessian.hvp import AUTO, Batch, HessianOperator, call_closure
+from eigensam.hessian.closures import AUTO, Batch, call_closure
+from eigensam.hessian.hvp import HessianOperator
 from eigensam.hessian.tracker import check_tracker_backend, run_with_backend
 from eigensam.optim.sam import SAM, unit
+from eigensam.parallel import ParamLayout, local_forward, local_shard
 
 
 class ReverseSAM(SAM):

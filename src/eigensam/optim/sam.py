@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from eigensam.hessian.distributed import (
+from eigensam.hessian.closures import Batch, bind_batch, call_closure
+from eigensam.hessian.hvp import BufferSnapshot
+from eigensam.parallel import (
     MeanAcrossRanks,
     ParamLayout,
     all_ranks_true,
@@ -23,12 +25,6 @@ from eigensam.hessian.distributed import (
     refuse_fsdp1,
     require_process_group,
     unwrap,
-)
-from eigensam.hessian.hvp import (
-    Batch,
-    BufferSnapshot,
-    bind_batch,
-    call_closure,
 )
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -105,7 +101,7 @@ class SAM(Optimizer):
     Under FSDP2 (a model sharded by ``torch.distributed.fsdp.fully_shard``, the base optimizer
     on its ``DTensor`` parameters) FSDP's gradients are already the global batch's, ``ε`` is
     computed from the global gradient norm (one all-reduce of one number,
-    :class:`~eigensam.hessian.distributed.ParamLayout`) and applied shard by shard: ``N``
+    :class:`~eigensam.parallel.ParamLayout`) and applied shard by shard: ``N``
     processes run the algorithm of one process on the concatenated batch, and every per-step
     buffer (the saved ``w``, ``ε``) is sharded too. ``sharpness="local"`` is refused there
     (``set_requires_gradient_sync(False)`` keeps each rank's gradient unsharded, outside

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from eigensam.hessian.distributed import local_shard
-from eigensam.optim.eigen_sam import TrackedSAM
+from eigensam.optim.tracked import TrackedSAM
+from eigensam.parallel import local_shard
 
 
 class XSAM(TrackedSAM):

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import TrainConfig
 from eigensam.lab.experiments.report import Section
 from eigensam.lab.experiments.runs import Scale, load_records, load_summary
-from eigensam.lab.run_config import TrainConfig
 
 # A plan: group label (a method, an α, a p) -> its runs, one per seed, in seed order.
 Plan = dict[str, list[TrainConfig]]

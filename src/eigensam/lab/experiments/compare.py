@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eigensam.lab import tracking
-from eigensam.lab.data import DataSplits, load_dataset
-from eigensam.lab.distributed import barrier, is_main
-from eigensam.lab.run_config import TrainConfig, check_same_run, config_from_dict, load_config
-from eigensam.lab.train import Trainer
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import TrainConfig, check_same_run, config_from_dict, load_config
+from eigensam.lab.engine.launch import barrier, is_main
+from eigensam.lab.engine.train import Trainer
+from eigensam.lab.workloads.datasets import DataSplits, load_dataset
 
 COMPARISON_TABLE = "comparison.md"
 COMPARISON_PLOT = "comparison.png"

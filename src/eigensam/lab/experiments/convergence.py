@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from eigensam.lab import tracking
-from eigensam.lab.checkpoints import load_trained
-from eigensam.lab.data import load_dataset
-from eigensam.lab.evaluation import evaluate
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import TrainConfig
+from eigensam.lab.engine.evaluation import evaluate
+from eigensam.lab.engine.trained_model import load_trained
 from eigensam.lab.experiments.common import Plan, Results
-from eigensam.lab.run_config import TrainConfig
+from eigensam.lab.workloads.datasets import load_dataset
 
 # SGD's final train accuracy at which a scale counts as trained to convergence (issue 17).
 CONVERGED_TRAIN_ACC = 0.99

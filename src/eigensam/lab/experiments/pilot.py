@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import config_from_dict
+from eigensam.lab.engine.train import Trainer
 from eigensam.lab.experiments.convergence import converged, train_fit
 from eigensam.lab.experiments.runs import CPU_BASE
-from eigensam.lab.run_config import config_from_dict
-from eigensam.lab.train import Trainer
 
 PILOT_FILE = "pilot.jsonl"
 
@@ -92,8 +92,8 @@ def run_finetune_pilot(
     """Fine-tune table2's pretrained ViT (run folder ``pretrained``) on the digits for ``steps``
     steps (seed 0) and append the train/test accuracy and CPU seconds to ``<out>/pilot.jsonl``:
     the measurement that sets table2's N."""
-    from eigensam.lab.checkpoints import load_trained
-    from eigensam.lab.experiments.finetune import Finetune, finetune, load_digits
+    from eigensam.lab.engine.trained_model import load_trained
+    from eigensam.lab.experiments.targets.finetune import Finetune, finetune, load_digits
 
     model, data = load_trained(pretrained).model, load_digits()
     cpu0 = time.process_time()

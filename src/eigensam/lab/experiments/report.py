@@ -20,7 +20,7 @@ from typing import Any
 from matplotlib.axes import Axes
 
 from eigensam.atomic import atomic_write
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.verdicts import NOT_TESTABLE, Evidence, seeds_needed, verdict
 
 

@@ -12,8 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eigensam.lab.data import load_dataset
-from eigensam.lab.experiments import (
+from eigensam.lab.engine.config import TrainConfig
+from eigensam.lab.experiments.common import Plan, Target
+from eigensam.lab.experiments.report import Section, write_report
+from eigensam.lab.experiments.runs import (
+    CPU_DEVIATIONS,
+    SideTask,
+    check_jobs,
+    check_runs,
+    execute,
+    load_summary,
+    make_scale,
+)
+from eigensam.lab.experiments.targets import (
     fig1,
     fig2,
     fig3,
@@ -28,18 +39,7 @@ from eigensam.lab.experiments import (
     table2,
     table34,
 )
-from eigensam.lab.experiments.common import Plan, Target
-from eigensam.lab.experiments.report import Section, write_report
-from eigensam.lab.experiments.runs import (
-    CPU_DEVIATIONS,
-    SideTask,
-    check_jobs,
-    check_runs,
-    execute,
-    load_summary,
-    make_scale,
-)
-from eigensam.lab.run_config import TrainConfig
+from eigensam.lab.workloads.datasets import load_dataset
 
 # In the order ``all`` trains them: the cheapest evidence first, the sweeps last.
 TARGETS: dict[str, Target] = {

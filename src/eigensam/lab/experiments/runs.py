@@ -18,15 +18,15 @@ from typing import Any
 import torch
 import yaml
 
-from eigensam.lab import tracking
-from eigensam.lab.run_config import (
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import (
     HVP_METHODS,
     TrainConfig,
     check_same_run,
     config_from_dict,
     load_config,
 )
-from eigensam.lab.train import Trainer
+from eigensam.lab.engine.train import Trainer
 
 CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs"
 SCALES = ("cpu", "paper")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from eigensam.lab.tracking import t_central
+from eigensam.lab.engine.run_folder import t_central
 
 REPRODUCES = "reproduces"
 CONTRADICTED = "contradicted"
@@ -48,7 +48,8 @@ MAX_SEEDS = 100_000
 
 def t_quantile(p: float, df: int) -> float:
     """The ``p``-quantile of Student's t with ``df`` degrees of freedom, ``0.5 ≤ p < 1``:
-    solves ``P(|T| ≤ t) = 2p − 1`` (:func:`eigensam.lab.tracking.t_central`, closed form) by
+    solves ``P(|T| ≤ t) = 2p − 1``
+    (:func:`eigensam.lab.engine.run_folder.t_central`, closed form) by
     bisection to machine precision. Closed forms to check it against: ``tan(π(p − ½))`` for
     ``df = 1`` and ``(2p − 1)/√(2p(1 − p))`` for ``df = 2``."""
     if not (isinstance(p, int | float) and 0.5 <= p < 1):

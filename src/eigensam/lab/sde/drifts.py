@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from eigensam.hessian.hvp import Closure, flatten, unflatten
+from eigensam.hessian.closures import Closure
+from eigensam.hessian.hvp import flatten, unflatten
 from eigensam.hessian.taylor import taylor_terms
 from eigensam.optim import SAM
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.sde.trajectory import METRICS
 
 COLORS = {"sam": "black", "sde2": "tab:blue", "sde3": "tab:red", "sgd": "tab:gray"}

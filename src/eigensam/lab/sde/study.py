@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from eigensam.lab import tracking
-from eigensam.lab.data import DataSplits, TensorData, load_dataset
-from eigensam.lab.models import build_model
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.train import check_device
 from eigensam.lab.sde.config import SDEConfig
 from eigensam.lab.sde.plots import (
     plot_corollary,
@@ -32,7 +31,8 @@ from eigensam.lab.sde.weak_error import (
     weak_error_markdown,
     weak_error_table,
 )
-from eigensam.lab.train import check_device
+from eigensam.lab.workloads.datasets import DataSplits, TensorData, load_dataset
+from eigensam.lab.workloads.models import build_model
 
 RESULTS_FILE = "sde.json"
 CACHE_FILE = "trajectories.json"

@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eigensam.hessian.hvp import Closure, flatten
+from eigensam.hessian.closures import Closure
+from eigensam.hessian.hvp import flatten
 from eigensam.hessian.metrics import align, cosine
 from eigensam.hessian.taylor import taylor_terms
-from eigensam.lab.data import DataSplits, TensorData
-from eigensam.lab.evaluation import evaluate
+from eigensam.lab.engine.evaluation import evaluate
+from eigensam.lab.engine.sharpness_probe import SharpnessProbe
+from eigensam.lab.engine.train import make_closure
 from eigensam.lab.sde.drifts import _unit, check_l, check_lr, check_rho, make_drift, svag_step
-from eigensam.lab.sharpness_probe import SharpnessProbe
-from eigensam.lab.train import make_closure
+from eigensam.lab.workloads.datasets import DataSplits, TensorData
 from eigensam.optim import SAM
 
 METHODS = ("sam", "sde2", "sde3", "sgd")

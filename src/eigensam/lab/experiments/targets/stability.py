@@ -25,13 +25,13 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import TrainConfig
+from eigensam.lab.engine.sharpness_probe import SharpnessProbe
+from eigensam.lab.engine.train import Trainer, make_closure
 from eigensam.lab.experiments.common import Plan, Target, command
 from eigensam.lab.experiments.report import Section, bound_claim, fmt, plot_band, save_figure
 from eigensam.lab.experiments.runs import Scale
-from eigensam.lab.run_config import TrainConfig
-from eigensam.lab.sharpness_probe import SharpnessProbe
-from eigensam.lab.train import Trainer, make_closure
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "simplecnn": {"model": "simplecnn"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.common import Plan, Results, Target, command, seeds_plan
 from eigensam.lab.experiments.convergence import add_train_fit
 from eigensam.lab.experiments.report import Section, fmt, paired_claim

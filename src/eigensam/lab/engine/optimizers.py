@@ -1,5 +1,5 @@
 """The optimizer and learning-rate schedule of a training run, built from its
-:class:`~eigensam.lab.run_config.TrainConfig`."""
+:class:`~eigensam.lab.engine.config.TrainConfig`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from eigensam.lab.run_config import TrainConfig
+from eigensam.lab.engine.config import TrainConfig
 from eigensam.optim import EGR, SAM, XSAM, EigenSAM, ReverseSAM
 
 

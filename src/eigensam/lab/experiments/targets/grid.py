@@ -9,7 +9,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.common import Plan, Results, Target, command, sweep_plan
 from eigensam.lab.experiments.report import Section, fmt, paired_claim
 from eigensam.lab.experiments.runs import Scale

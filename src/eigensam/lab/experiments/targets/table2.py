@@ -1,6 +1,7 @@
 """Table 2 (paper §6.3): fine-tuning. The paper fine-tunes ViT-B-16 from ImageNet-1K weights on
 CIFAR-10/100, which needs the pretrained weights, CIFAR and a GPU: that row is reported as not
-testable. At CPU scale the protocol runs scaled down (:mod:`~eigensam.lab.experiments.finetune`):
+testable. At CPU scale the protocol runs scaled down
+(:mod:`~eigensam.lab.experiments.targets.finetune`):
 eigensam's small ViT pretrained on Fashion-MNIST with SGD (one cached run), fine-tuned on
 scikit-learn's digits with lr 0.01, SAM and Eigen-SAM for N steps and SGD for 2N, every seed."""
 
@@ -10,19 +11,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from eigensam.lab import tracking
-from eigensam.lab.checkpoints import load_trained
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.trained_model import load_trained
 from eigensam.lab.experiments.common import Plan, Target, command
 from eigensam.lab.experiments.convergence import CONVERGED_TRAIN_ACC
-from eigensam.lab.experiments.finetune import (
+from eigensam.lab.experiments.report import Section, fmt, not_testable, paired_claim
+from eigensam.lab.experiments.runs import Scale, load_summary
+from eigensam.lab.experiments.targets.finetune import (
     METHODS,
     cached_finetune,
     load_digits,
     plan_finetunes,
     require_digits,
 )
-from eigensam.lab.experiments.report import Section, fmt, not_testable, paired_claim
-from eigensam.lab.experiments.runs import Scale, load_summary
 
 WHY = (
     "needs torchvision's ImageNet-1K ViT-B-16 weights, CIFAR-10/100 and a GPU; eigensam's "

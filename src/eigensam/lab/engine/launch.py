@@ -23,10 +23,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.optim import Optimizer
 
-from eigensam.hessian.distributed import distributed_ready, reshard
-from eigensam.lab.data import TensorData
+from eigensam.lab.workloads.datasets import TensorData
 from eigensam.optim.checkpoint import distributed_state_dict, load_distributed_state_dict
 from eigensam.optim.sam import SAM
+from eigensam.parallel import distributed_ready, reshard
 
 
 @dataclass(frozen=True)

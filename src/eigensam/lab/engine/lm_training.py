@@ -1,5 +1,5 @@
-"""Training and measuring :class:`~eigensam.lab.gpt.TinyGPT` on the standard library's bytes
-with AdamW, SAM(AdamW) or Eigen-SAM(AdamW): validation loss, the top Hessian eigenvalue λ₁ and
+"""Training and measuring :class:`~eigensam.lab.workloads.gpt.TinyGPT` on the standard library's
+bytes with AdamW, SAM(AdamW) or Eigen-SAM(AdamW): validation loss, the top Hessian eigenvalue λ₁ and
 Align(ε, v₁) over training, time per step, and the accuracy of the finite-difference
 Hessian-vector products (what ``hvp="auto"`` uses on SDPA attention) against the exact product
 computed through SDPA's math backend.
@@ -26,8 +26,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from eigensam.hessian.eigen import power_iteration, random_unit_vector
 from eigensam.hessian.hvp import FD_FALLBACK, HessianOperator
 from eigensam.hessian.metrics import abs_cosine, align
-from eigensam.lab.gpt import TinyGPT, lm_loss
-from eigensam.lab.text import ByteCorpus, ByteWindows, load_corpus
+from eigensam.lab.workloads.gpt import TinyGPT, lm_loss
+from eigensam.lab.workloads.text import ByteCorpus, ByteWindows, load_corpus
 from eigensam.optim import SAM, EigenSAM
 
 METHODS = ("adamw", "sam", "eigen-sam")

@@ -3,7 +3,7 @@ resume), with the closures, device check and snapshot names they use.
 
 One run trains ``config.model`` on ``config.dataset`` with SGD (momentum, weight decay) wrapped by
 the chosen sharpness-aware method, evaluates every epoch and writes its run folder
-(:mod:`eigensam.lab.tracking`). The learning rate follows a cosine schedule *per step*:
+(:mod:`eigensam.lab.engine.run_folder`). The learning rate follows a cosine schedule *per step*:
 ``lr_t = lr · ½(1 + cos(π t / T))`` for step ``t`` of ``T = epochs · steps_per_epoch`` (the value
 used for step ``t`` is ``lr_t``; the first step uses ``lr``).
 
@@ -56,28 +56,29 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from eigensam.hessian.distributed import MeanAcrossRanks, check_same_across_ranks, reshard
-from eigensam.hessian.hvp import AUTO, hessian_parts_for, split_closure
-from eigensam.lab import distributed, tracking
-from eigensam.lab.data import (
-    BatchLoader,
-    DataSplits,
-    TensorData,
-    default_augmentation,
-    load_dataset,
-)
-from eigensam.lab.evaluation import EVAL_BATCH_SIZE, evaluate, evaluation_sums
-from eigensam.lab.models import build_model, kaiming_init
-from eigensam.lab.optimizer_factory import make_optimizer, make_scheduler
-from eigensam.lab.run_config import (
+from eigensam.hessian.closures import AUTO, hessian_parts_for, split_closure
+from eigensam.lab.engine import launch as distributed
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import (
     HVP_METHODS,
     TrainConfig,
     check_same_run,
     checkpoint_config,
     load_config,
 )
-from eigensam.lab.sharpness_probe import SharpnessProbe, mean_or_none
+from eigensam.lab.engine.evaluation import EVAL_BATCH_SIZE, evaluate, evaluation_sums
+from eigensam.lab.engine.optimizers import make_optimizer, make_scheduler
+from eigensam.lab.engine.sharpness_probe import SharpnessProbe, mean_or_none
+from eigensam.lab.workloads.datasets import (
+    BatchLoader,
+    DataSplits,
+    TensorData,
+    default_augmentation,
+    load_dataset,
+)
+from eigensam.lab.workloads.models import build_model, kaiming_init
 from eigensam.optim import SAM
+from eigensam.parallel import MeanAcrossRanks, check_same_across_ranks, reshard
 
 
 def snapshot_file(epoch: int) -> str:
@@ -158,7 +159,7 @@ class Trainer:
     global batch's; evaluation is sharded and summed over the ranks; rank 0 alone writes the run
     folder (logs, checkpoints, summary); a resumed run loads rank 0's checkpoint on every rank.
     With ``strategy="fsdp"`` the model is sharded by FSDP2 instead
-    (:func:`~eigensam.lab.distributed.shard_model`), and every rank writes its shards of the model
+    (:func:`~eigensam.lab.engine.launch.shard_model`), and every rank writes its shards of the model
     and optimizer state with ``torch.distributed.checkpoint`` beside the checkpoint file, which
     names them (:meth:`_save`).
     """

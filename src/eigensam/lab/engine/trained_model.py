@@ -8,11 +8,11 @@ from pathlib import Path
 from torch import Tensor, nn
 from torch.distributed.checkpoint import CheckpointException
 
-from eigensam.lab import tracking
-from eigensam.lab.data import load_dataset
-from eigensam.lab.distributed import load_sharded_weights
-from eigensam.lab.models import build_model
-from eigensam.lab.run_config import TrainConfig, checkpoint_config
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import TrainConfig, checkpoint_config
+from eigensam.lab.engine.launch import load_sharded_weights
+from eigensam.lab.workloads.datasets import load_dataset
+from eigensam.lab.workloads.models import build_model
 
 Batch = tuple[Tensor, Tensor]
 

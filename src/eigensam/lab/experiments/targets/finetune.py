@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eigensam.lab import tracking
-from eigensam.lab.data import DataSplits, TensorData
-from eigensam.lab.evaluation import evaluate
-from eigensam.lab.optimizer_factory import make_optimizer, make_scheduler
-from eigensam.lab.run_config import TrainConfig
-from eigensam.lab.train import step_closure
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import TrainConfig
+from eigensam.lab.engine.evaluation import evaluate
+from eigensam.lab.engine.optimizers import make_optimizer, make_scheduler
+from eigensam.lab.engine.train import step_closure
+from eigensam.lab.workloads.datasets import DataSplits, TensorData
 from eigensam.optim import SAM
 
 METHODS = ("sgd", "sam", "eigen-sam")

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from eigensam.hessian.closures import SplitClosure
 from eigensam.hessian.eigen import lanczos, random_unit_vector
-from eigensam.hessian.hvp import HessianOperator, SplitClosure
+from eigensam.hessian.hvp import HessianOperator
 from eigensam.hessian.metrics import abs_cosine, align
 from eigensam.optim import EGR, SAM
 
@@ -25,7 +26,7 @@ class SharpnessProbe:
     The Lanczos start is the previous measurement's eigenvector on the same stream of batches
     (warm start): one for the training batches, one per fixed batch; the first start is a random
     unit vector from a private generator seeded with ``seed``. ``reduce`` averages the
-    products over the ranks (the global batch's Hessian, see :mod:`eigensam.hessian.distributed`).
+    products over the ranks (the global batch's Hessian, see :mod:`eigensam.parallel`).
     """
 
     def __init__(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.common import Plan, Results, Target, command, seeds_plan
 from eigensam.lab.experiments.report import (
     Section,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eigensam.lab.text import VOCAB_SIZE
+from eigensam.lab.workloads.text import VOCAB_SIZE
 
 
 def _positive(name: str, value: object) -> int:

@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.common import Plan, Results, Target, command, sweep_plan
-from eigensam.lab.experiments.fig1 import paired_runs, per_run
 from eigensam.lab.experiments.report import Section, fmt, not_testable, paired_claim
 from eigensam.lab.experiments.runs import Scale
+from eigensam.lab.experiments.targets.fig1 import paired_runs, per_run
 
 CPU_PS = (10, 20, 50, 100)  # the paper's 100-1000 scaled to a CPU run of a few hundred steps
 PAPER_PS = (100, 200, 500, 1000)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eigensam.lab import tracking
-from eigensam.lab.experiments import table1
+from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.common import Plan, Results, Target, command
 from eigensam.lab.experiments.convergence import CONVERGED_TRAIN_ACC, add_train_fit
 from eigensam.lab.experiments.report import Section, fmt, paired_claim
 from eigensam.lab.experiments.runs import Scale
+from eigensam.lab.experiments.targets import table1
 
 METHODS = ("sgd", "sam", "eigen-sam")
 

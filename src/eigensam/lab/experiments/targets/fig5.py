@@ -9,14 +9,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from eigensam.lab import tracking
-from eigensam.lab.checkpoints import fixed_batches, load_trained
-from eigensam.lab.experiments import fig1
+from eigensam.lab.curvature_reports import power_convergence_report
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.train import snapshot_file
+from eigensam.lab.engine.trained_model import fixed_batches, load_trained
 from eigensam.lab.experiments.common import Plan, Target, command
 from eigensam.lab.experiments.report import Section, bound_claim, fmt, save_figure
 from eigensam.lab.experiments.runs import Scale
-from eigensam.lab.reports import power_convergence_report
-from eigensam.lab.train import snapshot_file
+from eigensam.lab.experiments.targets import fig1
 
 SAMPLES, MAX_STEPS, FEW = 128, 20, 5
 

@@ -1,12 +1,14 @@
 """``eigensam reproduce lm``: does Eigen-SAM transfer to language modelling (the seed summary's
 "transferability test")? AdamW, SAM(AdamW) and Eigen-SAM(AdamW) train
-:class:`~eigensam.lab.gpt.TinyGPT` on bytes of the Python standard library, every seed of the
+:class:`~eigensam.lab.workloads.gpt.TinyGPT`
+on bytes of the Python standard library, every seed of the
 scale; the report compares validation loss and perplexity, λ₁ and Align(ε, v₁) over training and
 time per step, judged by the Evidence verdict rules, and states the measured accuracy of the
 finite-difference Hessian-vector products (``hvp="auto"`` on SDPA attention) against the exact
 product through SDPA's math backend.
 
-The runs are language-model runs of :func:`eigensam.lab.lm.train_lm`, not runs of the image
+The runs are language-model runs of :func:`eigensam.lab.engine.lm_training.train_lm`,
+not runs of the image
 engine, so :func:`plan` hands ``reproduce`` no engine runs; :func:`plan_runs` lists them and
 :func:`analyze` trains those not finished (each run's record is a JSON file under
 ``<out>/lm/runs/``, reused when its settings match) before it writes the section.
@@ -25,7 +27,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from eigensam.lab import tracking
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.lm_training import METHODS, LMSettings, lm_corpus, train_lm
 from eigensam.lab.experiments.common import Plan, Target, command
 from eigensam.lab.experiments.report import (
     Claim,
@@ -37,7 +40,6 @@ from eigensam.lab.experiments.report import (
     save_figure,
 )
 from eigensam.lab.experiments.runs import Scale
-from eigensam.lab.lm import METHODS, LMSettings, lm_corpus, train_lm
 
 # CPU: 4 layers, width 128, context 64 (0.83M parameters), batch 16, 150 steps on 2 MB of
 # stdlib bytes; planned at <= 30 min on 2 cores for 5 seeds (see SECONDS_PER_PASS).

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eigensam.lab.data import TensorData
+from eigensam.lab.workloads.datasets import TensorData
 
 EVAL_BATCH_SIZE = 256  # faster than larger batches for the CPU-sized models
 

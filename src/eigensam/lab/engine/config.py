@@ -14,12 +14,12 @@ from typing import Any
 import torch
 import yaml
 
-from eigensam.hessian.hvp import AUTO, AUTO_HESSIAN_PARTS
+from eigensam.hessian.closures import AUTO, AUTO_HESSIAN_PARTS
 from eigensam.hessian.tracker import METHODS as EIG_METHODS
 from eigensam.hessian.tracker import SCHEDULES as EIG_SCHEDULES
 from eigensam.hessian.tracker import TRACKER_BACKENDS
-from eigensam.lab.data import DATASETS, SYNTHETIC
-from eigensam.lab.models import MODELS
+from eigensam.lab.workloads.datasets import DATASETS, SYNTHETIC
+from eigensam.lab.workloads.models import MODELS
 from eigensam.optim.sam import SHARPNESS
 
 METHODS = ("sgd", "sam", "asam", "eigen-sam", "x-sam", "reverse-sam", "egr")
@@ -175,7 +175,7 @@ class TrainConfig:
 
     def _check_fsdp(self) -> None:
         """What ``strategy: fsdp`` cannot run (FSDP2's sharded parameters have no double
-        backward; see :mod:`eigensam.hessian.distributed`)."""
+        backward; see :mod:`eigensam.parallel`)."""
         if self.sharpness == "local":
             raise ValueError(
                 "sharpness local is not supported with strategy fsdp (FSDP2 keeps an "

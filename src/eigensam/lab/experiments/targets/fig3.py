@@ -13,13 +13,13 @@ from matplotlib.figure import Figure
 from eigensam.atomic import atomic_write
 from eigensam.hessian.analysis import trace
 from eigensam.hessian.dataset import DatasetHessian
-from eigensam.lab import tracking
-from eigensam.lab.checkpoints import fixed_batches, load_trained
+from eigensam.lab.curvature_reports import spectrum_report
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.config import TrainConfig
+from eigensam.lab.engine.trained_model import fixed_batches, load_trained
 from eigensam.lab.experiments.common import Plan, Results, Target, command, sweep_plan
 from eigensam.lab.experiments.report import Section, figure_title, fmt, paired_claim, save_figure
 from eigensam.lab.experiments.runs import Scale
-from eigensam.lab.reports import spectrum_report
-from eigensam.lab.run_config import TrainConfig
 
 EIGEN_ALPHAS = (0.05, 0.1, 0.4, 0.8)  # plus 0 (SAM) and 0.2 (the default) from table1's runs
 XSAM_ALPHAS = (0.25, 0.5, 1.5)  # plus 1 (the default) from table1's runs

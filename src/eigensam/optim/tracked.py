@@ -1,0 +1,215 @@
+"""The two-pass core plus an eigenvector tracker: :class:`TrackedSAM`, the base of Eigen-SAM and
+X-SAM, refreshes the estimate ``v̂`` of the top Hessian eigenvector before the first pass."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from eigensam.hessian.closures import (
+    AUTO,
+    Batch,
+    batch_size_of,
+    batch_split_closure,
+    check_hessian_parts,
+    hessian_parts_for,
+)
+from eigensam.hessian.hvp import Evaluation
+from eigensam.hessian.tracker import EigenTracker, choose_backend
+from eigensam.optim.sam import SAM, check_nonnegative
+from eigensam.parallel import local_forward
+
+LANCZOS_UNDER_FSDP2 = (
+    "eig_method={!r} is not supported under FSDP2 (fully_shard): its basis would need global "
+    "dot products with every stored vector; use eig_method='power'"
+)
+
+
+class TrackedSAM(SAM):
+    """SAM plus an :class:`EigenTracker` refreshed every ``eig_interval`` steps on the current
+    batch, before the first pass (so the estimate and the step see the same dropout masks).
+
+    ``hvp`` picks the Hessian-vector-product backend: ``"auto"`` (default: exact double
+    backward when the model supports it, else finite differences, decided once at the first
+    refresh with a warning, kept in ``state_dict``; the choice is ``tracker.backend``),
+    ``"autograd"``, ``"fd-central"`` or ``"fd-forward"`` (see :mod:`eigensam.hessian.hvp`).
+    ``eig_method`` is the solver (``"power"`` as in the paper, or ``"lanczos"`` for the
+    algebraically largest eigenvalue at the same cost), ``eig_schedule`` how the products are
+    spent (``"burst"``: all every ``eig_interval`` steps, as the paper; ``"spread"``: one every
+    ``eig_interval // eig_iters`` steps), and ``hessian_mode`` the mode of ``model`` during the
+    products: ``"eval"`` (default, as the official Eigen-SAM code: the products only estimate
+    ``v̂``, and in eval mode a BatchNorm network's loss is a sum of per-sample terms, so they can
+    be summed over micro-batches) or ``"train"``. Without ``model`` the products run in whatever
+    mode the model is in and cannot protect its BatchNorm statistics.
+
+    ``hessian_parts`` (memory-lean exact products): when ``step(closure, batch=(x, y))`` is
+    given the batch, a refresh sums the exact products of ``hessian_parts`` micro-batches
+    (tensors split along dimension 0, weighted by size; exact for a mean-reduced loss), one
+    double-backward graph alive at a time. ``"auto"`` (default) is
+    :data:`~eigensam.hessian.hvp.AUTO_HESSIAN_PARTS` (4) when ``model`` is known and no
+    BatchNorm layer is in train mode during the products, else 1, capped at the batch size; a
+    number > 1 with BatchNorm in train mode raises ``ValueError``.
+    Under ``DistributedDataParallel`` (``model`` the DDP wrapper) the products run on the inner
+    module and are averaged over the replicas: ``v̂`` is the global batch loss's, the same on
+    every rank, at one all-reduce per product. Under FSDP2 (``fully_shard``) ``v̂`` is stored
+    sharded like the parameters (each rank keeps its rows, about ``1/N`` of it), the products
+    are finite differences of FSDP's global gradients (``hvp="auto"`` picks
+    :data:`~eigensam.hessian.hvp.FD_FALLBACK`; ``"autograd"`` raises ``ValueError``: double
+    backward does not reach sharded parameters), power iteration's dot products and norms are
+    global, and ``v̂`` is the one process's estimate on the concatenated batch (to rounding);
+    ``eig_method="lanczos"`` is refused there. :mod:`eigensam.optim.checkpoint` saves and loads
+    the sharded state with ``torch.distributed.checkpoint``.
+
+    ``reuse_gradient`` (default True): on a refresh step, the gradient the refresh computed at
+    ``w`` on the same batch (same RNG state, same mode, BatchNorm statistics updated once) is the
+    step's first pass, bit for bit what the closure would give again, so the closure runs once
+    less. It applies when ``model`` is given, ``hessian_mode`` is the mode the model is in
+    (train: with the default ``hessian_mode="eval"``, only for a model in eval mode), the model
+    is not under DDP (there the refresh's gradient is this replica's) and the backend evaluates
+    the whole batch at ``w`` (``"autograd"`` without parts, ``"fd-forward"``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any] | nn.Module | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        alpha: float = 0.2,
+        *,
+        eig_interval: int = 100,
+        eig_iters: int = 5,
+        eig_method: str = "power",
+        eig_schedule: str = "burst",
+        hvp: str = AUTO,
+        hessian_mode: str = "eval",
+        hessian_parts: int | str = AUTO,
+        seed: int = 0,
+        reuse_gradient: bool = True,
+        **kwargs: Any,
+    ):
+        self._alpha = self._check_alpha(alpha)
+        super().__init__(params, base_optimizer, rho, **kwargs)
+        if hessian_mode not in ("train", "eval"):
+            raise ValueError(f"hessian_mode must be 'train' or 'eval', got {hessian_mode!r}")
+        if not isinstance(reuse_gradient, bool):
+            raise TypeError(f"reuse_gradient must be a bool, got {reuse_gradient!r}")
+        self.reuse_gradient = reuse_gradient
+        self.tracker = EigenTracker(
+            eig_interval,
+            eig_iters,
+            method=eig_method,
+            backend=hvp,
+            mode=hessian_mode,
+            seed=seed,
+            reduce=self.reduce,
+            schedule=eig_schedule,
+        )
+        self._reusable: Evaluation | None = None
+        if self.layout.sharded:  # refused now, before any pass or product
+            self._check_fsdp2()
+        self.hessian_parts = check_hessian_parts(hessian_parts)
+        # Checked now (an explicit number with BatchNorm in train mode raises); capped per batch.
+        self._parts = hessian_parts_for(hessian_parts, self.model, self.tracker.mode)
+
+    def _bind(self, closure: Callable[..., Tensor], batch: Batch | None) -> Callable[[], Tensor]:
+        """With ``batch``, on a refresh step, a :class:`~eigensam.hessian.hvp.SplitClosure` of
+        ``hessian_parts`` micro-batches (see the class docstring); else SAM's binding."""
+        if batch is None:
+            if isinstance(self.hessian_parts, int) and self.hessian_parts > 1:
+                raise ValueError(
+                    f"hessian_parts={self.hessian_parts} splits the batch, so step() needs it: "
+                    "step(closure, batch=(x, y)) with a closure that takes the batch's tensors"
+                )
+            return closure
+        parts = self._parts
+        if self.hessian_parts == AUTO:
+            parts = min(parts, batch_size_of(batch))
+        if parts == 1 or not self.tracker.due(self.sam_steps):
+            return super()._bind(closure, batch)
+        return batch_split_closure(closure, batch, parts)
+
+    def attach_ddp(self, wrapper: DistributedDataParallel) -> None:
+        """SAM's, and the tracker averages its products over the ranks too."""
+        super().attach_ddp(wrapper)
+        self.tracker.reduce = self.reduce
+
+    def attach_fsdp(self) -> None:
+        """SAM's, and the tracker's FSDP2 checks (finite-difference products, power
+        iteration)."""
+        super().attach_fsdp()
+        self._check_fsdp2()
+
+    def _check_fsdp2(self) -> None:
+        """Refuse what sharded parameters cannot run: exact products, Lanczos."""
+        choose_backend(self.tracker.requested_backend, self._params())
+        if self.tracker.method != "power":
+            raise ValueError(LANCZOS_UNDER_FSDP2.format(self.tracker.method))
+
+    def _rank_signature(self) -> dict[str, Any]:
+        """SAM's, plus the refresh schedule (replicas must run the same products)."""
+        t = self.tracker
+        settings = (t.interval, t.iters, t.method, t.schedule, t.backend, t.mode)
+        return {**super()._rank_signature(), "eigenvector refresh": settings}
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return {"alpha": self._alpha}
+
+    def _check_alpha(self, alpha: object) -> Any:
+        """Validate an ``alpha`` value (a real number ≥ 0)."""
+        return check_nonnegative("alpha", alpha)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        self._check_alpha(group["alpha"])
+
+    def _before_first_pass(self, closure: Callable[[], Tensor], scaler: Any) -> None:
+        self._reusable = None
+        if self.tracker.due(self.sam_steps):
+            self.update_eigenvector(closure, scaler)
+            if self.reuse_gradient and self.ddp is None:
+                self._reusable = self.tracker.evaluation
+            self.tracker.evaluation = None
+
+    def _first_pass(self, closure: Callable[[], Tensor]) -> Tensor:
+        """The refresh's evaluation at ``w`` when there is one (see ``reuse_gradient``), else
+        the closure's."""
+        reusable, self._reusable = self._reusable, None
+        if reusable is None:
+            return super()._first_pass(closure)
+        return reusable.apply()
+
+    def update_eigenvector(self, closure: Callable[[], Tensor], scaler: Any = None) -> None:
+        """Refresh the top-eigenvector estimate on the closure's batch (manual loops call this
+        themselves when ``tracker.due(sam_steps)``). Parameters' ``.grad`` are left as they were.
+        A non-finite product (fp16 overflow) keeps the previous estimate, with a warning."""
+        scale = 1.0 if scaler is None else float(scaler.get_scale())
+        try:
+            with local_forward(self.ddp):
+                self.tracker.update(closure, self._params(), self.model, loss_scale=scale)
+        except FloatingPointError as error:
+            if scaler is None and self.on_nonfinite == "raise":
+                raise
+            warnings.warn(f"eigenvector update skipped: {error}", RuntimeWarning, stacklevel=2)
+
+    def _group_slices(self) -> Iterable[tuple[dict[str, Any], slice]]:
+        """Each param group with the slice of the flat parameter vector it occupies (this
+        rank's part of it under FSDP2)."""
+        start = 0
+        shards = iter(self.layout.locals)
+        for group in self.param_groups:
+            size = sum(next(shards).numel() for _ in group["params"])
+            yield group, slice(start, start + size)
+            start += size
+
+    def state_dict(self) -> dict[str, Any]:
+        """Base optimizer state, step count and the eigenvector estimate (with its RNG)."""
+        return {**super().state_dict(), "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.tracker.load_state_dict(state_dict["tracker"])
