@@ -117,7 +117,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
-from eigensam.lab import distributed
+from eigensam.lab.engine import launch as distributed
 
 ranks = distributed.join("cpu")
 assert dist.is_initialized() and ranks.world_size == 2, ranks
