@@ -26,7 +26,8 @@ def test_every_module_has_a_reference_page():
         documented |= set(re.findall(r"^::: (\S+)\s*$", page.read_text(), re.M))
     missing = [name for name in public_modules() if name not in documented]
     assert not missing, (
-        f"modules without a reference page: {missing}; add a line `::: <module>` to the page "
-        "of docs/ it belongs to (and the page to `nav` in mkdocs.yml if it is new)"
+        f"modules without a reference page: {missing}; add a line `::: <module>` to the page of "
+        "docs/reference/ it belongs to (and the page to the Reference group of `nav` in mkdocs.yml "
+        "if it is new)"
     )
     assert documented <= set(public_modules()) | {"eigensam"}, documented - set(public_modules())
