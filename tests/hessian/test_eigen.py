@@ -164,6 +164,37 @@ def test_lanczos_float32_operator_returns_float32_unit_vectors():
     assert abs(float(result.eigenvector @ q[:, 0])) == pytest.approx(1.0, abs=1e-5)
 
 
+# A near-degenerate top spectrum, as on small MLPs: 0.160, 0.155, 0.149, 0.141, 0.133, then a bulk.
+NEAR_DEGENERATE = [0.160, 0.155, 0.149, 0.141, 0.133] + torch.linspace(0.1, -0.02, 495).tolist()
+
+
+def test_lanczos_reaches_float64_precision_on_a_near_degenerate_spectrum():
+    h, _ = matrix(NEAR_DEGENERATE)
+    results = lanczos(lambda v: h @ v, start(500), 40, k=5)
+    truth = torch.linalg.eigvalsh(h).flip(0)[:5]
+    errors = [abs(r.eigenvalue - float(t)) / float(t) for r, t in zip(results, truth, strict=True)]
+    assert max(errors) < 1e-13
+
+
+def test_lanczos_tolerance_rule_bounds_the_eigenvalue_error():
+    """Stopping at residual r ≤ tol·|θ| leaves |θ − λ| ≤ r²/δ (Kato–Temple), far below tol·|θ|."""
+    h, _ = matrix(NEAR_DEGENERATE)
+    truth = torch.linalg.eigvalsh(h).flip(0)
+    results = lanczos(lambda v: h @ v, start(500), 100, k=2, tol=1e-3)
+    assert results[0].num_matvecs < 100
+    for i, result in enumerate(results):
+        gap = min(abs(result.eigenvalue - float(t)) for j, t in enumerate(truth) if j != i)
+        error = abs(result.eigenvalue - float(truth[i]))
+        assert error <= result.residual**2 / gap
+        assert result.residual <= 1e-3 * abs(result.eigenvalue)
+
+
+def test_lanczos_refuses_products_more_precise_than_its_vectors():
+    h, _ = matrix([3.0, 1.0, 0.0, -1.0])
+    with pytest.raises(TypeError, match="float64 products for torch.float32"):
+        lanczos(lambda v: h @ v.double(), 4, 3, generator=torch.Generator().manual_seed(7))
+
+
 def test_lanczos_accepts_a_dimension_and_a_generator():
     h, _ = matrix([3.0, 1.0, 0.0, -1.0])
     runs = [

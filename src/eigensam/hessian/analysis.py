@@ -112,7 +112,9 @@ def top_eigenvalues(
 
     ``method="lanczos"`` (default): :func:`~eigensam.hessian.eigen.lanczos` with full
     reorthogonalization, at most ``num_iters`` products, stopping once every wanted pair has
-    ``residual ≤ tol·|λ|``; ``which`` is "LA" (algebraically largest, default), "SA" or "LM".
+    ``residual ≤ tol·|λ|`` (the eigenvalue is then within ``tol²·|λ|²/δ`` of the truth, ``δ`` the
+    gap to the rest of the spectrum; ``tol=None`` uses all ``num_iters`` products, for float64
+    precision); ``which`` is "LA" (algebraically largest, default), "SA" or "LM".
     Keeps ``num_iters`` vectors of length ``dim`` in memory.
     ``method="power"``: :func:`~eigensam.hessian.eigen.deflated_power_iteration`, at most
     ``num_iters`` products per pair; it finds the largest *magnitude* ("LM" only).

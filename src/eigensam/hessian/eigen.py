@@ -156,10 +156,18 @@ def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
 
 
 def _checked_matvec(matvec: MatVec, v: Tensor, step: int) -> Tensor:
+    """``matvec(v)`` checked: same shape as ``v``, finite, and no more precise than ``v`` (the
+    basis would round a float64 product to float32, capping the Ritz values at ~1e-8 relative
+    error whatever the number of steps)."""
     hv = matvec(v.clone())
     if not isinstance(hv, Tensor) or hv.shape != v.shape:
         shape = tuple(hv.shape) if isinstance(hv, Tensor) else type(hv).__name__
         raise ValueError(f"matvec must return a tensor of shape {tuple(v.shape)}, got {shape}")
+    if torch.promote_types(hv.dtype, v.dtype) != v.dtype:
+        raise TypeError(
+            f"matvec returned {hv.dtype} products for {v.dtype} Lanczos vectors, which would "
+            f"round them to {v.dtype}; start from a {hv.dtype} v0 (or pass dtype={hv.dtype})"
+        )
     if not torch.isfinite(hv).all():
         raise FloatingPointError(f"Hessian-vector product is not finite at iteration {step}")
     return hv.to(v.dtype)
@@ -299,7 +307,13 @@ def lanczos(
     ``residual`` is ``|β_m · s_i[m]|`` (``β_m`` the last Lanczos coefficient, ``s_i[m]`` the last
     component of ``s_i``), which equals ``‖H y_i − θ_i y_i‖`` for an orthonormal basis and costs no
     product. ``converged`` means ``residual ≤ tol · |θ_i|``; with ``tol`` set the iteration stops
-    as soon as all ``k`` wanted pairs satisfy it. If the Krylov space becomes invariant
+    as soon as all ``k`` wanted pairs satisfy it. Tolerance rule: a Ritz value with residual
+    ``r`` lies within ``r`` of an eigenvalue of ``H``, and within ``r²/δ`` when ``δ`` is the gap
+    to the rest of the spectrum (the Kato–Temple inequality; Parlett, *The Symmetric Eigenvalue
+    Problem*, ch. 10), so stopping at ``tol`` leaves a relative eigenvalue error of at most
+    ``tol² · |θ_i| / δ`` (and at most ``tol``). For float64 precision pass ``tol=None`` (all
+    ``num_iters`` products) or ``tol ≈ 1e-8``, with float64 vectors: a product more precise than
+    the vectors raises TypeError instead of being rounded. If the Krylov space becomes invariant
     (``β ≈ 0``) the iteration stops and the pairs are exact (``converged=True``); if that happens
     before ``k`` vectors exist, it continues from a random vector drawn from ``generator``
     orthogonal to the basis. ``v0`` may be an int dimension: a random start from ``generator``
