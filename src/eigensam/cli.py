@@ -122,6 +122,7 @@ def _config_overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[st
 
 COMPARE_FLAGS = (
     "train_subset",
+    "label_noise",
     "val_fraction",
     "data_dir",
     "download",

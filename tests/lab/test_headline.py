@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from eigensam.lab.engine import run_folder as tracking
-from eigensam.lab.experiments.convergence import FIT_FILE, converged
+from eigensam.lab.experiments.convergence import FIT_FILE, HELD_OUT_FILE, converged
 from eigensam.lab.experiments.runs import make_scale
 from eigensam.lab.experiments.targets import headline
 from eigensam.lab.experiments.verdicts import CONTRADICTED, INCONCLUSIVE, REPRODUCES
@@ -31,6 +31,8 @@ def finished_runs(tmp_path, sgd_train_acc=1.0):
             (config.run_dir / tracking.METRICS_FILE).write_text("")
             fit = sgd_train_acc if method == "sgd" else fit
             tracking.write_json(config.run_dir / FIT_FILE, {"train_fit_acc": fit})
+            held_out = {"held_out_acc": acc + 0.001}
+            tracking.write_json(config.run_dir / HELD_OUT_FILE, held_out)
     return scale, plan
 
 
@@ -38,12 +40,13 @@ def test_headline_table_criterion_and_verdicts(tmp_path):
     scale, plan = finished_runs(tmp_path)
     (tmp_path / "out").mkdir()
     section = headline.analyze(scale, plan, tmp_path / "out")
-    assert "| sgd | 3 | 120 | 100.00 ± 0.00 | 81.00 ± 0.50 | 1.20 ± 0.25 |" in section.body
+    row = "| sgd | 3 | 120 | 100.00 ± 0.00 | 81.00 ± 0.50 | 81.10 ± 0.50 | 1.20 ± 0.25 |"
+    assert row in section.body
     assert "every seed): met" in section.body
     verdicts = {c.claim.split(" (")[0]: c.verdict for c in section.claims}
-    assert verdicts["SAM has a higher test accuracy than SGD"] == REPRODUCES  # +1.0 ± small
+    assert verdicts["SAM has a higher held-out accuracy than SGD"] == REPRODUCES  # +1.0 ± small
     # Eigen-SAM − SAM = −0.5 points on every seed: a significant opposite sign.
-    assert verdicts["Eigen-SAM has a higher test accuracy than SAM"] == CONTRADICTED
+    assert verdicts["Eigen-SAM has a higher held-out accuracy than SAM"] == CONTRADICTED
     assert verdicts["SAM ends at a lower λ₁ than SGD"] == REPRODUCES
     assert verdicts["Eigen-SAM aligns ε with v₁ better than SAM"] == REPRODUCES
     assert verdicts["Eigen-SAM ends at a lower λ₁ than SAM"] == INCONCLUSIVE

@@ -13,7 +13,13 @@ from tiny_runs import tiny
 from eigensam.cli import main
 from eigensam.lab.engine.config import TrainConfig
 from eigensam.lab.experiments import reproduce
-from eigensam.lab.experiments.report import Section, not_testable, write_report
+from eigensam.lab.experiments.report import (
+    Section,
+    not_testable,
+    paired_claim,
+    read_section_claims,
+    write_report,
+)
 from eigensam.lab.experiments.runs import (
     SideTask,
     check_runs,
@@ -131,15 +137,61 @@ def test_cli_reports_bad_input_before_training(tmp_path, capsys):
 
 def test_report_states_scales_rules_and_times(tmp_path):
     scale = make_scale("cpu", tmp_path)
-    header = reproduce._header("table2", scale, 600.0, 540.0, 2, (15, 1800.0), 1100.0)
+    generated = reproduce._generated("table2", scale, 600.0, 540.0, 2, (15, 1800.0), 1100.0)
     claim = not_testable("ViT-B-16", "98.5", "needs a GPU")
     section = Section("table2", "Table 2", "eigensam reproduce table2", "body\n", [], [claim])
     report = tmp_path / "report.md"
-    write_report([section], report, header=header)
+    write_report([section], report, header=reproduce._header(scale), generated=generated)
     text = report.read_text()
-    assert "10.0 min" in text and "1100 CPU-seconds" in text and "short CPU scale" in text
-    assert "## Verdicts" in text and "not testable on CPU" in text and "Deviations" in text
+    assert "short CPU scale" in text and "Deviations" in text
     assert "*contradicted*" in text and "*inconclusive*" in text and "MDE" in text
+    assert '## Verdicts\n\n--8<-- "report/verdicts.md"' in text
+    assert '--8<-- "report/table2.md"' in text
+    part = (tmp_path / "report" / "table2.md").read_text()
+    assert "10.0 min" in part and "1100 CPU-seconds" in part and "15 runs took 0.50 h" in part
+    assert "not testable on CPU" in (tmp_path / "report" / "verdicts.md").read_text()
+
+
+def claim_section(target: str, verdict_value: float) -> Section:
+    claim = paired_claim(
+        f"{target} claim", "+0.2", [verdict_value, verdict_value + 0.1], [0.0, 0.0], expect=1
+    )
+    return Section(target, target.title(), f"eigensam reproduce {target}", "body\n", [], [claim])
+
+
+def test_one_target_is_regenerated_without_touching_the_others(tmp_path):
+    """Each target's section is its own file; rewriting one keeps the others' files and
+    rebuilds the page's includes and verdict table from every section file present."""
+    page = tmp_path / "docs" / "reproduction.md"
+    order = ["headline", "table1", "fig1"]
+    write_report(
+        [claim_section("table1", 1.0), claim_section("fig1", 2.0)],
+        page,
+        header="# R\n",
+        order=order,
+    )
+    folder = page.parent / "reproduction"
+    fig1 = (folder / "fig1.md").read_text()
+    write_report([claim_section("headline", 3.0)], page, header="# R\n", order=order)
+    write_report([claim_section("table1", 5.0)], page, header="# R\n", order=order)
+    assert (folder / "fig1.md").read_text() == fig1  # untouched
+    assert "+5.05" in (folder / "table1.md").read_text()  # rewritten
+    text = page.read_text()
+    includes = [line for line in text.splitlines() if line.startswith("--8<--")]
+    assert includes == [
+        '--8<-- "reproduction/verdicts.md"',
+        '--8<-- "reproduction/headline.md"',
+        '--8<-- "reproduction/table1.md"',
+        '--8<-- "reproduction/fig1.md"',
+    ]
+    rows = (folder / "verdicts.md").read_text().splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| headline claim",
+        "| table1 claim",
+        "| fig1 claim",
+    ]
+    assert "+5.05" in rows[1]
+    assert read_section_claims(page, "fig1")[0] == claim_section("fig1", 2.0).claims[0]
 
 
 @pytest.mark.slow  # 8 tiny training runs: about a minute on an idle 2-core CPU
@@ -153,7 +205,8 @@ def test_fig1_and_fig5_end_to_end_on_synthetic_data(tmp_path):
     verdicts = {c.verdict for s in sections for c in s.claims}
     assert verdicts <= set(VERDICTS) and len(sections[0].claims) == 6
     text = report.read_text()
-    assert "## Verdicts" in text and "fig1-fig1.png" in text
+    assert "## Verdicts" in text and '--8<-- "report/fig1.md"' in text
+    assert "(report_figures/fig1-fig1.png)" in (tmp_path / "report" / "fig1.md").read_text()
     assert (tmp_path / "report_figures" / "fig1-fig1.png").is_file()
     assert (tmp_path / "fig1" / "fig1.json").is_file()
     # fig5 reuses fig1's runs (nothing retrained) and measures their mid-training snapshots.

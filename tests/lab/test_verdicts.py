@@ -119,3 +119,29 @@ def test_bound_claim_three_ways():
     assert bound_claim("c", "p", [0.1, 0.12, 0.09], below=0.5).verdict == REPRODUCES
     assert bound_claim("c", "p", [0.9, 0.92, 0.89], below=0.5).verdict == CONTRADICTED
     assert bound_claim("c", "p", [0.1, 0.9, 0.5], below=0.5).verdict == INCONCLUSIVE
+
+
+@pytest.mark.parametrize(("sd", "effect"), [(0.65, 0.5), (0.75, 0.2), (0.3, 0.2), (1.2, 0.3)])
+def test_planner_seeds_against_the_closed_form(sd, effect):
+    """The normal closed form n = ⌈((z_.975 + z_.8)·σ/δ)²⌉ (2.8016² = 7.849), and the t form
+    it bounds from below by at most two seeds here."""
+    closed = math.ceil(7.84888 * sd**2 / effect**2)
+    plan = verdicts.plan_power(sd, effect, 5)
+    assert plan.needed_normal == closed
+    assert closed <= plan.needed <= closed + 2
+    assert (
+        min_detectable_effect(sd, plan.needed)
+        <= effect
+        < min_detectable_effect(sd, plan.needed - 1)
+    )
+    assert plan.mde == pytest.approx(min_detectable_effect(sd, 5))
+    assert plan.powered == (plan.needed <= 5)
+    assert plan.cpu_hours(360.0) == pytest.approx(max(0, plan.needed - 5) * 0.1)
+
+
+def test_planner_mde_reached_with_n_seeds():
+    # 16 seeds at SD 0.65: (t_.975,15 + t_.8,15)·0.65/4 = (2.13145 + 0.86624)·0.1625.
+    plan = verdicts.plan_power(0.65, 0.5, 16)
+    assert plan.mde == pytest.approx((2.131449546 + 0.866245) * 0.65 / 4, rel=1e-5)
+    assert plan.powered and plan.cpu_hours(100.0) == 0
+    assert verdicts.seeds_needed_normal(1.0, 0.0) is None

@@ -49,7 +49,12 @@ class TrainConfig:
     download: bool = _opt(False, "download a missing dataset with torchvision")
     train_subset: int | None = _opt(None, "train on a seeded random subset of this size")
     val_fraction: float = _opt(0.0, "fraction of the training (sub)set held out for validation")
-    data_seed: int = _opt(0, "seed of the subset and validation split (shared by all seeds)")
+    data_seed: int = _opt(
+        0, "seed of the subset, validation split and label noise (shared by all seeds)"
+    )
+    label_noise: float = _opt(
+        0.0, "fraction of the training labels flipped to another class, in [0, 1)"
+    )
     augment: bool = _opt(True, "random crop (pad 4) and flip as in data.default_augmentation")
     model: str = _opt("simplecnn", f"one of {', '.join(MODELS)}")
     width: float = _opt(1.0, "width multiplier of the model")
@@ -106,6 +111,7 @@ class TrainConfig:
             _check_int("train_subset", self.train_subset, 1)
         _check_real("val_fraction", self.val_fraction, 0, 1, high_open=True)
         _check_int("data_seed", self.data_seed, 0)
+        _check_real("label_noise", self.label_noise, 0, 1, high_open=True)
         _check_bool("augment", self.augment)
         _check_choice("model", self.model, tuple(MODELS))
         _check_real("width", self.width, 0, low_open=True)

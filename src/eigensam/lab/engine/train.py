@@ -69,12 +69,12 @@ from eigensam.lab.engine.config import (
 from eigensam.lab.engine.evaluation import EVAL_BATCH_SIZE, evaluate, evaluation_sums
 from eigensam.lab.engine.optimizers import make_optimizer, make_scheduler
 from eigensam.lab.engine.sharpness_probe import SharpnessProbe, mean_or_none
+from eigensam.lab.engine.trained_model import training_data
 from eigensam.lab.workloads.datasets import (
     BatchLoader,
     DataSplits,
     TensorData,
     default_augmentation,
-    load_dataset,
 )
 from eigensam.lab.workloads.models import build_model, kaiming_init
 from eigensam.optim import SAM
@@ -204,16 +204,8 @@ class Trainer:
         self.sharded = self.ranks.distributed and config.strategy == "fsdp"
         self._sharded_saved: set[str] = set()  # sharded folders this run wrote or loaded
         self.device = check_device(device)
-        if data is None:
-            data = load_dataset(
-                config.dataset,
-                config.data_dir,
-                config.train_subset,
-                config.val_fraction,
-                config.data_seed,
-                config.download,
-            )
-        self.data = data
+        self.data = training_data(config) if data is None else data
+        data = self.data
         torch.manual_seed(config.seed)
         self.model = build_model(
             config.model, data.num_classes, data.in_channels, data.image_size, config.width

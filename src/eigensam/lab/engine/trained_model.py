@@ -11,7 +11,7 @@ from torch.distributed.checkpoint import CheckpointException
 from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.engine.config import TrainConfig, checkpoint_config
 from eigensam.lab.engine.launch import load_sharded_weights
-from eigensam.lab.workloads.datasets import load_dataset
+from eigensam.lab.workloads.datasets import DataSplits, load_dataset
 from eigensam.lab.workloads.models import build_model
 
 Batch = tuple[Tensor, Tensor]
@@ -27,6 +27,20 @@ class TrainedModel:
     tracker_vector: Tensor | None
     folder: Path
     step: int
+
+
+def training_data(config: TrainConfig) -> DataSplits:
+    """The data a run of ``config`` trains on: its seeded subset, validation split and (noisy)
+    training labels."""
+    return load_dataset(
+        config.dataset,
+        config.data_dir,
+        config.train_subset,
+        config.val_fraction,
+        config.data_seed,
+        config.download,
+        config.label_noise,
+    )
 
 
 def checkpoint_file(path: Path | str) -> Path:
@@ -81,7 +95,7 @@ def fixed_batches(
     for name, value, low in (("data_subset", num_samples, 1), ("batch_size", batch_size, 1)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    train = load_dataset(config.dataset, config.data_dir, config.train_subset).train
+    train = training_data(config).train
     if offset + num_samples > len(train.labels):
         raise ValueError(
             f"data_subset: {num_samples} samples from index {offset} exceed the "

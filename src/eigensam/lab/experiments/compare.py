@@ -13,7 +13,8 @@ from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.engine.config import TrainConfig, check_same_run, config_from_dict, load_config
 from eigensam.lab.engine.launch import barrier, is_main
 from eigensam.lab.engine.train import Trainer
-from eigensam.lab.workloads.datasets import DataSplits, load_dataset
+from eigensam.lab.engine.trained_model import training_data
+from eigensam.lab.workloads.datasets import DataSplits
 
 COMPARISON_TABLE = "comparison.md"
 COMPARISON_PLOT = "comparison.png"
@@ -121,15 +122,7 @@ def plan_comparison(
                 check_same_run(load_config(snapshot), config, config.run_dir)
             configs[method, seed] = config
     first = next(iter(configs.values()))
-    data = load_dataset(
-        first.dataset,
-        first.data_dir,
-        first.train_subset,
-        first.val_fraction,
-        first.data_seed,
-        first.download,
-    )
-    return Comparison(out, configs, data)
+    return Comparison(out, configs, training_data(first))
 
 
 def compare(

@@ -8,6 +8,8 @@ the seeds needed to detect the paper's effect.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -207,26 +209,89 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# The report file
+# The report: one page, one generated file per target
+
+VERDICTS_FILE = "verdicts.md"
+
+
+def section_folder(page: Path) -> Path:
+    """Where the sections of the report ``page`` lie: ``<folder of page>/<page's stem>/``."""
+    return page.parent / page.stem
+
+
+def claim_from_dict(values: Mapping[str, Any]) -> Claim:
+    """A :class:`Claim` back from its JSON form (``dataclasses.asdict``)."""
+    power = values.get("power")
+    return Claim(**{**values, "power": None if power is None else Power(**power)})
+
+
+def write_section(section: Section, page: Path, generated: str = "") -> Path:
+    """Write one target's part of the report ``page``: ``<stem>/<target>.md`` (its title,
+    command, ``generated`` note, body, figures and claims) and ``<stem>/<target>.json`` (its
+    claims as data, from which the page's verdict table is built). Figures are copied to
+    ``<stem>_figures/`` and linked relative to the page, which includes the section. Other
+    targets' files are left as they are."""
+    folder, figures_dir = section_folder(page), page.parent / f"{page.stem}_figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    note = f" {generated}" if generated else ""
+    parts = [f"## {section.title}\n\nRegenerate: `{section.command}`.{note}\n\n{section.body}"]
+    for figure in section.figures:
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        copy = figures_dir / f"{section.target}-{figure.name}"
+        shutil.copyfile(figure, copy)
+        link = Path(os.path.relpath(copy, page.parent)).as_posix()
+        parts.append(f"![{section.target} {figure.stem}]({link})\n")
+    if section.claims:
+        parts.append(claims_table(section.claims))
+    tracking.write_text(folder / f"{section.target}.md", "\n".join(parts))
+    claims = [dataclasses.asdict(c) for c in section.claims]
+    data = {"target": section.target, "title": section.title, "claims": claims}
+    tracking.write_json(folder / f"{section.target}.json", data)
+    return folder / f"{section.target}.md"
+
+
+def read_section_claims(page: Path, target: str) -> list[Claim]:
+    """The claims a target's section file of ``page`` holds (none when it has no file)."""
+    file = section_folder(page) / f"{target}.json"
+    if not file.is_file():
+        return []
+    return [claim_from_dict(c) for c in json.loads(file.read_text(encoding="utf-8"))["claims"]]
+
+
+def written_targets(page: Path, order: Sequence[str]) -> list[str]:
+    """The targets with a section file for ``page``: those of ``order`` first, in that order,
+    then any others by name."""
+    folder = section_folder(page)
+    present = {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
+    return [t for t in dict.fromkeys(order) if t in present] + sorted(present - set(order))
+
+
+def write_page(page: Path, header: str, order: Sequence[str]) -> None:
+    """Rebuild the report ``page`` from the section files present: the ``header``, the table of
+    every section's claims (``<stem>/verdicts.md``), then each section, each included by
+    ``pymdownx.snippets`` (``--8<--``, paths relative to the page's folder)."""
+    targets = written_targets(page, order)
+    folder = section_folder(page)
+    claims = [c for t in targets for c in read_section_claims(page, t)]
+    folder.mkdir(parents=True, exist_ok=True)
+    tracking.write_text(folder / VERDICTS_FILE, claims_table(claims) if claims else "")
+    stem = folder.name
+    parts = [header, "## Verdicts\n", f'--8<-- "{stem}/{VERDICTS_FILE}"\n']
+    parts += [f'--8<-- "{stem}/{t}.md"\n' for t in targets]
+    tracking.write_text(page, "\n".join(parts))
 
 
 def write_report(
-    sections: Sequence[Section], path: Path, *, header: str, figures_dir: Path | None = None
+    sections: Sequence[Section],
+    path: Path,
+    *,
+    header: str,
+    order: Sequence[str] = (),
+    generated: str = "",
 ) -> None:
-    """Write the markdown report to ``path``: the header, a table of every claim, then each
-    section. Figures are copied next to it (``<stem>_figures/``) so the report is readable
-    wherever it is moved with that folder."""
-    figures_dir = figures_dir or path.parent / f"{path.stem}_figures"
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    claims = [c for s in sections for c in s.claims]
-    parts = [header, "## Verdicts\n", claims_table(claims)] if claims else [header]
+    """Write each section's files (:func:`write_section`) and rebuild the page ``path``
+    (:func:`write_page`): the sections of targets not in ``sections`` keep their files, so one
+    target can be regenerated without the others."""
     for section in sections:
-        parts.append(f"## {section.title}\n\nRegenerate: `{section.command}`.\n\n{section.body}")
-        for figure in section.figures:
-            copy = figures_dir / f"{section.target}-{figure.name}"
-            shutil.copyfile(figure, copy)
-            link = Path(os.path.relpath(copy, path.parent)).as_posix()
-            parts.append(f"![{section.target} {figure.stem}]({link})\n")
-        if section.claims:
-            parts.append(claims_table(section.claims))
-    tracking.write_text(path, "\n".join(parts))
+        write_section(section, path, generated)
+    write_page(path, header, [*order, *(s.target for s in sections)])

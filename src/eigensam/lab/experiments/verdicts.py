@@ -108,6 +108,55 @@ def seeds_needed(sd: float, effect: float) -> int | None:
     return None
 
 
+def seeds_needed_normal(sd: float, effect: float) -> int | None:
+    """The closed form ``⌈((z_{0.975} + z_{0.8})·sd/effect)²⌉`` of the seeds a paired test
+    needs to detect ``effect`` at 80% power (two-sided 5%), from the normal approximation: a
+    lower bound of :func:`seeds_needed` (the t form adds a seed or two at small ``n``). None for
+    an effect of 0."""
+    if effect == 0:
+        return None
+    return max(2, math.ceil(((Z_975 + Z_80) * sd / abs(effect)) ** 2))
+
+
+@dataclass(frozen=True)
+class PowerPlan:
+    """The power analysis of one paired comparison: at the paired standard deviation ``sd``,
+    ``n`` seeds detect effects of at least ``mde`` (80% power, two-sided 5%); ``needed`` seeds
+    (t form; ``needed_normal``, the closed normal form) would detect the paper's ``effect``."""
+
+    sd: float
+    effect: float
+    n: int
+    mde: float
+    needed: int | None
+    needed_normal: int | None
+
+    @property
+    def powered(self) -> bool:
+        """Whether ``n`` seeds reach 80% power for ``effect`` (MDE ≤ |effect|)."""
+        return self.mde <= abs(self.effect)
+
+    def cpu_hours(self, seconds_per_seed: float) -> float | None:
+        """CPU-hours of the seeds still missing to reach ``needed``, at ``seconds_per_seed``
+        (the runs of one seed of the comparison); None when ``needed`` is unknown."""
+        if self.needed is None:
+            return None
+        return max(0, self.needed - self.n) * seconds_per_seed / 3600
+
+
+def plan_power(sd: float, effect: float, n: int) -> PowerPlan:
+    """The :class:`PowerPlan` of a paired comparison with difference SD ``sd`` over ``n`` seeds
+    against the paper's ``effect``."""
+    return PowerPlan(
+        sd,
+        effect,
+        n,
+        min_detectable_effect(sd, n),
+        seeds_needed(sd, effect),
+        seeds_needed_normal(sd, effect),
+    )
+
+
 @dataclass(frozen=True)
 class Evidence:
     """A measured effect: estimate, half-width of its 95% interval (None below two values),

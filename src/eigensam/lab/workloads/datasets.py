@@ -389,6 +389,46 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return int(value)
 
 
+def _subset_order(n: int, seed: int) -> Tensor:
+    """The seeded permutation of ``range(n)`` whose first entries form a training subset."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def held_out_indices(n: int, train_subset: int | None, seed: int) -> Tensor:
+    """Sorted indices of the ``n`` training images that the seeded ``train_subset`` of
+    :func:`load_dataset` (same ``seed``) leaves unused: the entries of the seeded permutation
+    after its first ``train_subset``; empty when the whole training set is used."""
+    n = _check_int("n", n, 1)
+    if train_subset is None:
+        return torch.empty(0, dtype=torch.long)
+    size = _check_int("train_subset", train_subset, 1, n)
+    return _subset_order(n, seed)[size:].sort().values
+
+
+def flip_labels(labels: Tensor, fraction: float, num_classes: int, seed: int) -> Tensor:
+    """Symmetric label noise: a copy of ``labels`` in which exactly ``round(fraction · N)``
+    seeded positions get a different class, drawn uniformly from the other
+    ``num_classes − 1``; ``fraction`` in [0, 1)."""
+    fraction = check_label_noise(fraction)
+    num_classes = _check_int("num_classes", num_classes, 2)
+    generator = torch.Generator().manual_seed(seed)
+    count = round(fraction * labels.shape[0])
+    chosen = torch.randperm(labels.shape[0], generator=generator)[:count]
+    shift = torch.randint(1, num_classes, (count,), generator=generator)
+    noisy = labels.clone()
+    noisy[chosen] = (labels[chosen] + shift) % num_classes
+    return noisy
+
+
+def check_label_noise(fraction: object) -> float:
+    """``fraction`` when it is a number in [0, 1) (the share of training labels flipped)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        raise ValueError(f"label_noise must be a fraction in [0, 1), got {fraction!r}")
+    if not 0 <= fraction < 1:
+        raise ValueError(f"label_noise must be a fraction in [0, 1), got {fraction!r}")
+    return float(fraction)
+
+
 def _split_indices(
     n: int, train_subset: int | None, val_fraction: float, seed: int
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -400,7 +440,7 @@ def _split_indices(
     if train_subset is None and val_fraction == 0:
         return None, None
     size = n if train_subset is None else train_subset
-    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+    chosen = _subset_order(n, seed)[:size]
     num_val = round(val_fraction * size)
     if val_fraction > 0 and not 1 <= num_val < size:
         raise ValueError(
@@ -428,16 +468,56 @@ def load_dataset(
     val_fraction: float = 0.0,
     seed: int = 0,
     download: bool = False,
+    label_noise: float = 0.0,
 ) -> DataSplits:
     """Load ``name`` as normalized in-memory tensors.
 
     ``train_subset`` keeps a seeded random subset of the training set and ``val_fraction``
-    moves a seeded fraction of the (sub)set into ``val``. For ``"synthetic"`` the training set
-    size is ``train_subset`` (default 512, test 256) and the data are fixed (generation seed 0);
-    ``seed`` only drives the validation split.
+    moves a seeded fraction of the (sub)set into ``val``. ``label_noise`` flips that fraction of
+    the training split's labels (:func:`flip_labels`, seeded by ``seed``); validation and test
+    labels stay clean. For ``"synthetic"`` the training set size is ``train_subset`` (default
+    512, test 256) and the data are fixed (generation seed 0); ``seed`` only drives the
+    validation split and the label noise.
     """
     if not (isinstance(val_fraction, int | float) and 0 <= val_fraction < 1):
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    check_label_noise(label_noise)
+    data = _load_splits(name, data_dir, train_subset, val_fraction, seed, download)
+    if label_noise:
+        labels = flip_labels(data.train.labels, label_noise, data.num_classes, seed)
+        data.train = TensorData(data.train.images, labels)
+    return data
+
+
+def load_held_out(
+    name: str,
+    data_dir: PathLike | None = None,
+    train_subset: int | None = None,
+    seed: int = 0,
+    download: bool = False,
+) -> TensorData:
+    """Every image of ``name`` that a run on the seeded ``train_subset`` (same ``seed``) never
+    trains on, with its true label: the unused training images (:func:`held_out_indices`)
+    followed by the test set. Disjoint from the training subset and from its validation
+    split; the whole test set when the whole training set is used (or for ``"synthetic"``)."""
+    if name == SYNTHETIC:
+        return load_dataset(name, data_dir, train_subset, seed=seed).test
+    spec = _spec(name)
+    (train_x, train_y), (test_x, test_y) = spec.read(locate_dataset(name, data_dir, download))
+    unused = held_out_indices(len(train_y), train_subset, seed).numpy()
+    images = np.concatenate([train_x[unused], test_x])
+    labels = np.concatenate([train_y[unused], test_y])
+    return _normalize(images, labels, spec)
+
+
+def _load_splits(
+    name: str,
+    data_dir: PathLike | None,
+    train_subset: int | None,
+    val_fraction: float,
+    seed: int,
+    download: bool,
+) -> DataSplits:
     if name == SYNTHETIC:
         size = 512 if train_subset is None else _check_int("train_subset", train_subset, 1)
         data = make_synthetic(size, 256)
