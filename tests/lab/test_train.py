@@ -293,14 +293,14 @@ def test_eigen_sam_perturbation_is_the_one_applied_when_a_refresh_is_due() -> No
     predicted, preview = applied_perturbation(opt, grad, closure)
     assert opt.tracker.vector is None  # the optimizer's own tracker is untouched
     applied = []
-    first_step = opt.first_step
+    ascend = opt._ascend  # the move to w + ε inside step()
 
-    def recording_first_step(zero_grad: bool = False) -> None:
+    def recording_ascend(zero_grad: bool) -> None:
         params = opt._params()
         applied.append(opt.perturbation(flatten([p.grad for p in params], params)))
-        first_step(zero_grad)
+        ascend(zero_grad)
 
-    opt.first_step = recording_first_step
+    opt._ascend = recording_ascend  # type: ignore[method-assign]
     opt.step(closure)
     torch.testing.assert_close(predicted, applied[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(preview.vector, opt.tracker.vector)

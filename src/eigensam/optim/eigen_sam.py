@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
-from eigensam.hessian.closures import (
-    AUTO,
-)
+from eigensam.hessian.closures import AUTO
 from eigensam.optim.sam import check_nonnegative, plain_norm_is_accurate, unit
 from eigensam.optim.tracked import TrackedSAM
 
@@ -49,14 +48,37 @@ class EigenSAM(TrackedSAM):
     ``Align(ε, v̂)`` reaches ``target_align`` (default 0, i.e. ``|cos(ε, v̂)| = ½``): the closed
     form :func:`auto_alpha`, capped at ``alpha_max`` (default 1). The α used last is
     ``last_alpha``.
+
+    The refresh of ``v̂`` (``eig_*``, ``hvp``, ``hessian_mode``, ``hessian_parts``, ``seed``,
+    ``reuse_gradient``) is :class:`~eigensam.optim.tracked.TrackedSAM`'s; ``rho``, ``model``,
+    ``on_nonfinite``, ``sharpness`` and the base optimizer's keyword arguments are
+    :class:`~eigensam.optim.sam.SAM`'s (``adaptive=True`` is refused).
     """
 
     def __init__(
         self,
-        *args: Any,
+        params: Iterable[Any] | nn.Module | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        alpha: float | str = 0.2,
+        *,
         target_align: float = 0.0,
         alpha_max: float = 1.0,
-        **kwargs: Any,
+        eig_interval: int = 100,
+        eig_iters: int = 5,
+        eig_method: str = "power",
+        eig_schedule: str = "burst",
+        hvp: str = AUTO,
+        hessian_mode: str = "eval",
+        hessian_parts: int | str = AUTO,
+        seed: int = 0,
+        reuse_gradient: bool = True,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        model: nn.Module | None = None,
+        on_nonfinite: str = "raise",
+        sharpness: str = "global",
+        **base_kwargs: Any,
     ):
         if isinstance(target_align, bool) or not isinstance(target_align, int | float):
             raise TypeError(
@@ -67,7 +89,27 @@ class EigenSAM(TrackedSAM):
         self.target_align = float(target_align)
         self.alpha_max = check_nonnegative("alpha_max", alpha_max)
         self.last_alpha: float | None = None
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            rho,
+            alpha,
+            eig_interval=eig_interval,
+            eig_iters=eig_iters,
+            eig_method=eig_method,
+            eig_schedule=eig_schedule,
+            hvp=hvp,
+            hessian_mode=hessian_mode,
+            hessian_parts=hessian_parts,
+            seed=seed,
+            reuse_gradient=reuse_gradient,
+            adaptive=adaptive,
+            eta=eta,
+            model=model,
+            on_nonfinite=on_nonfinite,
+            sharpness=sharpness,
+            **base_kwargs,
+        )
         if any(group["adaptive"] for group in self.param_groups):
             raise ValueError("adaptive=True (ASAM) is not defined for EigenSAM; use SAM for ASAM")
         autos = {group["alpha"] == AUTO for group in self.param_groups}

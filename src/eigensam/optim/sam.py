@@ -191,6 +191,7 @@ class SAM(Optimizer):
         self.sam_steps = 0
         self._saved_params: list[Tensor] | None = None
         self._perturbed = False
+        self._skipped = False  # a manual loop's first_step() skipped this step
 
     def attach_ddp(self, wrapper: DistributedDataParallel) -> None:
         """Use the ``DistributedDataParallel`` ``wrapper`` of the model this optimizer was built
@@ -360,9 +361,51 @@ class SAM(Optimizer):
         return not overridden and not any(group["adaptive"] for group in self.param_groups)
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move to ``w + ε`` using the gradients now in ``p.grad`` (saving ``w``)."""
+    def first_step(self, zero_grad: bool = False, scaler: Any = None) -> bool:
+        """Move to ``w + ε`` using the gradients now in ``p.grad`` (saving ``w``), for manual
+        loops; return whether the step goes on.
+
+        A NaN/inf gradient skips the step as :meth:`step` does: the weights stay ``w``,
+        gradients are cleared, ``on_nonfinite="raise"`` raises ``FloatingPointError`` and
+        ``"skip"`` warns; the next :meth:`second_step` then does nothing. With ``scaler`` (a
+        ``torch.amp.GradScaler`` whose scaled loss gave these gradients) an overflow skips the
+        step silently and the scale backs off at ``scaler.update()``, as ``GradScaler.step``
+        does."""
         self._check_ranks()
+        self._skipped = False
+        if not self._finite(first_pass=True):
+            self._skipped = True
+            self._nonfinite("first pass", scaler)
+            return False
+        self._ascend(zero_grad)
+        return True
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, scaler: Any = None) -> bool:
+        """Restore ``w`` and let the base optimizer step with the gradients now in ``p.grad``;
+        return whether it stepped. After a skipped :meth:`first_step` it only clears the
+        gradients; a NaN/inf gradient here skips the step under ``on_nonfinite`` (with
+        ``scaler``: ``GradScaler.step`` skips it)."""
+        if self._skipped:
+            self._skipped = False
+            self.zero_grad(set_to_none=True)
+            return False
+        if not self._perturbed:
+            raise RuntimeError("second_step() called without a first_step() before it")
+        self._restore_params()
+        if scaler is not None and self.layout.sharded:
+            raise ValueError(SCALER_UNDER_FSDP2)
+        if scaler is None and not self._finite():
+            self._nonfinite("second pass", None)
+            return False
+        self._base_step(scaler)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+        return True
+
+    @torch.no_grad()
+    def _ascend(self, zero_grad: bool) -> None:
+        """Save ``w`` and add ``ε`` for the gradients in ``p.grad`` (checked finite)."""
         self._grads()  # raises if the closure computed none
         layout = self.layout
         self._save_params(layout.locals)
@@ -370,14 +413,21 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, scaler: Any = None) -> None:
-        """Restore ``w`` and let the base optimizer step with the gradients now in ``p.grad``."""
-        if not self._perturbed:
-            raise RuntimeError("second_step() called without a first_step() before it")
-        if scaler is not None and self.layout.sharded:
-            raise ValueError(SCALER_UNDER_FSDP2)
+    def _descent_gradient(self, closure: Callable[[], Tensor], scaler: Any) -> bool:
+        """Fill ``p.grad`` with the gradient the base optimizer steps with, after the first pass
+        filled it with ``g``; return False when the step was skipped. SAM: the gradient at
+        ``w + ε`` (BatchNorm statistics left as the first pass made them), ``w`` restored."""
+        self._ascend(zero_grad=True)
+        self._second_pass(closure)
         self._restore_params()
+        if scaler is None and not self._finite():
+            self._nonfinite("second pass", scaler)
+            return False
+        return True
+
+    @torch.no_grad()
+    def _base_step(self, scaler: Any) -> None:
+        """The base optimizer's step on the (corrected) descent gradient in ``p.grad``."""
         self._grads()
         self._correct_descent_gradient()
         if scaler is not None:
@@ -385,8 +435,6 @@ class SAM(Optimizer):
         else:
             self.base_optimizer.step()
         self.sam_steps += 1
-        if zero_grad:
-            self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def _save_params(self, params: list[Tensor]) -> None:
@@ -408,7 +456,7 @@ class SAM(Optimizer):
             torch._foreach_copy_(self.layout.locals, self._saved_params)
             self._perturbed = False
 
-    def _finite(self, loss: Tensor | None = None) -> bool:
+    def _finite(self, loss: Tensor | None = None, *, first_pass: bool = False) -> bool:
         """Whether ``loss`` (first pass) and the gradients are finite; with ``sharpness="local"``
         the first-pass answer is agreed over the replicas, so all of them skip or step; under
         FSDP2 the norms are global and the loss's answer is agreed over the ranks."""
@@ -421,7 +469,7 @@ class SAM(Optimizer):
             norms = torch._foreach_norm(grads, ord=math.inf)
             grad_ok = math.isfinite(float(layout.amax(torch.stack(norms))))
         ok = grad_ok and (loss is None or bool(torch.isfinite(loss.detach()).all()))
-        if self.sharpness == "local" and loss is not None:
+        if self.sharpness == "local" and first_pass:
             return all_ranks_true(ok)
         if layout.sharded and loss is not None:
             return layout.all_true(ok)
@@ -448,8 +496,9 @@ class SAM(Optimizer):
             check_same_across_ranks("the optimizer configuration", self._rank_signature())
             self._ranks_checked = True
 
-    def _nonfinite(self, where: str, scaler: Any) -> None:
-        """Handle a NaN/inf in ``where``: the whole step is skipped (or raises)."""
+    def _nonfinite(self, where: str, scaler: Any, stacklevel: int = 4) -> None:
+        """Handle a NaN/inf in ``where``: the whole step is skipped (or raises); a warning
+        points ``stacklevel`` frames up (the user's call of ``step`` or ``first_step``)."""
         self._restore_params()
         if scaler is not None:
             # GradScaler sees the non-finite gradients, skips the base step and backs off.
@@ -460,7 +509,9 @@ class SAM(Optimizer):
         message = f"non-finite loss or gradient in the {where}"
         if self.on_nonfinite == "raise":
             raise FloatingPointError(f"{message}; weights were left unchanged")
-        warnings.warn(f"{message}; step skipped, weights unchanged", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{message}; step skipped, weights unchanged", RuntimeWarning, stacklevel=stacklevel
+        )
 
     # Unlike torch.optim.Optimizer.step, the closure is required and the loss is a Tensor.
     def step(  # type: ignore[override]
@@ -469,7 +520,8 @@ class SAM(Optimizer):
         scaler: Any = None,
         batch: Batch | None = None,
     ) -> Tensor:
-        """Run both passes and the base step; return the first-pass loss.
+        """Run both passes and the base step; return the first-pass loss, detached (a step
+        whose loss or gradient is NaN/inf is skipped, see ``on_nonfinite``).
 
         ``closure`` computes the loss, calls ``backward()`` on it (``scaler.scale(loss)`` when
         a ``torch.amp.GradScaler`` is passed as ``scaler``; then call ``scaler.update()`` after
@@ -490,16 +542,11 @@ class SAM(Optimizer):
         self._before_first_pass(closure, scaler)
         self.zero_grad(set_to_none=True)
         loss = self._first_pass(closure)
-        if not self._finite(loss):
-            self._nonfinite("first pass", scaler)
-            return loss
-        self.first_step(zero_grad=True)
-        self._second_pass(closure)
-        if scaler is None and not self._finite():
-            self._nonfinite("second pass", scaler)
-            return loss
-        self.second_step(scaler=scaler)
-        return loss
+        if not self._finite(loss, first_pass=True):
+            self._nonfinite("first pass", scaler, stacklevel=3)
+        elif self._descent_gradient(closure, scaler):
+            self._base_step(scaler)
+        return loss.detach()
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -513,11 +560,51 @@ class SAM(Optimizer):
         self.base_optimizer.add_param_group(param_group)
         self._check_group(param_group)
 
+    #: The entries of this optimizer's ``state_dict()`` that ``load_state_dict`` needs.
+    STATE_KEYS: tuple[str, ...] = ("base", "sam_steps")
+
+    def _name(self) -> str:
+        """This optimizer and its base, as ``state_dict`` records them: ``"SAM(SGD)"``."""
+        return f"{type(self).__name__}({type(self.base_optimizer).__name__})"
+
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state (momentum, Adam moments, param groups) and the step count."""
-        return {"base": self.base_optimizer.state_dict(), "sam_steps": self.sam_steps}
+        """The base optimizer's state (momentum, Adam moments, param groups), the step count and
+        which optimizer saved it (``"optimizer"``, e.g. ``"SAM(SGD)"``)."""
+        return {
+            "optimizer": self._name(),
+            "base": self.base_optimizer.state_dict(),
+            "sam_steps": self.sam_steps,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by the same optimizer on the same base optimizer; another
+        optimizer's state (another SAM variant, a plain ``torch.optim`` state) raises one
+        ``ValueError`` naming both, before anything is changed."""
+        self._check_state_dict(state_dict)
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
         self.sam_steps = state_dict["sam_steps"]
+
+    def _check_state_dict(self, state_dict: object) -> None:
+        mine = self._name()
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"{mine}.load_state_dict: state_dict must be a dict from {mine}.state_dict(), "
+                f"got {type(state_dict).__name__}"
+            )
+        saved = state_dict.get("optimizer")
+        missing = [key for key in self.STATE_KEYS if key not in state_dict]
+        if saved is None and not missing:
+            return  # saved before optimizers recorded their name
+        if saved == mine and not missing:
+            return
+        hint = f"load a state saved by {mine}.state_dict()"
+        if saved is not None:
+            theirs = f"the state of {saved}"
+        elif {"state", "param_groups"} <= state_dict.keys():
+            theirs = "a plain torch.optim optimizer's state (keys 'state', 'param_groups')"
+            hint = "to start from it, load it into the base optimizer: "
+            hint += "opt.base_optimizer.load_state_dict(state)"
+        else:
+            theirs = f"a state without {missing} (keys {sorted(state_dict)})"
+        raise ValueError(f"{mine}.load_state_dict: cannot load {theirs} into {mine}; {hint}")

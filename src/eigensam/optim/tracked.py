@@ -79,7 +79,7 @@ class TrackedSAM(SAM):
         params: Iterable[Any] | nn.Module | None,
         base_optimizer: type[Optimizer] | Optimizer,
         rho: float = 0.05,
-        alpha: float = 0.2,
+        alpha: float | str = 0.2,
         *,
         eig_interval: int = 100,
         eig_iters: int = 5,
@@ -90,10 +90,25 @@ class TrackedSAM(SAM):
         hessian_parts: int | str = AUTO,
         seed: int = 0,
         reuse_gradient: bool = True,
-        **kwargs: Any,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        model: nn.Module | None = None,
+        on_nonfinite: str = "raise",
+        sharpness: str = "global",
+        **base_kwargs: Any,
     ):
         self._alpha = self._check_alpha(alpha)
-        super().__init__(params, base_optimizer, rho, **kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            rho,
+            adaptive=adaptive,
+            eta=eta,
+            model=model,
+            on_nonfinite=on_nonfinite,
+            sharpness=sharpness,
+            **base_kwargs,
+        )
         if hessian_mode not in ("train", "eval"):
             raise ValueError(f"hessian_mode must be 'train' or 'eval', got {hessian_mode!r}")
         if not isinstance(reuse_gradient, bool):
@@ -110,6 +125,8 @@ class TrackedSAM(SAM):
             schedule=eig_schedule,
         )
         self._reusable: Evaluation | None = None
+        self._refreshed_at: int | None = None  # sam_steps of the last update_eigenvector
+        self._warned_missed_refresh = False
         if self.layout.sharded:  # refused now, before any pass or product
             self._check_fsdp2()
         self.hessian_parts = check_hessian_parts(hessian_parts)
@@ -185,8 +202,11 @@ class TrackedSAM(SAM):
 
     def update_eigenvector(self, closure: Callable[[], Tensor], scaler: Any = None) -> None:
         """Refresh the top-eigenvector estimate on the closure's batch (manual loops call this
-        themselves when ``tracker.due(sam_steps)``). Parameters' ``.grad`` are left as they were.
+        themselves when ``tracker.due(sam_steps)``, before :meth:`first_step`; a loop that
+        lets a refresh fall due without calling it gets a warning once, at ``first_step``).
+        Parameters' ``.grad`` are left as they were.
         A non-finite product (fp16 overflow) keeps the previous estimate, with a warning."""
+        self._refreshed_at = self.sam_steps
         scale = 1.0 if scaler is None else float(scaler.get_scale())
         try:
             with local_forward(self.ddp):
@@ -195,6 +215,23 @@ class TrackedSAM(SAM):
             if scaler is None and self.on_nonfinite == "raise":
                 raise
             warnings.warn(f"eigenvector update skipped: {error}", RuntimeWarning, stacklevel=2)
+
+    def first_step(self, zero_grad: bool = False, scaler: Any = None) -> bool:
+        """SAM's :meth:`~eigensam.optim.sam.SAM.first_step`; warns once when a refresh fell
+        due at this step and :meth:`update_eigenvector` was not called (without refreshes
+        ``v̂`` stays stale, or None, and the step is SAM's)."""
+        due = self.tracker.due(self.sam_steps) and self._refreshed_at != self.sam_steps
+        if due and not self._warned_missed_refresh:
+            self._warned_missed_refresh = True
+            warnings.warn(
+                f"{type(self).__name__}: an eigenvector refresh was due at step {self.sam_steps} "
+                "and update_eigenvector() was not called; a manual loop must call "
+                "opt.update_eigenvector(closure) when opt.tracker.due(opt.sam_steps), before "
+                "first_step() (opt.step(closure) does it itself). Warned once.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return super().first_step(zero_grad, scaler)
 
     def _group_slices(self) -> Iterable[tuple[dict[str, Any], slice]]:
         """Each param group with the slice of the flat parameter vector it occupies (this
@@ -205,6 +242,8 @@ class TrackedSAM(SAM):
             size = sum(next(shards).numel() for _ in group["params"])
             yield group, slice(start, start + size)
             start += size
+
+    STATE_KEYS = (*SAM.STATE_KEYS, "tracker")
 
     def state_dict(self) -> dict[str, Any]:
         """Base optimizer state, step count and the eigenvector estimate (with its RNG)."""

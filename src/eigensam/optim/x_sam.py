@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from eigensam.hessian.closures import AUTO
 from eigensam.optim.tracked import TrackedSAM
 from eigensam.parallel import local_shard
 
@@ -25,6 +26,10 @@ class XSAM(TrackedSAM):
     choice; eigensam implements the sign-invariant form above. Until the first estimate exists
     the step is SAM's. The correction does not depend on ``ρ``: ``ρ = 0`` is the base
     optimizer on the corrected gradient, ``ρ = α = 0`` the base optimizer itself.
+
+    The refresh of ``v̂`` (``eig_*``, ``hvp``, ``hessian_mode``, ``hessian_parts``, ``seed``,
+    ``reuse_gradient``) is :class:`~eigensam.optim.tracked.TrackedSAM`'s; the other arguments
+    are :class:`~eigensam.optim.sam.SAM`'s.
     """
 
     def __init__(
@@ -33,9 +38,44 @@ class XSAM(TrackedSAM):
         base_optimizer: type[Optimizer] | Optimizer,
         rho: float = 0.05,
         alpha: float = 1.0,
-        **kwargs: Any,
+        *,
+        eig_interval: int = 100,
+        eig_iters: int = 5,
+        eig_method: str = "power",
+        eig_schedule: str = "burst",
+        hvp: str = AUTO,
+        hessian_mode: str = "eval",
+        hessian_parts: int | str = AUTO,
+        seed: int = 0,
+        reuse_gradient: bool = True,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        model: nn.Module | None = None,
+        on_nonfinite: str = "raise",
+        sharpness: str = "global",
+        **base_kwargs: Any,
     ):
-        super().__init__(params, base_optimizer, rho, alpha, **kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            rho,
+            alpha,
+            eig_interval=eig_interval,
+            eig_iters=eig_iters,
+            eig_method=eig_method,
+            eig_schedule=eig_schedule,
+            hvp=hvp,
+            hessian_mode=hessian_mode,
+            hessian_parts=hessian_parts,
+            seed=seed,
+            reuse_gradient=reuse_gradient,
+            adaptive=adaptive,
+            eta=eta,
+            model=model,
+            on_nonfinite=on_nonfinite,
+            sharpness=sharpness,
+            **base_kwargs,
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
