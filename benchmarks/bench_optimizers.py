@@ -1,7 +1,8 @@
 """What Eigen-SAM and X-SAM cost next to SGD and SAM: step time, peak memory, HVP backends.
 
 Three tables, printed as Markdown and written to ``benchmarks/results/cost-<device>.json`` with
-the machine description (CPU model, threads, torch version, load average):
+the machine description (CPU model, threads, torch version, load average), and rendered by
+``tables.py`` into the ``.md`` beside it, whose sections the docs include:
 
 1. **Step time** at ``p = --interval``, ``q = 5``: per round, every method runs one refresh step
    and ``--plain-steps`` steps without a refresh; the per-step time averaged over the interval
@@ -55,6 +56,7 @@ from typing import Any
 
 import torch
 from common import load_images
+from tables import HVP_COLUMNS, MEMORY_COLUMNS, TIME_COLUMNS, markdown, render
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
@@ -484,47 +486,6 @@ def machine(device: str) -> dict[str, Any]:
     }
 
 
-def markdown(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for key in columns:
-            value = row[key]
-            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-TIME_COLUMNS = {
-    "allocator": "CPU allocator",
-    "model": "model",
-    "method": "method",
-    "plain_step_s": "s/step (no refresh)",
-    "over_sgd": "over the interval / SGD",
-    "over_sam": "/ SAM",
-    "refresh_in_sgd_steps": "refresh cost (SGD steps)",
-    "overhead": "time outside the closure",
-}
-MEMORY_COLUMNS = {
-    "model": "model",
-    "batch_size": "batch",
-    "method": "method",
-    "peak_mib": "peak growth (MiB)",
-    "over_sgd": "/ SGD",
-    "over_sam": "/ SAM",
-}
-HVP_COLUMNS = {
-    "model": "model",
-    "backend": "backend",
-    "hvp_over_grad": "time per product / gradient",
-    "peak_mib": "peak growth (MiB)",
-    "peak_over_grad": "/ gradient's",
-    "max_rel_error": "max rel. error",
-    "min_cosine": "min cosine, random v",
-    "top_cosine": "cosine along v1",
-}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -600,7 +561,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
-    print(f"\n{report['seconds']:.0f} s; wrote {path}")
+    tables = render(json.loads(text))  # the docs include this file's sections
+    atomic_write(path.with_suffix(".md"), lambda f: f.write(tables.encode()))
+    print(f"\n{report['seconds']:.0f} s; wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

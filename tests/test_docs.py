@@ -154,3 +154,15 @@ def test_cli_resume_example_names_the_folder_the_config_writes():
     config = re.search(r"eigensam train --config (\S+)", text)[1]
     resume = re.search(r"eigensam train --resume (\S+)", text)[1]
     assert Path(resume) == load_config(ROOT / config).run_dir
+
+
+def test_pages_speak_of_the_product_not_of_its_history():
+    """No page but the changelog names the work items or work sessions that produced it."""
+    history = re.compile(r"\bissue[- ]?#?\d+|\bsessions?\b", re.I)
+    found = [
+        f"{page.relative_to(ROOT)}: {match[0]!r}"
+        for page in PAGES
+        if page.name != "changelog.md"
+        for match in history.finditer(page.read_text())
+    ]
+    assert not found, found

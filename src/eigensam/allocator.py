@@ -5,7 +5,7 @@ back to the operating system (``munmap``, or trimming the top of the heap), and 
 of that size is faulted in again page by page. A training step frees and reallocates the same
 sizes every time, and an exact eigenvector refresh builds and frees a graph several times a
 gradient's size, so its page faults fall mostly on Eigen-SAM's and X-SAM's refresh steps
-(measured by ``benchmarks/bench_optimizers.py`` with both allocators, README "Measured cost").
+(measured by ``benchmarks/bench_optimizers.py`` with both allocators, docs/cost.md).
 
 :func:`keep_freed_memory` sets glibc's ``M_MMAP_THRESHOLD`` to its largest value (32 MiB, the
 ceiling of glibc's own adaptive threshold) and turns ``M_TRIM_THRESHOLD`` off, so freed blocks

@@ -49,7 +49,7 @@ alive at a time: the same product (the Hessian is linear in the loss) at a fract
 (4 parts: less than one gradient's), the graph rebuilt for every product. Forward-over-reverse
 (``torch.func.jvp`` of ``torch.func.grad``) was measured too and not adopted: on SimpleCNN it
 needed 1.4x the memory of the retained double-backward graph and no less time
-(``benchmarks/bench_optimizers.py``, README "Measured cost").
+(``benchmarks/bench_optimizers.py``, docs/cost.md).
 """
 
 from __future__ import annotations

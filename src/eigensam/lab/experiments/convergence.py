@@ -30,7 +30,7 @@ from eigensam.lab.engine.trained_model import load_trained, training_data
 from eigensam.lab.experiments.common import Plan, Results
 from eigensam.lab.workloads.datasets import TensorData, load_held_out
 
-# SGD's final train accuracy at which a scale counts as trained to convergence (issue 17).
+# SGD's final train accuracy at which a scale counts as trained to convergence.
 CONVERGED_TRAIN_ACC = 0.99
 FIT_FILE = "train_fit.json"
 HELD_OUT_FILE = "held_out.json"

@@ -1,4 +1,4 @@
-"""The pilot measurement that chooses the converged CPU scale (issue 17).
+"""The pilot measurement that chooses the converged CPU scale.
 
 Each candidate setting trains plain SGD (momentum 0.9, cosine schedule to 0) on a Fashion-MNIST
 subset and records what the choice needs: the final train accuracy on the whole (unaugmented)

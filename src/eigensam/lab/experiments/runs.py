@@ -34,7 +34,7 @@ SCALES = ("cpu", "paper")
 # first 3 seeds (the paper's own number of repeats); the settings they share with table1 keep all.
 SWEEP_SEEDS = 3
 
-# The converged CPU scale (issue 17), chosen by the pilot of eigensam.lab.experiments.pilot
+# The converged CPU scale, chosen by the pilot of eigensam.lab.experiments.pilot
 # (docs/reproduction-scale.md): the paper's 6-layer SimpleCNN at quarter width on a seeded
 # 1,024-image subset of Fashion-MNIST, 60 epochs (480 steps) without augmentation, cosine to 0,
 # where SGD's train accuracy reaches 100% (2,048 images for 30 epochs, the same cost, reached

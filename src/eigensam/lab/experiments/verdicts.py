@@ -1,5 +1,5 @@
 """The statistics behind every verdict of the reproduction report: the rules that turn a 95%
-interval into a verdict, and the power of each comparison (issue 17).
+interval into a verdict, and the power of each comparison.
 
 **Verdict rules** (:func:`verdict`), for a claim that an effect ``d`` (a paired difference over
 seeds, or a mean against a threshold) has the paper's sign ``s`` (and, where the paper gives a

@@ -43,7 +43,7 @@ L_FILES = ("l_convergence.md", "l_convergence.png")
 ETA_FILES = ("eta_scaling.md", "eta_scaling.png")
 Runs = dict[str, dict[int, list[dict[str, Any]]]]
 # ρ = c·η^p schedules of the η-scaling study: Theorem 4.1's regime ρ = O(η^(1/3)), Compagnoni et
-# al.'s ρ = O(η^(1/2)), and ρ held constant (beyond both: issue 17's open check).
+# al.'s ρ = O(η^(1/2)), and ρ held constant (beyond both: the reproduction's open check (c)).
 SCALING_POWERS = {"eta^(1/3)": 1 / 3, "eta^(1/2)": 1 / 2, "eta^0": 0.0}
 
 

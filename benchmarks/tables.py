@@ -1,0 +1,182 @@
+"""The Markdown tables of a saved cost report: the one source the docs include.
+
+``bench_optimizers.py`` writes ``benchmarks/results/cost-<device>[-<sections>].json`` and, next to
+it, the ``.md`` this module renders from it. The ``.md`` holds snippet sections (``machine``,
+``summary``, ``time``, ``memory``, ``hvp``) that the docs include with
+``--8<-- "benchmarks/results/FILE.md:SECTION"``, so no figure is typed into a page.
+Re-render a saved report without measuring again:
+
+    python benchmarks/tables.py benchmarks/results/cost-cpu-time.json [...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+TIME_COLUMNS = {
+    "allocator": "CPU allocator",
+    "model": "model",
+    "method": "method",
+    "plain_step_s": "s/step (no refresh)",
+    "over_sgd": "over the interval / SGD",
+    "over_sam": "/ SAM",
+    "refresh_in_sgd_steps": "refresh cost (SGD steps)",
+    "overhead": "time outside the closure",
+}
+MEMORY_COLUMNS = {
+    "model": "model",
+    "batch_size": "batch",
+    "method": "method",
+    "peak_mib": "peak growth (MiB)",
+    "over_sgd": "/ SGD",
+    "over_sam": "/ SAM",
+}
+HVP_COLUMNS = {
+    "model": "model",
+    "backend": "backend",
+    "hvp_over_grad": "time per product / gradient",
+    "peak_mib": "peak growth (MiB)",
+    "peak_over_grad": "/ gradient's",
+    "max_rel_error": "max rel. error",
+    "min_cosine": "min cosine, random v",
+    "top_cosine": "cosine along v1",
+}
+COLUMNS = {"time": TIME_COLUMNS, "memory": MEMORY_COLUMNS, "hvp": HVP_COLUMNS}
+DEFAULT_SECTIONS = "time,memory,hvp"
+
+
+def markdown(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key in columns:
+            value = row[key]
+            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# bench_optimizers.py's defaults: a setting that differs is named in the command line.
+DEFAULTS = {
+    "device": "cpu",
+    "batch_size": 128,
+    "interval": 100,
+    "plain_steps": 6,
+    "rounds": 3,
+    "hvps": 4,
+    "hvp_batch": 256,
+    "memory_batches": "simplecnn:16,64,128,256;bn-cnn:128;resnet18:16,64,128",
+    "sections": DEFAULT_SECTIONS,
+}
+
+
+def command(settings: dict[str, Any]) -> str:
+    """The command line that measured a report."""
+    words = ["python benchmarks/bench_optimizers.py"]
+    for key, default in DEFAULTS.items():
+        if key in settings and settings[key] != default:
+            value = str(settings[key])
+            words.append(f"--{key.replace('_', '-')} {value if ';' not in value else repr(value)}")
+    return " ".join(words)
+
+
+def machine_line(report: dict[str, Any]) -> str:
+    m, seconds = report["machine"], report["seconds"]
+    load = f"load average {m['loadavg_start'][0]:.1f} at the start"
+    if "loadavg_end" in m:
+        load += f", {m['loadavg_end'][0]:.1f} at the end"
+    where = m["cpu"] if m["device"] == "cpu" else f"{m['device']} ({m['cpu']})"
+    return (
+        f"Measured by `{command(report['settings'])}` on {where} ({m['cpu_count']} CPUs, torch "
+        f"threads: {m['torch_threads']}), torch {m['torch']}, Python {m['python']}; {load}; "
+        f"{seconds // 60:.0f} min {seconds % 60:.0f} s of wall time."
+    )
+
+
+def span(values: Iterable[float], unit: str = "×", decimals: int = 2) -> str:
+    """``lo-hi`` of ``values`` (one number when they agree at ``decimals``)."""
+    texts = sorted({f"{v:.{decimals}f}" for v in values}, key=float)
+    return (texts[0] if len(texts) == 1 else f"{texts[0]}-{texts[-1]}") + unit
+
+
+def pick(rows: list[dict[str, Any]], keep: Callable[[dict[str, Any]], bool], key: str) -> list:
+    return [row[key] for row in rows if keep(row)]
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The figures the guide pages quote, computed from the report's tables (SimpleCNN, the
+    paper's model; ``eigen-sam`` is the documented ``step(closure, batch=...)`` path and
+    ``/whole`` a plain closure)."""
+    rows: list[tuple[str, str]] = []
+
+    def add(label: str, values: list[float], unit: str = "×", decimals: int = 2) -> None:
+        if values:
+            rows.append((label, span(values, unit, decimals)))
+
+    time = [r for r in report.get("time", []) if r["model"] == "simplecnn"]
+    methods = {r["method"] for r in time}
+    if {"eigen-sam", "eigen-sam/whole", "sam"} <= methods:
+        for method, how in (("eigen-sam", "`batch=`"), ("eigen-sam/whole", "plain closure")):
+            ratios = pick(time, lambda r, m=method: r["method"] == m, "over_sam")
+            add(f"Eigen-SAM / SAM step time over p = 100, q = 5 ({how})", ratios)
+        parts = pick(time, lambda r: r["method"] == "eigen-sam", "refresh_in_sgd_steps")
+        whole = pick(time, lambda r: r["method"] == "eigen-sam/whole", "refresh_in_sgd_steps")
+        add("refresh of q = 5 products, plain closure", whole, " SGD steps", 1)
+        add("refresh of q = 5 products, `batch=` (4 parts)", parts, " SGD steps", 1)
+        longer = [100 * (p / w - 1) for p, w in zip(parts, whole, strict=True)]
+        add("refresh with `batch=` longer than with a plain closure by", longer, " %", 0)
+    memory = report.get("memory", [])
+    if memory:
+        whole = pick(memory, lambda r: r["method"] == "eigen-sam/whole", "over_sam")
+        cnn = pick(
+            memory,
+            lambda r: r["method"] == "eigen-sam/whole" and r["model"] == "simplecnn",
+            "over_sam",
+        )
+        lean = pick(
+            memory, lambda r: r["method"] == "eigen-sam" and r["batch_size"] >= 64, "over_sam"
+        )
+        add("Eigen-SAM / SAM peak memory, plain closure, SimpleCNN", cnn)
+        add("Eigen-SAM / SAM peak memory, plain closure, every model", whole)
+        add("Eigen-SAM / SAM peak memory, `batch=`, batch ≥ 64, every model", lean)
+    hvp = [r for r in report.get("hvp", []) if r["model"] == "simplecnn"]
+    exact = pick(hvp, lambda r: r["backend"] == "autograd", "hvp_over_grad")
+    add("exact Hessian-vector product, SimpleCNN", exact, " gradient evaluations", 1)
+    return rows
+
+
+def section(name: str, body: str) -> str:
+    return f"<!-- --8<-- [start:{name}] -->\n{body}\n<!-- --8<-- [end:{name}] -->\n"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The ``.md`` of a report: machine line, summary, then each table it holds."""
+    parts = [
+        "<!-- Generated by benchmarks/tables.py from the .json of this name: do not edit. -->\n",
+        section("machine", machine_line(report)),
+    ]
+    summary = summary_rows(report)
+    if summary:
+        table = "\n".join(["| figure | measured |", "|---|---|"])
+        table += "".join(f"\n| {label} | {value} |" for label, value in summary)
+        parts.append(section("summary", table))
+    for name, columns in COLUMNS.items():
+        if name in report:
+            parts.append(section(name, markdown(report[name], columns)))
+    return "\n".join(parts)
+
+
+def write(path: Path) -> Path:
+    """Render the report at ``path`` (a ``.json``) into the ``.md`` beside it."""
+    out = path.with_suffix(".md")
+    out.write_text(render(json.loads(path.read_text())))
+    return out
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        print(write(Path(name)))
