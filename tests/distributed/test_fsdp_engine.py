@@ -103,9 +103,11 @@ def test_ranks_with_different_strategies_fail_fast(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         ({"hvp": "autograd"}, "hvp autograd .* not available with strategy fsdp.*fd-central"),
-        ({"eig_method": "lanczos"}, "eig_method lanczos is not supported with strategy fsdp"),
         ({"sharpness": "local"}, "sharpness local is not supported with strategy fsdp"),
-        ({"track_every": 2}, "track_every must be 0 with strategy fsdp"),
+        (
+            {"track_every": 2, "track_hvp": "autograd"},
+            "track_every 2 with track_hvp autograd is not available with strategy fsdp.*fd-central",
+        ),
         ({"strategy": "fsdp1"}, "strategy must be one of ddp, fsdp; got 'fsdp1'"),
     ],
 )
@@ -126,3 +128,40 @@ def test_fsdp_needs_torchrun_and_matching_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="strategy"):
         Trainer(dataclasses.replace(ddp, strategy="fsdp"), resume=tmp_path / "d")
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == files
+
+
+@pytest.mark.slow  # a torchrun job and a one-process run: about 40 s on a busy 2-core CPU
+def test_fsdp_run_reports_sharpness_as_one_process(tmp_path: Path) -> None:
+    """``track_every`` under FSDP2: λ₁ and Align(ε, v₁) by sharded Lanczos on finite
+    differences of FSDP's gradients, as one process on the concatenated batch (float32)."""
+    config = {**CONFIG, "epochs": 1, "track_every": 1, "track_iters": 10, "track_tol": 1e-6}
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    done = torchrun(
+        "-m", "eigensam", "train", "--config", str(config_file), "--out", str(tmp_path / "fsdp")
+    )
+    assert done.returncode == 0, done.stderr
+    single = Trainer(
+        TrainConfig(
+            **{
+                **config,
+                "strategy": "ddp",
+                "hvp": FD_FALLBACK,
+                "track_hvp": FD_FALLBACK,
+                "out_dir": str(tmp_path / "one"),
+            }
+        )
+    )
+    single.run()
+    runs = [
+        tracking.read_records(tmp_path / name / tracking.METRICS_FILE) for name in ("fsdp", "one")
+    ]
+    tracks = [[r for r in records if r["kind"] == "track"] for records in runs]
+    assert [r["step"] for r in tracks[0]] == [r["step"] for r in tracks[1]] == [0, 1, 2]
+    for sharded, one in zip(*tracks, strict=True):
+        assert sharded["lambda1"] > 0 and sharded["align"] is not None
+        assert sharded["lambda1"] == pytest.approx(one["lambda1"], rel=1e-3)
+        assert sharded["align"] == pytest.approx(one["align"], abs=1e-3)
+        assert sharded["abs_cos"] == pytest.approx(one["abs_cos"], abs=1e-3)
+    finals = [[r for r in records if r["kind"] == "final_sharpness"] for records in runs]
+    assert finals[0][0]["lambda1"] == pytest.approx(finals[1][0]["lambda1"], rel=1e-3)

@@ -5,6 +5,10 @@ generator of an operator and call the solvers of :mod:`eigensam.hessian.eigen` a
 :mod:`eigensam.hessian.spectrum`. ``op`` is a :class:`~eigensam.hessian.dataset.DatasetHessian`,
 a :class:`~eigensam.hessian.hvp.HessianOperator` (open, i.e. inside its ``with`` block), anything
 with ``matvec``, ``dim``, ``dtype`` and ``device``, or a symmetric matrix (a square tensor).
+An operator with a ``layout`` (a :class:`~eigensam.hessian.hvp.HessianOperator` on an FSDP2
+model: vectors sharded like the parameters, ``dim`` this rank's share) is solved with global
+sums over the shards: every rank runs the estimator, with the same random draws as one process
+on the whole vectors, and gets the same result; eigenvectors are this rank's shards.
 :func:`density_curve` smooths an SLQ density for plotting and :func:`estimates_by_step` gives a
 solver's estimate at every budget. The reports that write JSON and PNG files from them live in
 :mod:`eigensam.lab.curvature_reports`.
@@ -21,6 +25,8 @@ from torch import Tensor
 from eigensam.hessian.eigen import (
     EigenResult,
     MatVec,
+    VectorAlgebra,
+    WholeVectors,
     check_positive_int,
     deflated_power_iteration,
     lanczos,
@@ -55,22 +61,27 @@ class Operator(Protocol):
     def matvec(self, v: Tensor) -> Tensor: ...
 
 
-def _operator(op: Operator | Tensor) -> tuple[MatVec, int, torch.dtype, torch.device]:
-    """``(matvec, dim, dtype, device)`` of an operator or a square matrix."""
+def _operator(
+    op: Operator | Tensor,
+) -> tuple[MatVec, int, torch.dtype, torch.device, VectorAlgebra]:
+    """``(matvec, dim, dtype, device, algebra)`` of an operator or a square matrix; ``dim`` is
+    the whole vectors' length, ``algebra`` the operator's ``layout`` when it has one (sharded
+    vectors), else :class:`~eigensam.hessian.eigen.WholeVectors`."""
     if isinstance(op, Tensor):
         if op.dim() != 2 or op.shape[0] != op.shape[1] or not op.is_floating_point():
             raise ValueError(
                 f"op given as a tensor must be a square floating-point matrix, got shape "
                 f"{tuple(op.shape)} and {op.dtype}"
             )
-        return (lambda v: op @ v), op.shape[0], op.dtype, op.device
+        return (lambda v: op @ v), op.shape[0], op.dtype, op.device, WholeVectors(op.shape[0])
     missing = [name for name in ("matvec", "dim", "dtype", "device") if not hasattr(op, name)]
     if missing or not callable(op.matvec):
         raise TypeError(
             "op must be a Hessian operator (with matvec, dim, dtype and device, e.g. a "
             f"DatasetHessian) or a square matrix, got {type(op).__name__} (missing {missing})"
         )
-    return op.matvec, op.dim, op.dtype, op.device
+    algebra = getattr(op, "layout", None) or WholeVectors(op.dim)
+    return op.matvec, algebra.global_numel, op.dtype, op.device, algebra
 
 
 def seeded_generator(seed: object) -> torch.Generator:
@@ -120,14 +131,23 @@ def top_eigenvalues(
     ``num_iters`` products per pair; it finds the largest *magnitude* ("LM" only).
     The start vector is ``v0`` or a random unit vector from a generator seeded with ``seed``.
     """
-    matvec, dim, dtype, device = _operator(op)
+    matvec, dim, dtype, device, algebra = _operator(op)
     check_choice("method", method, EIGEN_METHODS)
     generator = seeded_generator(seed)
     start: Tensor | int = dim if v0 is None else v0
     if method == "lanczos":
         which = "LA" if which is None else which
         return lanczos(
-            matvec, start, num_iters, k, which, tol, generator, dtype=dtype, device=device
+            matvec,
+            start,
+            num_iters,
+            k,
+            which,
+            tol,
+            generator,
+            dtype=dtype,
+            device=device,
+            algebra=algebra,
         )
     if which not in (None, "LM"):
         raise ValueError(
@@ -135,7 +155,7 @@ def top_eigenvalues(
             "largest magnitude (which='LM')"
         )
     return deflated_power_iteration(
-        matvec, start, k, num_iters, tol, generator, dtype=dtype, device=device
+        matvec, start, k, num_iters, tol, generator, dtype=dtype, device=device, algebra=algebra
     )
 
 
@@ -149,10 +169,13 @@ def trace(
     """``tr(H)`` from ``num_matvecs`` products with a standard error: Hutch++ (default;
     ``num_matvecs ≥ 3``) or Hutchinson with Rademacher probes from a generator seeded with
     ``seed``."""
-    matvec, dim, dtype, device = _operator(op)
+    matvec, dim, dtype, device, algebra = _operator(op)
     check_choice("method", method, TRACE_METHODS)
     estimator = hutchpp_trace if method == "hutchpp" else hutchinson_trace
-    return estimator(matvec, dim, num_matvecs, seeded_generator(seed), dtype=dtype, device=device)
+    generator = seeded_generator(seed)
+    return estimator(
+        matvec, dim, num_matvecs, generator, dtype=dtype, device=device, algebra=algebra
+    )
 
 
 def density(
@@ -164,9 +187,10 @@ def density(
 ) -> SpectralDensity:
     """Spectral density of ``op`` by stochastic Lanczos quadrature: ``num_probes`` Rademacher
     probes (generator seeded with ``seed``), ``num_iters`` Lanczos steps each."""
-    matvec, dim, dtype, device = _operator(op)
+    matvec, dim, dtype, device, algebra = _operator(op)
+    generator = seeded_generator(seed)
     return slq_density(
-        matvec, dim, num_probes, num_iters, seeded_generator(seed), dtype=dtype, device=device
+        matvec, dim, num_probes, num_iters, generator, dtype=dtype, device=device, algebra=algebra
     )
 
 

@@ -55,13 +55,65 @@ def random_unit_vector(
 
 
 class VectorAlgebra(Protocol):
-    """Dot product and norm of flat vectors, for vectors stored in pieces (such as
-    :class:`~eigensam.parallel.ParamLayout`'s sharded vectors, whose sums run over
-    every rank's piece)."""
+    """Sums over the entries of flat vectors that may be stored in pieces, such as
+    :class:`~eigensam.parallel.ParamLayout`'s sharded vectors (each rank holds its rows of
+    every vector, and sums run over every rank's piece): ``sum`` adds per-piece partial sums
+    (a tensor of them, element-wise), ``dot`` and ``norm`` are global, ``all_true`` ANDs a flag
+    over the pieces, ``global_numel`` is the whole vector's length and ``shard`` cuts a whole
+    vector (the same on every rank) to this piece. :class:`WholeVectors` is the algebra of
+    vectors held whole."""
+
+    @property
+    def global_numel(self) -> int: ...
+
+    def sum(self, value: Tensor) -> Tensor: ...
 
     def dot(self, a: Tensor, b: Tensor) -> Tensor: ...
 
     def norm(self, a: Tensor) -> Tensor: ...
+
+    def all_true(self, flag: bool) -> bool: ...
+
+    def shard(self, vector: Tensor) -> Tensor: ...
+
+
+class WholeVectors:
+    """The :class:`VectorAlgebra` of vectors of length ``numel`` held whole by one process."""
+
+    def __init__(self, numel: int):
+        self.global_numel = numel
+
+    def sum(self, value: Tensor) -> Tensor:
+        return value
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.dot(a, b)
+
+    def norm(self, a: Tensor) -> Tensor:
+        return a.norm()
+
+    def all_true(self, flag: bool) -> bool:
+        return flag
+
+    def shard(self, vector: Tensor) -> Tensor:
+        return vector
+
+
+def algebra_for(vector: Tensor, algebra: VectorAlgebra | None) -> VectorAlgebra:
+    """``algebra``, or :class:`WholeVectors` of ``vector``'s length when it is None."""
+    return WholeVectors(vector.numel()) if algebra is None else algebra
+
+
+def random_piece(
+    algebra: VectorAlgebra,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> Tensor:
+    """This piece of a standard normal vector of length ``algebra.global_numel`` drawn whole on
+    the CPU from ``generator`` (one process's draw, the same on every rank)."""
+    whole = torch.randn(algebra.global_numel, generator=generator, dtype=dtype, device="cpu")
+    return algebra.shard(whole.to(device))
 
 
 def power_iteration(
@@ -82,7 +134,8 @@ def power_iteration(
     sharded over processes (FSDP2); by default they are ``torch.dot`` and ``Tensor.norm``.
     """
     check_positive_int("num_iters", num_iters)
-    dot, norm_of = (torch.dot, Tensor.norm) if algebra is None else (algebra.dot, algebra.norm)
+    algebra = algebra_for(v0, algebra)
+    dot, norm_of = algebra.dot, algebra.norm
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be > 0 or None, got {tol}")
     norm = norm_of(v0)
@@ -147,15 +200,17 @@ class _LanczosState:
         return torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
 
 
-def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+def orthogonalize(w: Tensor, basis: Tensor, algebra: VectorAlgebra) -> Tensor:
     """``w − B Bᵀ w`` for a basis with orthonormal rows, applied twice (twice is enough: Kahan,
-    Parlett), so the result is orthogonal to the rows to working precision."""
+    Parlett), so the result is orthogonal to the rows to working precision. ``Bᵀ w`` (one
+    number per row) is summed over the pieces by ``algebra``: one reduction of ``len(B)``
+    numbers for a sharded basis."""
     for _ in range(2):
-        w = w - basis.T @ (basis @ w)
+        w = w - basis.T @ algebra.sum(basis @ w)
     return w
 
 
-def _checked_matvec(matvec: MatVec, v: Tensor, step: int) -> Tensor:
+def _checked_matvec(matvec: MatVec, v: Tensor, step: int, algebra: VectorAlgebra) -> Tensor:
     """``matvec(v)`` checked: same shape as ``v``, finite, and no more precise than ``v`` (the
     basis would round a float64 product to float32, capping the Ritz values at ~1e-8 relative
     error whatever the number of steps)."""
@@ -168,7 +223,7 @@ def _checked_matvec(matvec: MatVec, v: Tensor, step: int) -> Tensor:
             f"matvec returned {hv.dtype} products for {v.dtype} Lanczos vectors, which would "
             f"round them to {v.dtype}; start from a {hv.dtype} v0 (or pass dtype={hv.dtype})"
         )
-    if not torch.isfinite(hv).all():
+    if not algebra.all_true(bool(torch.isfinite(hv).all())):
         raise FloatingPointError(f"Hessian-vector product is not finite at iteration {step}")
     return hv.to(v.dtype)
 
@@ -180,6 +235,7 @@ def _lanczos_steps(
     *,
     restart_below: int = 0,
     generator: torch.Generator | None = None,
+    algebra: VectorAlgebra,
 ) -> Iterator[_LanczosState]:
     """The one Lanczos loop of the package, with full reorthogonalization (Paige 1972; Parlett,
     *The Symmetric Eigenvalue Problem*, §13): ``r_j = H q_j − α_j q_j − β_{j−1} q_{j−1}``, then
@@ -190,6 +246,10 @@ def _lanczos_steps(
     unless fewer than ``restart_below`` vectors were built: then it continues from a random vector
     (``generator``) orthogonal to the basis, with ``β_j`` set to 0 (``T`` becomes block diagonal,
     still ``QᵀHQ``). Breakdown is declared when ``β_j ≤ 10 · eps · ‖T‖`` (row-sum estimate).
+
+    Vectors may be sharded (``algebra``, see :class:`VectorAlgebra`): the basis then holds this
+    rank's rows of every ``q_j`` (about ``1/N`` of the whole basis per rank), and each step
+    reduces ``α_j``, ``β_j`` and the ``2j`` reorthogonalization coefficients over the ranks.
     """
     dtype = q1.dtype
     eps = torch.finfo(dtype).eps
@@ -199,13 +259,13 @@ def _lanczos_steps(
     norm_estimate = 0.0  # max row sum of |T| so far, a lower bound on ‖H‖
     for j in range(num_iters):
         q = state.basis[j]
-        w = _checked_matvec(matvec, q, j + 1)
-        alpha = float(torch.dot(q.double(), w.double()))  # float64 sum: α sets the Ritz values
+        w = _checked_matvec(matvec, q, j + 1, algebra)
+        alpha = float(algebra.dot(q.double(), w.double()))  # float64 sum: α sets the Ritz values
         w = w - alpha * q
         if j > 0:
             w = w - state.betas[-1] * state.basis[j - 1]
-        w = _orthogonalize(w, state.basis[: j + 1])
-        beta = float(w.double().norm())  # float64: a float32 sum loses ~√dim·eps
+        w = orthogonalize(w, state.basis[: j + 1], algebra)
+        beta = float(algebra.norm(w.double()))  # float64: a float32 sum loses ~√dim·eps
         previous_beta = state.betas[-1] if j > 0 else 0.0
         norm_estimate = max(norm_estimate, abs(alpha) + beta + previous_beta)
         state.alphas.append(alpha)
@@ -217,19 +277,22 @@ def _lanczos_steps(
         if state.breakdown:
             if j + 1 >= restart_below:
                 return
-            w = torch.randn(q1.numel(), generator=generator, dtype=dtype, device="cpu")
-            w = _orthogonalize(w.to(q1.device), state.basis[: j + 1])
+            w = random_piece(algebra, generator, dtype, q1.device)
+            w = orthogonalize(w, state.basis[: j + 1], algebra)
             state.betas[-1] = 0.0
             state.breakdown = False
-            beta = float(w.double().norm())
+            beta = float(algebra.norm(w.double()))
         if j + 1 == len(state.basis):
             grown = min(2 * len(state.basis), num_iters)
             state.basis = torch.cat([state.basis, state.basis.new_empty(grown - j - 1, w.numel())])
         state.basis[j + 1] = w / beta
 
 
-def _check_num_iters_vector(v0: Tensor, num_iters: int) -> tuple[Tensor, int]:
-    """Validate a start vector; return it normalized and ``num_iters`` capped at its dimension."""
+def _check_num_iters_vector(
+    v0: Tensor, num_iters: int, algebra: VectorAlgebra
+) -> tuple[Tensor, int]:
+    """Validate a start vector; return it normalized and ``num_iters`` capped at its (global)
+    dimension."""
     check_positive_int("num_iters", num_iters)
     if not isinstance(v0, Tensor):
         raise TypeError(f"v0 must be a torch.Tensor, got {type(v0).__name__}")
@@ -237,10 +300,10 @@ def _check_num_iters_vector(v0: Tensor, num_iters: int) -> tuple[Tensor, int]:
         raise ValueError(
             f"v0 must be a 1-D floating-point tensor, got shape {tuple(v0.shape)} and {v0.dtype}"
         )
-    norm = float(v0.double().norm())
+    norm = float(algebra.norm(v0.double()))
     if not math.isfinite(norm) or norm == 0:
         raise ValueError(f"v0 must be a finite nonzero vector, got norm {norm}")
-    return v0 / norm, min(num_iters, v0.numel())
+    return v0 / norm, min(num_iters, algebra.global_numel)
 
 
 def _start_vector(
@@ -248,26 +311,33 @@ def _start_vector(
     generator: torch.Generator | None,
     dtype: torch.dtype | None,
     device: torch.device | str | None,
+    algebra: VectorAlgebra | None = None,
 ) -> Tensor:
     """``v0`` (cast to ``dtype``/``device`` when given), or a random unit vector of dimension
-    ``v0`` (default float32) drawn from ``generator``."""
+    ``v0`` (default float32) drawn from ``generator`` (with a sharded ``algebra``: drawn whole,
+    ``v0`` the global dimension, and cut to this rank's piece)."""
     if isinstance(v0, Tensor):
         return v0.to(dtype=dtype or v0.dtype, device=device or v0.device)
     if isinstance(v0, bool) or not isinstance(v0, int):
         raise TypeError(f"v0 must be a torch.Tensor or an int dimension >= 1, got {v0!r}")
     check_positive_int("v0", v0)
-    return random_unit_vector(v0, generator=generator, dtype=dtype or torch.float32, device=device)
+    whole = random_unit_vector(v0, generator=generator, dtype=dtype or torch.float32, device=device)
+    return whole if algebra is None else algebra.shard(whole)
 
 
-def lanczos_tridiagonal(matvec: MatVec, v0: Tensor, num_iters: int) -> Tridiagonal:
+def lanczos_tridiagonal(
+    matvec: MatVec, v0: Tensor, num_iters: int, algebra: VectorAlgebra | None = None
+) -> Tridiagonal:
     """Run ``m = min(num_iters, dim)`` Lanczos steps from ``v0`` (normalized) and return the
     tridiagonal ``T_m = Q_mᵀ H Q_m`` (Lanczos 1950, with full reorthogonalization).
 
     Stops earlier, with ``m`` smaller, if the Krylov space becomes invariant (``β_m ≈ 0``); then the
     eigenvalues of ``T_m`` are exact eigenvalues of ``H``. Used by stochastic Lanczos quadrature.
+    ``algebra`` (optional) makes the sums global for sharded vectors (:class:`VectorAlgebra`).
     """
-    q1, num_iters = _check_num_iters_vector(v0, num_iters)
-    state = deque(_lanczos_steps(matvec, q1, num_iters), maxlen=1)[0]
+    algebra = algebra_for(v0, algebra)
+    q1, num_iters = _check_num_iters_vector(v0, num_iters, algebra)
+    state = deque(_lanczos_steps(matvec, q1, num_iters, algebra=algebra), maxlen=1)[0]
     alphas = torch.tensor(state.alphas, dtype=torch.float64)
     betas = torch.tensor(state.betas[:-1], dtype=torch.float64)
     return Tridiagonal(alphas, betas, state.size)
@@ -295,6 +365,7 @@ def lanczos(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    algebra: VectorAlgebra | None = None,
 ) -> list[EigenResult]:
     """``k`` Ritz pairs of ``H`` from ``m ≤ min(num_iters, dim)`` Lanczos steps started at ``v0``.
 
@@ -320,8 +391,9 @@ def lanczos(
     (``dtype`` default float32). ``num_matvecs`` is the number of products used (shared by all
     pairs). Eigenvectors are unit-norm in ``v0``'s dtype.
     """
-    v0 = _start_vector(v0, generator, dtype, device)
-    q1, num_iters = _check_num_iters_vector(v0, num_iters)
+    v0 = _start_vector(v0, generator, dtype, device, algebra)
+    algebra = algebra_for(v0, algebra)
+    q1, num_iters = _check_num_iters_vector(v0, num_iters, algebra)
     check_positive_int("k", k)
     if k > num_iters:
         raise ValueError(f"k must be <= min(num_iters, dim) = {num_iters}, got {k}")
@@ -337,7 +409,10 @@ def lanczos(
         return values[index], vectors[:, index], residuals
 
     state = None
-    for state in _lanczos_steps(matvec, q1, num_iters, restart_below=k, generator=generator):
+    steps = _lanczos_steps(
+        matvec, q1, num_iters, restart_below=k, generator=generator, algebra=algebra
+    )
+    for state in steps:
         if tol is not None and state.size >= k and not state.breakdown:
             values, _, residuals = ritz(state)
             if bool((residuals <= tol * values.abs()).all()):
@@ -346,7 +421,8 @@ def lanczos(
     values, vectors, residuals = ritz(state)
     m = state.size
     ritz_vectors = vectors.T.to(dtype=q1.dtype, device=q1.device) @ state.basis[:m]
-    ritz_vectors = ritz_vectors / ritz_vectors.double().norm(dim=1, keepdim=True).to(q1.dtype)
+    norms = algebra.sum(ritz_vectors.double().square().sum(dim=1, keepdim=True)).sqrt()
+    ritz_vectors = ritz_vectors / norms.to(q1.dtype)
     results = []
     for value, vector, res in zip(values.tolist(), ritz_vectors, residuals.tolist(), strict=True):
         converged = state.breakdown or (tol is not None and res <= tol * abs(value))
@@ -364,6 +440,7 @@ def deflated_power_iteration(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    algebra: VectorAlgebra | None = None,
 ) -> list[EigenResult]:
     """The ``k`` eigenpairs of largest magnitude, one after another, by power iteration with
     Hotelling deflation (Hotelling 1933).
@@ -378,36 +455,37 @@ def deflated_power_iteration(
     Each result's ``num_matvecs`` counts its own products. ``converged`` means the stopping rule
     met ``tol`` on the deflated operator; ``residual`` is ``‖Hu − λu‖`` for the last (projected)
     vector ``u`` multiplied, with ``H`` itself, so it also carries the small errors of the vectors
-    found before (their residuals projected on ``u``).
+    found before (their residuals projected on ``u``). ``algebra`` (optional) makes the sums
+    global for sharded vectors (:class:`VectorAlgebra`; ``v0`` as an int is then the global
+    dimension).
     """
-    start = _start_vector(v0, generator, dtype, device)
-    _check_num_iters_vector(start, num_iters)
+    start = _start_vector(v0, generator, dtype, device, algebra)
+    algebra = algebra_for(start, algebra)
+    _check_num_iters_vector(start, num_iters, algebra)
     check_positive_int("k", k)
-    dim = start.numel()
+    dim = algebra.global_numel
     if k > dim:
         raise ValueError(f"k must be <= dim = {dim}, got {k}")
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be > 0 or None, got {tol}")
-    found = torch.empty(0, dim, dtype=start.dtype, device=start.device)
+    found = torch.empty(0, start.numel(), dtype=start.dtype, device=start.device)
     results: list[EigenResult] = []
     for i in range(k):
         if i > 0:
-            start = random_unit_vector(
-                dim, generator=generator, dtype=start.dtype, device=start.device
-            )
+            start = random_piece(algebra, generator, start.dtype, start.device)
         last: dict[str, Tensor] = {}
 
         def deflated(v: Tensor, basis: Tensor = found, last: dict[str, Tensor] = last) -> Tensor:
-            u = _orthogonalize(v, basis)
+            u = orthogonalize(v, basis, algebra)
             hu = matvec(u)
             last["u"], last["hu"] = u, hu
-            return _orthogonalize(hu, basis)
+            return orthogonalize(hu, basis, algebra)
 
-        start = _orthogonalize(start, found)
-        result = power_iteration(deflated, start, num_iters, tol)
-        vector = _orthogonalize(result.eigenvector, found)
-        vector = vector / vector.norm()
-        residual = float((last["hu"] - result.eigenvalue * last["u"]).norm())
+        start = orthogonalize(start, found, algebra)
+        result = power_iteration(deflated, start, num_iters, tol, algebra)
+        vector = orthogonalize(result.eigenvector, found, algebra)
+        vector = vector / algebra.norm(vector)
+        residual = float(algebra.norm(last["hu"] - result.eigenvalue * last["u"]))
         results.append(
             EigenResult(result.eigenvalue, vector, residual, result.num_matvecs, result.converged)
         )

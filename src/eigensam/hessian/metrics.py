@@ -1,7 +1,10 @@
 """Alignment and accuracy measures for perturbations and eigenvector estimates.
 
 Vectors are flat tensors, or sequences of tensors (e.g. one per parameter) that are flattened and
-concatenated. All results are computed in float64 and returned as Python floats.
+concatenated. All results are computed in float64 and returned as Python floats. ``algebra``
+(optional, a :class:`~eigensam.hessian.eigen.VectorAlgebra` such as a sharded
+:class:`~eigensam.parallel.ParamLayout`) makes norms and dot products global for vectors of which
+each rank holds its piece (FSDP2); every rank then gets the same value.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from eigensam.hessian.eigen import MatVec
+from eigensam.hessian.eigen import MatVec, VectorAlgebra, WholeVectors
 
 Vector = Tensor | Sequence[Tensor]
 
@@ -29,42 +32,46 @@ def _flat(x: Vector, name: str) -> Tensor:
     return flat.detach().double()
 
 
-def _unit(x: Tensor, name: str) -> Tensor:
-    norm = float(x.norm())
+def _unit(x: Tensor, name: str, algebra: VectorAlgebra | None = None) -> Tensor:
+    norm = float(x.norm() if algebra is None else algebra.norm(x))
     if not math.isfinite(norm) or norm == 0:
         raise ValueError(f"{name} must be a finite nonzero vector, got norm {norm}")
     return x / norm
 
 
-def _pair(a: Vector, b: Vector, names: tuple[str, str]) -> tuple[Tensor, Tensor]:
+def _pair(
+    a: Vector, b: Vector, names: tuple[str, str], algebra: VectorAlgebra | None
+) -> tuple[Tensor, Tensor]:
     fa, fb = _flat(a, names[0]), _flat(b, names[1])
     if fa.shape != fb.shape:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same number of elements, "
             f"got {fa.numel()} and {fb.numel()}"
         )
-    return _unit(fa, names[0]), _unit(fb.to(fa.device), names[1])
+    return _unit(fa, names[0], algebra), _unit(fb.to(fa.device), names[1], algebra)
 
 
-def cosine(a: Vector, b: Vector) -> float:
+def cosine(a: Vector, b: Vector, algebra: VectorAlgebra | None = None) -> float:
     """``cos(a, b) = ⟨a, b⟩ / (‖a‖ ‖b‖)``, in [−1, 1]."""
-    ua, ub = _pair(a, b, ("a", "b"))
-    return max(-1.0, min(1.0, float(torch.dot(ua, ub))))
+    ua, ub = _pair(a, b, ("a", "b"), algebra)
+    dot = torch.dot(ua, ub) if algebra is None else algebra.dot(ua, ub)
+    return max(-1.0, min(1.0, float(dot)))
 
 
-def abs_cosine(a: Vector, b: Vector) -> float:
+def abs_cosine(a: Vector, b: Vector, algebra: VectorAlgebra | None = None) -> float:
     """``|cos(a, b)|``, in [0, 1]: alignment up to the sign of either vector."""
-    return abs(cosine(a, b))
+    return abs(cosine(a, b, algebra))
 
 
-def align(eps: Vector, v1: Vector) -> float:
+def align(eps: Vector, v1: Vector, algebra: VectorAlgebra | None = None) -> float:
     """``Align(ε, v₁) = 1 − min_{s=±1} ‖ε/‖ε‖ − s · v₁/‖v₁‖‖`` (paper §4.3), in [1 − √2, 1].
 
     Equals ``1 − √(2 − 2 |cos(ε, v₁)|)``; computed from the difference directly, which keeps full
     precision for nearly aligned vectors. 1 means ε ∥ ±v₁; orthogonal vectors give 1 − √2.
     """
-    ue, uv = _pair(eps, v1, ("eps", "v1"))
-    distance = min(float((ue - uv).norm()), float((ue + uv).norm()))
+    ue, uv = _pair(eps, v1, ("eps", "v1"), algebra)
+    norm = (algebra or WholeVectors(ue.numel())).norm
+    distance = min(float(norm(ue - uv)), float(norm(ue + uv)))
     return 1.0 - distance
 
 

@@ -5,7 +5,11 @@
 - :func:`hutchinson_trace` (Hutchinson 1990) and :func:`hutchpp_trace` (Hutch++: Meyer, Musco,
   Musco & Woodruff 2021).
 
-``matvec`` maps a flat 1-D tensor of length ``dim`` (``dtype``/``device``) to ``H v``.
+``matvec`` maps a flat 1-D tensor of length ``dim`` (``dtype``/``device``) to ``H v``. With
+``algebra`` (a :class:`~eigensam.hessian.eigen.VectorAlgebra` such as a sharded
+:class:`~eigensam.parallel.ParamLayout`) the vectors are this rank's pieces of vectors of length
+``dim``: every probe is drawn whole (the one process's draw) and cut to the piece, and every sum
+over entries is global, so the estimates equal the one process's up to rounding.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eigensam.hessian.eigen import MatVec, check_positive_int, lanczos_tridiagonal
+from eigensam.hessian.eigen import (
+    MatVec,
+    VectorAlgebra,
+    WholeVectors,
+    check_positive_int,
+    lanczos_tridiagonal,
+    orthogonalize,
+)
 
 PROBES = ("rademacher", "gaussian")
 
@@ -28,10 +39,24 @@ def _rademacher(
     generator: torch.Generator | None,
     dtype: torch.dtype,
     device: torch.device | str | None,
+    algebra: VectorAlgebra | None = None,
 ) -> Tensor:
-    """A vector of independent ±1 entries (drawn on the CPU, so results do not depend on device)."""
+    """A vector of independent ±1 entries (drawn on the CPU, so results do not depend on
+    device), cut to this rank's piece by ``algebra``."""
     signs = torch.randint(0, 2, (dim,), generator=generator, device="cpu").to(dtype) * 2 - 1
-    return signs.to(device)
+    return signs.to(device) if algebra is None else algebra.shard(signs.to(device))
+
+
+def _algebra(dim: int, algebra: VectorAlgebra | None) -> VectorAlgebra:
+    """``algebra`` (checked to describe vectors of length ``dim``), or whole vectors."""
+    if algebra is None:
+        return WholeVectors(dim)
+    if algebra.global_numel != dim:
+        raise ValueError(
+            f"dim must be the whole vectors' length {algebra.global_numel} (the algebra's "
+            f"global_numel), got {dim}"
+        )
+    return algebra
 
 
 def _check_dtype(dtype: object) -> torch.dtype:
@@ -40,12 +65,12 @@ def _check_dtype(dtype: object) -> torch.dtype:
     return dtype
 
 
-def _apply(matvec: MatVec, v: Tensor) -> Tensor:
+def _apply(matvec: MatVec, v: Tensor, algebra: VectorAlgebra) -> Tensor:
     hv = matvec(v)
     if not isinstance(hv, Tensor) or hv.shape != v.shape:
         shape = tuple(hv.shape) if isinstance(hv, Tensor) else type(hv).__name__
         raise ValueError(f"matvec must return a tensor of shape {tuple(v.shape)}, got {shape}")
-    if not torch.isfinite(hv).all():
+    if not algebra.all_true(bool(torch.isfinite(hv).all())):
         raise FloatingPointError("Hessian-vector product is not finite")
     return hv
 
@@ -121,6 +146,7 @@ def slq_density(
     probe: str = "rademacher",
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    algebra: VectorAlgebra | None = None,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature: for each of ``num_probes`` unit probes ``v`` (Rademacher
     ``z/√dim`` or normalized Gaussian), run ``m = min(num_iters, dim)`` Lanczos steps from ``v``
@@ -132,15 +158,17 @@ def slq_density(
     check_positive_int("num_probes", num_probes)
     check_positive_int("num_iters", num_iters)
     _check_dtype(dtype)
+    pieces = _algebra(dim, algebra)
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
     nodes, weights, num_matvecs = [], [], 0
     for _ in range(num_probes):
         if probe == "rademacher":
-            v = _rademacher(dim, generator, dtype, device)
+            v = _rademacher(dim, generator, dtype, device, algebra)
         else:
             v = torch.randn(dim, generator=generator, dtype=dtype, device="cpu").to(device)
-        alphas, betas, used = lanczos_tridiagonal(matvec, v, num_iters)
+            v = pieces.shard(v)
+        alphas, betas, used = lanczos_tridiagonal(matvec, v, num_iters, pieces)
         tridiagonal = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
         theta, vectors = torch.linalg.eigh(tridiagonal)
         nodes.append(theta)
@@ -190,16 +218,18 @@ def hutchinson_trace(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    algebra: VectorAlgebra | None = None,
 ) -> TraceEstimate:
     """Hutchinson's estimator ``tr(H) ≈ (1/n) Σ_i z_iᵀ H z_i`` with ``n = num_samples``
     Rademacher probes ``z_i`` (Hutchinson 1990); one product per sample."""
     check_positive_int("dim", dim)
     check_positive_int("num_samples", num_samples)
     _check_dtype(dtype)
+    pieces = _algebra(dim, algebra)
     samples = []
     for _ in range(num_samples):
-        z = _rademacher(dim, generator, dtype, device)
-        samples.append(float(torch.dot(z.double(), _apply(matvec, z).double())))
+        z = _rademacher(dim, generator, dtype, device, algebra)
+        samples.append(float(pieces.dot(z.double(), _apply(matvec, z, pieces).double())))
     return _from_samples(samples, num_samples)
 
 
@@ -211,6 +241,7 @@ def hutchpp_trace(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    algebra: VectorAlgebra | None = None,
 ) -> TraceEstimate:
     """Hutch++ (Meyer et al. 2021) with a budget of ``m = num_matvecs ≥ 3`` products:
     ``tr(H) ≈ tr(QᵀHQ) + (1/n) Σ_i g_iᵀ (I − QQᵀ) H (I − QQᵀ) g_i``, where ``Q`` is an orthonormal
@@ -220,25 +251,40 @@ def hutchpp_trace(
     Exact when ``rank(H) ≤ s``; its error is dominated by the tail of the spectrum, so it beats
     Hutchinson at equal budget when the spectrum decays fast. ``samples`` are
     ``tr(QᵀHQ) + g_iᵀ(I − QQᵀ)H(I − QQᵀ)g_i``, so ``std_error`` is that of the Hutchinson part.
+    ``Q`` comes from Gram–Schmidt applied twice with global dot products (vectors may be
+    sharded); a column of ``HS`` that is numerically dependent on the previous ones
+    (``rank(H) < s``) is dropped, which keeps the estimate unbiased and saves its product.
     """
     check_positive_int("dim", dim)
     check_positive_int("num_matvecs", num_matvecs)
     if num_matvecs < 3:
         raise ValueError(f"num_matvecs must be >= 3 for Hutch++, got {num_matvecs}")
     _check_dtype(dtype)
+    pieces = _algebra(dim, algebra)
     sketch = min(num_matvecs // 3, dim)
     num_samples = num_matvecs - 2 * sketch
-    s = torch.stack([_rademacher(dim, generator, dtype, device) for _ in range(sketch)], dim=1)
-    hs = torch.stack([_apply(matvec, s[:, j].contiguous()) for j in range(sketch)], dim=1)
-    q, _ = torch.linalg.qr(hs)
+    s = [_rademacher(dim, generator, dtype, device, algebra) for _ in range(sketch)]
+    q = _orthonormal_rows([_apply(matvec, column, pieces) for column in s], pieces)
     low_rank = sum(
-        float(torch.dot(q[:, j].double(), _apply(matvec, q[:, j].contiguous()).double()))
-        for j in range(sketch)
+        float(pieces.dot(row.double(), _apply(matvec, row, pieces).double())) for row in q
     )
     samples = []
     for _ in range(num_samples):
-        g = _rademacher(dim, generator, dtype, device)
-        for _ in range(2):  # project twice for an orthogonal complement to working precision
-            g = g - q @ (q.T @ g)
-        samples.append(low_rank + float(torch.dot(g.double(), _apply(matvec, g).double())))
-    return _from_samples(samples, num_matvecs)
+        g = orthogonalize(_rademacher(dim, generator, dtype, device, algebra), q, pieces)
+        samples.append(low_rank + float(pieces.dot(g.double(), _apply(matvec, g, pieces).double())))
+    return _from_samples(samples, sketch + len(q) + num_samples)
+
+
+def _orthonormal_rows(vectors: list[Tensor], algebra: VectorAlgebra) -> Tensor:
+    """An orthonormal basis (rows) of the span of ``vectors`` by Gram–Schmidt applied twice;
+    a vector whose part orthogonal to the previous ones is below ``√eps`` of its norm is
+    dropped (numerically dependent)."""
+    rows = vectors[0].new_empty(0, vectors[0].numel())
+    tolerance = math.sqrt(torch.finfo(vectors[0].dtype).eps)
+    for vector in vectors:
+        length = float(algebra.norm(vector.double()))
+        rest = orthogonalize(vector, rows, algebra)
+        norm = float(algebra.norm(rest.double()))
+        if norm > tolerance * length:
+            rows = torch.cat([rows, (rest / norm)[None]])
+    return rows

@@ -172,13 +172,9 @@ class EigenTracker:
         Under FSDP2 (``params`` sharded ``DTensor`` parameters) ``v̂`` is this rank's part
         (:class:`~eigensam.parallel.ParamLayout`): the first start vector is drawn
         whole (the one process's draw, a transient full-size float32 vector) and cut to this
-        rank's rows; power iteration's dot products and norms are global; Lanczos is refused."""
+        rank's rows; the solvers' dot products and norms are global (Lanczos keeps its basis
+        sharded too)."""
         layout = ParamLayout(params)
-        if layout.sharded and self.method != "power":
-            raise ValueError(
-                f"eig_method={self.method!r} is not supported on FSDP2's sharded parameters; "
-                "use eig_method='power'"
-            )
         # Parameters of several dtypes: flat vectors take the promoted one, as torch.cat does.
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
         if self.vector is None or self.vector.numel() != layout.numel:
@@ -226,7 +222,7 @@ class EigenTracker:
                 iters = 1 if spread else self.iters
                 result = power_iteration(op.matvec, v0, iters, algebra=op.layout)
             else:
-                result = lanczos(op.matvec, v0, self.iters, k=1, which="LA")[0]
+                result = lanczos(op.matvec, v0, self.iters, k=1, which="LA", algebra=op.layout)[0]
         self.evaluation = op.evaluation
         return result
 

@@ -24,11 +24,6 @@ from eigensam.hessian.tracker import EigenTracker, choose_backend
 from eigensam.optim.sam import SAM, check_nonnegative
 from eigensam.parallel import local_forward
 
-LANCZOS_UNDER_FSDP2 = (
-    "eig_method={!r} is not supported under FSDP2 (fully_shard): its basis would need global "
-    "dot products with every stored vector; use eig_method='power'"
-)
-
 
 class TrackedSAM(SAM):
     """SAM plus an :class:`EigenTracker` refreshed every ``eig_interval`` steps on the current
@@ -60,9 +55,9 @@ class TrackedSAM(SAM):
     sharded like the parameters (each rank keeps its rows, about ``1/N`` of it), the products
     are finite differences of FSDP's global gradients (``hvp="auto"`` picks
     :data:`~eigensam.hessian.hvp.FD_FALLBACK`; ``"autograd"`` raises ``ValueError``: double
-    backward does not reach sharded parameters), power iteration's dot products and norms are
-    global, and ``v̂`` is the one process's estimate on the concatenated batch (to rounding);
-    ``eig_method="lanczos"`` is refused there. :mod:`eigensam.optim.checkpoint` saves and loads
+    backward does not reach sharded parameters), the solvers' dot products and norms are
+    global (Lanczos keeps its basis sharded too), and ``v̂`` is the one process's estimate on
+    the concatenated batch (to rounding). :mod:`eigensam.optim.checkpoint` saves and loads
     the sharded state with ``torch.distributed.checkpoint``.
 
     ``reuse_gradient`` (default True): on a refresh step, the gradient the refresh computed at
@@ -156,16 +151,13 @@ class TrackedSAM(SAM):
         self.tracker.reduce = self.reduce
 
     def attach_fsdp(self) -> None:
-        """SAM's, and the tracker's FSDP2 checks (finite-difference products, power
-        iteration)."""
+        """SAM's, and the tracker's FSDP2 check (finite-difference products)."""
         super().attach_fsdp()
         self._check_fsdp2()
 
     def _check_fsdp2(self) -> None:
-        """Refuse what sharded parameters cannot run: exact products, Lanczos."""
+        """Refuse what sharded parameters cannot run: exact products."""
         choose_backend(self.tracker.requested_backend, self._params())
-        if self.tracker.method != "power":
-            raise ValueError(LANCZOS_UNDER_FSDP2.format(self.tracker.method))
 
     def _rank_signature(self) -> dict[str, Any]:
         """SAM's, plus the refresh schedule (replicas must run the same products)."""

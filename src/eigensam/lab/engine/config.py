@@ -92,6 +92,11 @@ class TrainConfig:
     track_iters: int = _opt(20, "Lanczos budget (Hessian-vector products) per measurement")
     track_tol: float = _opt(1e-3, "Lanczos stops at relative residual ‖Hv − λv‖/|λ| ≤ tol")
     track_batches: int = _opt(0, "also measure on this many fixed unaugmented training batches")
+    track_hvp: str = _opt(
+        "auto",
+        f"tracking's Hessian-vector products: one of {', '.join(TRACKER_BACKENDS)} "
+        "(auto: exact, finite differences with strategy fsdp)",
+    )
     log_every: int = _opt(10, "log the mean training loss every n steps")
     eval_every: int = _opt(1, "evaluate on the test (and validation) set every n epochs and last")
     device: str = _opt("cpu", "torch device, e.g. cpu, cuda, cuda:1")
@@ -157,6 +162,7 @@ class TrainConfig:
         _check_int("track_iters", self.track_iters, 1)
         _check_real("track_tol", self.track_tol, 0, low_open=True)
         _check_int("track_batches", self.track_batches, 0)
+        _check_choice("track_hvp", self.track_hvp, TRACKER_BACKENDS)
         _check_int("log_every", self.log_every, 1)
         _check_int("eval_every", self.eval_every, 1)
         _check_optional_str("device", self.device)
@@ -193,14 +199,11 @@ class TrainConfig:
                 "backward does not reach FSDP2's sharded parameters; use hvp auto, fd-central "
                 "or fd-forward"
             )
-        if self.method in ("eigen-sam", "x-sam") and self.eig_method != "power":
+        if self.track_every and self.track_hvp == "autograd":
             raise ValueError(
-                f"eig_method {self.eig_method} is not supported with strategy fsdp; use power"
-            )
-        if self.track_every:
-            raise ValueError(
-                f"track_every must be 0 with strategy fsdp (sharpness tracking uses exact "
-                f"Lanczos products), got {self.track_every}"
+                f"track_every {self.track_every} with track_hvp autograd is not available with "
+                "strategy fsdp: tracking's exact products need double backward, which does not "
+                "reach FSDP2's sharded parameters; use track_hvp auto, fd-central or fd-forward"
             )
 
     @property

@@ -13,11 +13,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from eigensam.hessian.closures import SplitClosure
+from eigensam.hessian.closures import AUTO, SplitClosure
 from eigensam.hessian.eigen import lanczos, random_unit_vector
 from eigensam.hessian.hvp import HessianOperator
 from eigensam.hessian.metrics import abs_cosine, align
+from eigensam.hessian.tracker import check_tracker_backend, choose_backend
 from eigensam.optim import EGR, SAM
+from eigensam.parallel import ParamLayout
 
 
 class SharpnessProbe:
@@ -27,12 +29,29 @@ class SharpnessProbe:
     (warm start): one for the training batches, one per fixed batch; the first start is a random
     unit vector from a private generator seeded with ``seed``. ``reduce`` averages the
     products over the ranks (the global batch's Hessian, see :mod:`eigensam.parallel`).
+
+    ``hvp`` is the product backend: ``"auto"`` (default) is exact double backward, except on an
+    FSDP2 model (``fully_shard``), where it is finite differences of FSDP's global gradients
+    (:data:`~eigensam.hessian.hvp.FD_FALLBACK`; ``"autograd"`` raises ``ValueError`` there).
+    On an FSDP2 model every vector (v₁, the gradient, ε) is this rank's shard, the Lanczos
+    basis is sharded and every norm and dot product is global, so λ₁, Align and |cos| equal the
+    one process's on the concatenated batch to the finite-difference accuracy (see
+    docs/distributed.md); the warm-start vectors are shards too, and :meth:`state_dict` leaves
+    them out there (each rank holds a different piece): a resumed run starts its next
+    measurement from a fresh random vector.
     """
 
     def __init__(
-        self, iters: int, tol: float, seed: int, reduce: Callable[[Tensor], Tensor] | None = None
+        self,
+        iters: int,
+        tol: float,
+        seed: int,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        hvp: str = AUTO,
     ):
         self.reduce = reduce
+        self.hvp = check_tracker_backend(hvp)
+        self.sharded = False
         self.iters = iters
         self.tol = tol
         self.generator = torch.Generator().manual_seed(seed)
@@ -46,14 +65,23 @@ class SharpnessProbe:
         and number of products; v₁; and the flat gradient, all in train mode. ``stream`` names
         the fixed batch measured (None: the training batch), whose last v₁ is the warm start."""
         params = list(model.parameters())
+        backend = choose_backend(self.hvp, params)
         operator = HessianOperator(
-            closure, params, backend="autograd", model=model, mode="train", reduce=self.reduce
+            closure, params, backend=backend, model=model, mode="train", reduce=self.reduce
         )
         with operator as op:
+            layout = op.layout
+            self.sharded = layout.sharded
             start = self.vector if stream is None else self.fixed_vectors.get(stream)
             if start is None:
-                start = random_unit_vector(op.dim, generator=self.generator, dtype=op.dtype)
-            top = lanczos(op.matvec, start.to(op.device), self.iters, k=1, which="LA", tol=self.tol)
+                whole = random_unit_vector(
+                    layout.global_numel, generator=self.generator, dtype=op.dtype
+                )
+                start = layout.shard(whole.to(op.device))
+            start = start.to(op.device)
+            top = lanczos(
+                op.matvec, start, self.iters, k=1, which="LA", tol=self.tol, algebra=layout
+            )
             grad = op.gradient()
         pair = top[0]
         if stream is None:
@@ -67,7 +95,7 @@ class SharpnessProbe:
             "relative_residual": relative,
             "converged": pair.converged,
             "hvps": pair.num_matvecs,
-            "grad_norm": float(grad.norm()),
+            "grad_norm": float(layout.norm(grad)),
         }
         return record, pair.eigenvector, grad
 
@@ -85,32 +113,35 @@ class SharpnessProbe:
         its parts serve the preview of the optimizer's refresh."""
         whole = closure.closure if isinstance(closure, SplitClosure) else closure
         record, v1, grad = self.top_eigenpair(whole, model)
+        layout = ParamLayout([p for p in model.parameters() if p.requires_grad])
         eps, tracker = applied_perturbation(optimizer, grad, closure)
         record["align_of"] = "gradient" if eps is grad else "perturbation"
-        nonzero = float(eps.norm()) > 0
-        record["align"] = align(eps, v1) if nonzero else None
-        record["abs_cos"] = abs_cosine(eps, v1) if nonzero else None
+        nonzero = float(layout.norm(eps)) > 0
+        record["align"] = align(eps, v1, layout) if nonzero else None
+        record["abs_cos"] = abs_cosine(eps, v1, layout) if nonzero else None
         if tracker is not None:
             vector = tracker.vector
             record["opt_eigenvalue"] = tracker.eigenvalue
-            record["opt_vector_cos"] = None if vector is None else abs_cosine(vector, v1)
+            cos = None if vector is None else abs_cosine(vector, v1, layout)
+            record["opt_vector_cos"] = cos
         if fixed:
             values: dict[str, list[float]] = {"lambda1": [], "align": [], "abs_cos": []}
             for stream, fixed_closure in enumerate(fixed):
                 pair, v1, grad = self.top_eigenpair(fixed_closure, model, stream)
                 eps = perturbation_with(optimizer, tracker, grad)
                 values["lambda1"].append(pair["lambda1"])
-                if float(eps.norm()) > 0:
-                    values["align"].append(align(eps, v1))
-                    values["abs_cos"].append(abs_cosine(eps, v1))
+                if float(layout.norm(eps)) > 0:
+                    values["align"].append(align(eps, v1, layout))
+                    values["abs_cos"].append(abs_cosine(eps, v1, layout))
             record.update({f"fixed_{key}": mean_or_none(vals) for key, vals in values.items()})
         return record
 
     def state_dict(self) -> dict[str, Any]:
+        """The generator and the warm-start vectors (left out when they are FSDP2 shards)."""
         return {
             "generator": self.generator.get_state(),
-            "vector": self.vector,
-            "fixed_vectors": dict(self.fixed_vectors),
+            "vector": None if self.sharded else self.vector,
+            "fixed_vectors": {} if self.sharded else dict(self.fixed_vectors),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -241,7 +241,9 @@ class Trainer:
         self.probe = None
         self.fixed_closures: list[Callable[[], Tensor]] = []
         if config.track_every > 0:
-            self.probe = SharpnessProbe(config.track_iters, config.track_tol, config.seed, reduce)
+            self.probe = SharpnessProbe(
+                config.track_iters, config.track_tol, config.seed, reduce, config.track_hvp
+            )
             self.fixed_closures = [
                 make_closure(self.model, self.criterion, images, labels)
                 for images, labels in self.fixed_batches(config.track_batches)
