@@ -37,12 +37,15 @@ OPTIMIZERS: dict[str, Build] = {
     "reverse-sam": lambda model, **kw: ReverseSAM(model, SGD, 0.1, lr=0.1, **kw),
     "sam/adamw": lambda model, **kw: SAM(model, torch.optim.AdamW, 0.1, lr=0.01, **kw),
     "eigen-sam": lambda model, **kw: EigenSAM(model, SGD, 0.1, **TRACKED, lr=0.1, **kw),
+    "eigen-sam/lanczos": lambda model, **kw: EigenSAM(
+        model, SGD, 0.1, **TRACKED, eig_method="lanczos", lr=0.1, **kw
+    ),
     "x-sam": lambda model, **kw: XSAM(
         model, SGD, 0.1, **{**TRACKED, "alpha": 1.0}, lr=0.1, momentum=0.9, **kw
     ),
     "egr": lambda model, **kw: EGR(model, SGD, 0.1, lr=0.1, **kw),
 }
-TRACKED_NAMES = ("eigen-sam", "x-sam")
+TRACKED_NAMES = ("eigen-sam", "eigen-sam/lanczos", "x-sam")
 FD_NAMES = (*TRACKED_NAMES, "egr")  # their products are finite differences under FSDP2
 ATTACHED = ("sam", "eigen-sam")  # built before fully_shard, then attach_fsdp()
 
