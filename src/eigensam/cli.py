@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from eigensam.lab import experiments, sde
-from eigensam.lab.curvature_reports import power_convergence_report, spectrum_report
+from eigensam.lab.curvature_reports import (
+    CURVATURES,
+    block_spectrum_report,
+    power_convergence_report,
+    spectrum_report,
+)
 from eigensam.lab.engine.config import METHODS, TrainConfig, load_config
 from eigensam.lab.engine.launch import is_main, leave
 from eigensam.lab.engine.train import Trainer
@@ -257,14 +262,51 @@ def _add_spectrum(subparsers: Any) -> None:
     _add_measure_flags(parser, data_subset=512)
     parser.add_argument("--top-k", type=int, default=1, help="default: 1")
     parser.add_argument("--lanczos-iters", type=int, default=90, help="SLQ steps (default: 90)")
-    parser.add_argument("--trace-matvecs", type=int, default=99, help="Hutch++ budget (def. 99)")
+    parser.add_argument(
+        "--trace-matvecs", type=int, default=None, help="Hutch++ budget (default: 99; per block 30)"
+    )
+    parser.add_argument(
+        "--curvature", choices=CURVATURES, default="hessian", help="matrix (default: hessian)"
+    )
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="λ₁ and trace of each layer's block instead (spectrum_blocks.json and .png)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=_csv(str, "--blocks"),
+        default=None,
+        help="with --per-layer: these blocks instead of one per layer (module names, parameter "
+        "names or glob patterns such as '*.bias', comma-separated)",
+    )
     parser.set_defaults(handler=_run_spectrum)
 
 
 def _run_spectrum(args: argparse.Namespace) -> int:
+    if args.blocks is not None and not args.per_layer:
+        return _fail("--blocks needs --per-layer", 2)
     trained = _prepare(lambda: load_trained(args.checkpoint))
     batches = _prepare(lambda: fixed_batches(trained.config, args.data_subset, args.batch_size))
     out = args.out or trained.folder
+    common = dict(
+        curvature=args.curvature,
+        mode=args.mode,
+        backend=args.hvp,
+        seed=args.seed,
+        label=f"{trained.config.method} step {trained.step}",
+    )
+    if args.per_layer:
+        matvecs = 30 if args.trace_matvecs is None else args.trace_matvecs
+        blocks = _prepare(
+            lambda: block_spectrum_report(
+                trained.model, batches, out, blocks=args.blocks, trace_matvecs=matvecs, **common
+            )
+        )
+        _print_blocks(blocks["blocks"])
+        print(f"wrote {Path(out) / 'spectrum_blocks.json'} and {Path(out) / 'spectrum_blocks.png'}")
+        return 0
+    matvecs = 99 if args.trace_matvecs is None else args.trace_matvecs
     report = _prepare(
         lambda: spectrum_report(
             trained.model,
@@ -272,11 +314,8 @@ def _run_spectrum(args: argparse.Namespace) -> int:
             out,
             top_k=args.top_k,
             lanczos_iters=args.lanczos_iters,
-            trace_matvecs=args.trace_matvecs,
-            mode=args.mode,
-            backend=args.hvp,
-            seed=args.seed,
-            label=f"{trained.config.method} step {trained.step}",
+            trace_matvecs=matvecs,
+            **common,
         )
     )
     eigenvalues = ", ".join(f"{e['eigenvalue']:.4g}" for e in report["eigenvalues"])
@@ -285,6 +324,19 @@ def _run_spectrum(args: argparse.Namespace) -> int:
     print(f"trace: {trace['estimate']:.4g} ± {trace['std_error']:.2g} (standard error)")
     print(f"wrote {Path(out) / 'spectrum.json'} and {Path(out) / 'spectrum.png'}")
     return 0
+
+
+def _print_blocks(rows: list[dict[str, Any]]) -> None:
+    """One line per block: its name, size, λ₁ and trace with standard error."""
+    width = max(len(str(row["block"])) for row in rows)
+    print(f"{'block':<{width}}  {'params':>8}  {'λ₁':>10}  trace (± s.e.)")
+    for row in rows:
+        estimate, error = row["trace"]["estimate"], row["trace"]["std_error"]
+        print(
+            f"{str(row['block']):<{width}}  {row['dim']:>8}  "
+            f"{row['lambda_max']['eigenvalue']:>10.4g}  {estimate:.4g}"
+            + ("" if error is None else f" ± {error:.2g}")
+        )
 
 
 def _add_power_convergence(subparsers: Any) -> None:

@@ -23,6 +23,7 @@ from tiny_hf import (  # noqa: E402
     CONTEXT,
     TokenData,
     arguments,
+    assert_same_training,
     eigen_sam,
     hand_loop,
     run_trainer,
@@ -127,14 +128,7 @@ def test_resume_from_checkpoint_is_bit_for_bit(tmp_path: Path) -> None:
     args = arguments(tmp_path / "full", save_strategy="no")
     resumed = SAMTrainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None))
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    for a, b in zip(full.model.parameters(), model.parameters(), strict=True):
-        assert torch.equal(a, b)
-    assert opt.sam_steps == 4
-    assert torch.equal(opt.tracker.vector, full.eigensam_optimizer.tracker.vector)
-    state = opt.base_optimizer.state_dict()["state"]
-    reference = full.eigensam_optimizer.base_optimizer.state_dict()["state"]
-    for key in reference:
-        assert torch.equal(state[key]["exp_avg_sq"], reference[key]["exp_avg_sq"])
+    assert_same_training(full, model, opt)
 
 
 def test_plain_trainer_refuses_an_eigensam_optimizer(tmp_path: Path) -> None:

@@ -150,3 +150,17 @@ def hand_loop(
         losses.append(float(opt.step(closure)))
         scheduler.step()
     return model, opt, losses
+
+
+def assert_same_training(full, model: torch.nn.Module, opt: EigenSAM) -> None:
+    """``model`` and ``opt`` (resumed from a checkpoint of ``full``, a finished 4-step trainer)
+    equal ``full``'s bit for bit: weights, step count, v̂ and AdamW's second moments."""
+    for a, b in zip(full.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.sam_steps == 4
+    assert torch.equal(opt.tracker.vector, full.eigensam_optimizer.tracker.vector)
+    state = opt.base_optimizer.state_dict()["state"]
+    reference = full.eigensam_optimizer.base_optimizer.state_dict()["state"]
+    assert state.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(state[key]["exp_avg_sq"], reference[key]["exp_avg_sq"])

@@ -37,3 +37,33 @@ def test_bad_checkpoint_and_subset(run_dir, tmp_path, capsys):
     assert "checkpoint" in capsys.readouterr().err
     assert main(["spectrum", str(run_dir), "--data-subset", "0"]) == 2
     assert "data_subset" in capsys.readouterr().err
+
+
+def test_spectrum_per_layer_gives_each_layers_lambda_and_trace(run_dir, tmp_path, capsys):
+    argv = ["spectrum", str(run_dir), "--data-subset", "32", "--per-layer", "--out", str(tmp_path)]
+    assert main(argv + ["--trace-matvecs", "6"]) == 0
+    report = json.loads((tmp_path / "spectrum_blocks.json").read_text())
+    blocks = [row["block"] for row in report["blocks"]]
+    assert blocks[0] == "features.0" and blocks[-1].startswith("classifier")
+    assert all(row["lambda_max"]["eigenvalue"] > 0 for row in report["blocks"])
+    assert (tmp_path / "spectrum_blocks.png").stat().st_size > 0
+    assert "features.0" in capsys.readouterr().out
+
+
+def test_spectrum_per_layer_of_the_ggn_on_chosen_blocks(run_dir, tmp_path):
+    argv = ["spectrum", str(run_dir), "--data-subset", "32", "--per-layer", "--curvature", "ggn"]
+    argv += ["--blocks", "*.bias,classifier", "--trace-matvecs", "6", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "spectrum_blocks.json").read_text())
+    assert report["settings"]["curvature"] == "ggn"
+    assert [row["block"] for row in report["blocks"]] == ["*.bias", "classifier"]
+    assert all(name.endswith(".bias") for name in report["blocks"][0]["parameters"])
+
+
+def test_spectrum_block_matching_nothing_is_one_error_line(run_dir, tmp_path, capsys):
+    argv = ["spectrum", str(run_dir), "--data-subset", "32", "--per-layer", "--blocks", "conv9"]
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'conv9' matches no trainable parameter" in err and len(err.strip().splitlines()) == 1
+    assert main(["spectrum", str(run_dir), "--blocks", "features.0"]) == 2
+    assert "--blocks needs --per-layer" in capsys.readouterr().err

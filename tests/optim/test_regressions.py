@@ -53,13 +53,31 @@ def test_tracked_optimizers_accept_frozen_parameters(cls, batch):
     the frozen ones."""
     model = frozen_net()
     frozen = model.net[0].weight.detach().clone()
-    opt = cls(model, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-2, eig_interval=1)
+    opt = cls(
+        model.parameters(),
+        torch.optim.SGD,
+        model=model,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-2,
+        eig_interval=1,
+    )
     for _ in range(3):
         opt.step(make_closure(model, *batch))
     assert torch.equal(model.net[0].weight, frozen)
     v = opt.tracker.vector
     assert v.numel() == sum(p.numel() for p in model.parameters())
     assert torch.all(v[: frozen.numel()] == 0) and float(v.norm()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("cls", [EigenSAM, XSAM])
+def test_a_module_gives_the_optimizers_its_trainable_parameters_only(cls, batch):
+    model = frozen_net()
+    opt = cls(model, torch.optim.SGD, lr=0.1, momentum=0.9, eig_interval=1)
+    opt.step(make_closure(model, *batch))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [p for g in opt.param_groups for p in g["params"]] == trainable
+    assert opt.tracker.vector.numel() == sum(p.numel() for p in trainable)
 
 
 def test_xsam_leaves_parameters_without_gradient_alone(batch):

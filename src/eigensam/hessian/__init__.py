@@ -1,7 +1,9 @@
 """Curvature of a loss at given parameters: Hessian-vector products, eigenpairs, trace, density.
 
 Low level: :class:`HessianOperator` (one closure), :class:`DatasetHessian` (a model over a fixed
-list of batches), the solvers :func:`power_iteration`, :func:`lanczos`,
+list of batches), :class:`GGNOperator` (the generalized Gauss-Newton matrix of a loss
+``ℓ(f(x), y)``), :class:`BlockOperator` (any of them restricted to a block of parameters), the
+solvers :func:`power_iteration`, :func:`lanczos`,
 :func:`deflated_power_iteration`, :func:`slq_density`, :func:`hutchinson_trace`,
 :func:`hutchpp_trace`, :class:`EigenTracker` used by the optimizers, and :func:`taylor_terms`
 (``∇f, ∇²f·u, ∇³f(u, u)``, used by the SDE simulator).
@@ -12,6 +14,7 @@ This package needs only torch (the ``[lab]`` extra is for training, reports and 
 """
 
 from eigensam.hessian.analysis import density, top_eigenvalues, trace
+from eigensam.hessian.blocks import BlockOperator, layer_blocks, select_parameters
 from eigensam.hessian.dataset import DatasetHessian, NondeterministicHessianError
 from eigensam.hessian.eigen import (
     EigenResult,
@@ -20,6 +23,7 @@ from eigensam.hessian.eigen import (
     lanczos_tridiagonal,
     power_iteration,
 )
+from eigensam.hessian.ggn import GGNOperator, NotLossOfOutputsError
 from eigensam.hessian.hvp import DoubleBackwardError, HessianOperator
 from eigensam.hessian.metrics import abs_cosine, align, cosine
 from eigensam.hessian.spectrum import (
@@ -33,13 +37,16 @@ from eigensam.hessian.taylor import HigherOrderUnsupportedError, TaylorTerms, ta
 from eigensam.hessian.tracker import EigenTracker
 
 __all__ = [
+    "BlockOperator",
     "DatasetHessian",
     "DoubleBackwardError",
     "EigenResult",
     "EigenTracker",
+    "GGNOperator",
     "HessianOperator",
     "HigherOrderUnsupportedError",
     "NondeterministicHessianError",
+    "NotLossOfOutputsError",
     "SpectralDensity",
     "TaylorTerms",
     "TraceEstimate",
@@ -52,7 +59,9 @@ __all__ = [
     "hutchpp_trace",
     "lanczos",
     "lanczos_tridiagonal",
+    "layer_blocks",
     "power_iteration",
+    "select_parameters",
     "slq_density",
     "taylor_terms",
     "top_eigenvalues",

@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from eigensam.hessian.closures import Closure
 from eigensam.hessian.eigen import random_unit_vector
-from eigensam.hessian.hvp import FrozenState, HessianOperator, check_backend, check_mode
+from eigensam.hessian.hvp import (
+    FrozenState,
+    HessianOperator,
+    OpenOnParams,
+    check_backend,
+    check_mode,
+)
 
 Batch = tuple[Tensor, Tensor]
 Criterion = Callable[[Tensor, Tensor], Tensor]
@@ -69,7 +75,8 @@ def check_batches(batches: Iterable[Batch], name: str = "batches") -> list[Batch
     return [(x, y) for x, y in checked]
 
 
-def _check_criterion(criterion: object) -> Criterion:
+def check_criterion(criterion: object) -> Criterion:
+    """``criterion`` if it is callable and averages over the batch, else raise."""
     if not callable(criterion):
         raise TypeError(f"criterion must be callable (outputs, targets) -> loss, got {criterion!r}")
     reduction = getattr(criterion, "reduction", "mean")
@@ -81,7 +88,48 @@ def _check_criterion(criterion: object) -> Criterion:
     return criterion
 
 
-class DatasetHessian:
+class BatchesLoss(OpenOnParams):
+    """The loss ``criterion(model(x), y)`` averaged over fixed ``batches`` with weights
+    ``n_i/N``, with the variables ``params`` (default: the model's parameters with
+    ``requires_grad``) in the order of the flat vectors: what the operators over a list of batches
+    (:class:`DatasetHessian`, :class:`~eigensam.hessian.ggn.GGNOperator`) validate and share."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        criterion: Criterion | None,
+        mode: str | None,
+        params: Iterable[Tensor] | None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.batches = check_batches(batches)
+        self.criterion = check_criterion(nn.CrossEntropyLoss() if criterion is None else criterion)
+        self.mode = check_mode(mode)
+        chosen = list(model.parameters() if params is None else params)
+        if not all(isinstance(p, Tensor) for p in chosen):
+            raise TypeError("params must be an iterable of tensors")
+        self.params = [p for p in chosen if p.requires_grad]
+        if not self.params:
+            raise ValueError("params must contain at least one tensor with requires_grad=True")
+        self.dim = sum(p.numel() for p in self.params)
+        self.batch_sizes = [int(x.shape[0]) for x, _ in self.batches]
+        self.num_samples = sum(self.batch_sizes)
+        self.weights = [n / self.num_samples for n in self.batch_sizes]
+        self._frozen: FrozenState | None = None
+
+    def _open(self) -> FrozenState:
+        """Save what a loss evaluation may change and put the model in ``mode``."""
+        if self._frozen is not None:
+            name = type(self).__name__
+            raise RuntimeError(f"this {name} is already open; it cannot be nested in itself")
+        self._frozen = FrozenState(self.params, self.model, self.mode)
+        return self._frozen
+
+
+class DatasetHessian(BatchesLoss):
     """``v ↦ H v`` for the Hessian of ``criterion(model(x), y)`` averaged over ``batches``
     (``H = Σ_i (n_i/N) H_i``, see the module docstring), as a context manager::
 
@@ -121,32 +169,16 @@ class DatasetHessian:
         check_rtol: float = DEFAULT_CHECK_RTOL,
         fd_scale: float | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
-        self.batches = check_batches(batches)
-        self.criterion = _check_criterion(nn.CrossEntropyLoss() if criterion is None else criterion)
+        super().__init__(model, batches, criterion, mode, params)
         self.backend = check_backend(backend)
-        self.mode = check_mode(mode)
-        self.params = [p for p in (model.parameters() if params is None else params)]
-        if not all(isinstance(p, Tensor) for p in self.params):
-            raise TypeError("params must be an iterable of tensors")
-        self.params = [p for p in self.params if p.requires_grad]
-        if not self.params:
-            raise ValueError("params must contain at least one tensor with requires_grad=True")
         if not isinstance(check, bool):
             raise TypeError(f"check must be a bool, got {check!r}")
         self.check = check
         self.check_rtol = self._check_rtol(check_rtol)
         self.fd_scale = fd_scale
-        self.dim = sum(p.numel() for p in self.params)
-        self.batch_sizes = [int(x.shape[0]) for x, _ in self.batches]
-        self.num_samples = sum(self.batch_sizes)
-        self.weights = [n / self.num_samples for n in self.batch_sizes]
         # One HessianOperator can stay open over the whole loss unless that would keep the graphs
         # of several batches (autograd with more than one batch).
         self._shared = backend != "autograd" or len(self.batches) == 1
-        self._frozen: FrozenState | None = None
         self._op: HessianOperator | None = None
         self._check_pending = False
         self.num_matvecs = 0
@@ -159,25 +191,15 @@ class DatasetHessian:
             raise ValueError(f"check_rtol must be a number > 0, got {rtol!r}")
         return float(rtol)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.params[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
-
     # -- context ---------------------------------------------------------------------------------
 
     def __enter__(self) -> DatasetHessian:
-        if self._frozen is not None:
-            raise RuntimeError("this DatasetHessian is already open; it cannot be nested in itself")
-        self._frozen = FrozenState(self.params, self.model, self.mode)
+        frozen = self._open()
         try:
             if self._shared:
                 self._op = self._operator(range(len(self.batches))).__enter__()
         except BaseException:
-            self._frozen.restore()
+            frozen.restore()
             self._frozen = None
             raise
         self._check_pending = self.check

@@ -221,6 +221,28 @@ class FrozenState:
             p.grad = g
 
 
+class OpenOnParams:
+    """What the operators on a list of parameters share: their flat vectors take the dtype and
+    device of the first parameter, and ``_close`` restores the :class:`FrozenState` saved when
+    the operator was opened."""
+
+    params: list[Tensor]
+    _frozen: FrozenState | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def _close(self) -> None:
+        assert self._frozen is not None
+        self._frozen.restore()
+        self._frozen = None
+
+
 @dataclass
 class Evaluation:
     """What one closure call at ``w`` left behind: the loss, the gradients of ``params`` (those
@@ -242,7 +264,7 @@ class Evaluation:
         return self.loss
 
 
-class HessianOperator:
+class HessianOperator(OpenOnParams):
     """``H = ∇²L(w)`` of a closure's loss at the current parameters, as ``v ↦ H v`` on flat
     vectors (see the module docstring for backends and the guarantees while it is open).
 
@@ -320,14 +342,6 @@ class HessianOperator:
         self.num_matvecs = 0
         self.num_closure_calls = 0
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.params[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
-
     def __enter__(self) -> HessianOperator:
         self._frozen = FrozenState(self.params, self.model, self.mode)
         modes = self._frozen.modes
@@ -350,10 +364,8 @@ class HessianOperator:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._frozen is not None
         self._graph_grads = None
-        self._frozen.restore()
-        self._frozen = None
+        self._close()
 
     def _evaluate(
         self, closure: Closure | None = None, build_graph: bool = False, at_w: bool = False

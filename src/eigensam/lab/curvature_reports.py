@@ -6,6 +6,8 @@ only loads the model and the data; the estimates come from :mod:`eigensam.hessia
 - :func:`spectrum_report`: top-k eigenvalues (Lanczos), trace (Hutch++) and spectral density (SLQ),
   written as ``spectrum.json`` and ``spectrum.png`` (log-scale density, like Figure 3 right of
   the Eigen-SAM paper);
+- :func:`block_spectrum_report`: λ₁ and trace of every block of parameters (one per layer by
+  default), written as ``spectrum_blocks.json`` and ``spectrum_blocks.png``;
 - :func:`power_convergence_report`: alignment of the top-eigenvector estimate with a converged
   ``v₁`` as a function of the number of Hessian-vector products, power iteration vs Lanczos, cold
   vs warm start (the paper's Figure 5), written as ``power_convergence.json`` and ``.png``.
@@ -40,6 +42,7 @@ from eigensam.hessian.analysis import (
     top_eigenvalues,
     trace,
 )
+from eigensam.hessian.blocks import Block, BlockOperator, layer_blocks
 from eigensam.hessian.dataset import Batch, Criterion, DatasetHessian, check_batches
 from eigensam.hessian.eigen import (
     EigenResult,
@@ -49,10 +52,14 @@ from eigensam.hessian.eigen import (
     power_iteration,
     random_unit_vector,
 )
+from eigensam.hessian.ggn import GGNOperator
 from eigensam.hessian.metrics import abs_cosine, align
 
 SPECTRUM_SCHEMA = "eigensam.spectrum/1"
 CONVERGENCE_SCHEMA = "eigensam.power_convergence/1"
+BLOCKS_SCHEMA = "eigensam.spectrum_blocks/1"
+# The curvature matrices a report can measure: the Hessian or the generalized Gauss-Newton.
+CURVATURES = ("hessian", "ggn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,13 +101,14 @@ def _out_dir(out_dir: str | os.PathLike[str]) -> Path:
 
 
 def _settings(
-    op: DatasetHessian, criterion: Criterion | None, seed: int, **extra: Any
+    op: DatasetHessian | GGNOperator, criterion: Criterion | None, seed: int, **extra: Any
 ) -> dict[str, Any]:
     criterion_name = "CrossEntropyLoss" if criterion is None else type(criterion).__name__
     return {
         **extra,
+        "curvature": "ggn" if isinstance(op, GGNOperator) else "hessian",
         "mode": op.mode,
-        "backend": op.backend,
+        "backend": op.backend if isinstance(op, DatasetHessian) else None,
         "seed": seed,
         "criterion": criterion_name,
         "model": type(op.model).__name__,
@@ -111,6 +119,22 @@ def _settings(
         "dtype": str(op.dtype),
         "device": str(op.device),
     }
+
+
+def curvature_operator(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    criterion: Criterion | None,
+    curvature: str,
+    **options: Any,
+) -> DatasetHessian | GGNOperator:
+    """The (not yet opened) operator of ``curvature`` over ``batches``: the Hessian
+    (:class:`~eigensam.hessian.dataset.DatasetHessian`, with ``options`` backend, mode, params,
+    check) or the GGN (:class:`~eigensam.hessian.ggn.GGNOperator`, with mode and params)."""
+    check_choice("curvature", curvature, CURVATURES)
+    if curvature == "hessian":
+        return DatasetHessian(model, batches, criterion, **options)
+    return GGNOperator(model, batches, criterion, mode=options["mode"], params=options["params"])
 
 
 def _eigen_dict(result: EigenResult) -> dict[str, Any]:
@@ -154,10 +178,13 @@ def spectrum_report(
     params: Iterable[Tensor] | None = None,
     check: bool = True,
     label: str | None = None,
+    curvature: str = "hessian",
 ) -> dict[str, Any]:
     """Top-``top_k`` eigenvalues, trace and spectral density of the Hessian of the loss averaged
     over ``batches`` (:class:`~eigensam.hessian.dataset.DatasetHessian`, in ``mode`` with
-    ``backend``), written to ``out_dir/spectrum.json`` and ``out_dir/spectrum.png``.
+    ``backend``; ``curvature="ggn"``: of the generalized Gauss-Newton matrix,
+    :class:`~eigensam.hessian.ggn.GGNOperator`), written to ``out_dir/spectrum.json`` and
+    ``out_dir/spectrum.png``.
 
     - eigenvalues: Lanczos (algebraically largest), at most ``eig_iters`` products, stopping at
       relative residual ``eig_tol`` (seed ``seed``);
@@ -183,8 +210,8 @@ def spectrum_report(
         raise ValueError(f"trace_matvecs must be >= 3 for Hutch++, got {trace_matvecs}")
     directory = _out_dir(out_dir)
     started = time.perf_counter()
-    operator = DatasetHessian(
-        model, batches, criterion, backend=backend, mode=mode, params=params, check=check
+    operator = curvature_operator(
+        model, batches, criterion, curvature, backend=backend, mode=mode, params=params, check=check
     )
     counts: dict[str, int] = {}
     seconds: dict[str, float] = {}
@@ -206,8 +233,8 @@ def spectrum_report(
         spectral = measured(
             "density", lambda: density(op, lanczos_iters, num_probes, seed=seed + 2)
         )
-    counts["determinism_check"] = operator.num_check_matvecs
-    counts["total"] = operator.num_matvecs + operator.num_check_matvecs
+    counts["determinism_check"] = getattr(operator, "num_check_matvecs", 0)
+    counts["total"] = operator.num_matvecs + counts["determinism_check"]
     grid, curve, sigma = density_curve(spectral)
     seconds["total"] = time.perf_counter() - started
     report: dict[str, Any] = {
@@ -231,7 +258,7 @@ def spectrum_report(
             trace_method=trace_method,
         ),
         "num_matvecs": counts,
-        "num_batch_evaluations": operator.num_batch_evaluations,
+        "num_batch_evaluations": getattr(operator, "num_batch_evaluations", None),
         "seconds": seconds,
         "files": {"json": "spectrum.json", "png": "spectrum.png"},
     }
@@ -264,6 +291,116 @@ def _spectrum_figure(report: dict[str, Any], grid: Tensor, curve: Tensor) -> Any
     axes.set_title(title if report["label"] is None else f"{report['label']}: {title}")
     axes.legend(loc="upper right", fontsize="small")
     axes.grid(alpha=0.3)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------
+# Per-block spectra
+# --------------------------------------------------------------------------------------------
+
+
+def block_spectrum_report(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    out_dir: str | os.PathLike[str],
+    *,
+    blocks: Sequence[Block] | None = None,
+    criterion: Criterion | None = None,
+    curvature: str = "hessian",
+    trace_matvecs: int = 30,
+    eig_iters: int = 100,
+    eig_tol: float = 1e-3,
+    mode: str | None = "train",
+    backend: str = "autograd",
+    seed: int = 0,
+    check: bool = True,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """λ₁ and trace of the curvature restricted to each block of parameters,
+    ``H_BB = P_B H P_Bᵀ`` (:class:`~eigensam.hessian.blocks.BlockOperator`), written to
+    ``out_dir/spectrum_blocks.json`` and ``.png`` (one bar per block for each).
+
+    ``blocks`` (default: :func:`~eigensam.hessian.blocks.layer_blocks`, one per layer) are
+    module names, parameter names or glob patterns (a list entry may itself be a list: one block).
+    The operator over ``batches`` is opened once (``curvature`` "hessian" or "ggn", as in
+    :func:`spectrum_report`); per block: Lanczos λ₁ (at most ``eig_iters`` products, relative
+    residual ``eig_tol``, seed ``seed``) and the Hutch++ trace with ``trace_matvecs`` products
+    (seed ``seed + 1``) and its standard error. Each block product costs one full product.
+    """
+    check_positive_int("eig_iters", eig_iters)
+    check_positive_int("trace_matvecs", trace_matvecs)
+    check_tolerance("eig_tol", eig_tol)
+    if trace_matvecs < 3:
+        raise ValueError(f"trace_matvecs must be >= 3 for Hutch++, got {trace_matvecs}")
+    directory = _out_dir(out_dir)
+    started = time.perf_counter()
+    chosen: list[Block] = layer_blocks(model) if blocks is None else list(blocks)
+    if not chosen:
+        raise ValueError("blocks must name at least one block, got none")
+    operator = curvature_operator(
+        model, batches, criterion, curvature, backend=backend, mode=mode, params=None, check=check
+    )
+    restricted = [BlockOperator(operator, model, block) for block in chosen]  # checks every name
+    rows = []
+    with operator:
+        for block, op in zip(chosen, restricted, strict=True):
+            before = op.num_matvecs
+            (top,), seconds = _timed(
+                lambda op=op: top_eigenvalues(op, 1, num_iters=eig_iters, tol=eig_tol, seed=seed)
+            )
+            estimate = trace(op, min(trace_matvecs, 3 * op.dim), seed=seed + 1)
+            rows.append(
+                {
+                    "block": block if isinstance(block, str) else list(block),
+                    "parameters": op.names,
+                    "dim": op.dim,
+                    "lambda_max": _eigen_dict(top),
+                    "trace": estimate.to_dict(),
+                    "num_matvecs": op.num_matvecs - before,
+                    "seconds_lambda_max": seconds,
+                }
+            )
+    report: dict[str, Any] = {
+        "schema": BLOCKS_SCHEMA,
+        "label": label,
+        "blocks": rows,
+        "settings": _settings(
+            operator,
+            criterion,
+            seed,
+            eig_iters=eig_iters,
+            eig_tol=eig_tol,
+            trace_matvecs=trace_matvecs,
+        ),
+        "num_matvecs": operator.num_matvecs,
+        "seconds": time.perf_counter() - started,
+        "files": {"json": "spectrum_blocks.json", "png": "spectrum_blocks.png"},
+    }
+    _save(directory, "spectrum_blocks", report, _blocks_figure(report))
+    return report
+
+
+def _blocks_figure(report: dict[str, Any]) -> Any:
+    rows = report["blocks"]
+    names = [r["block"] if isinstance(r["block"], str) else "+".join(r["block"]) for r in rows]
+    figure = Figure(figsize=(max(6.0, 0.5 * len(rows) + 3), 5.0), dpi=120, layout="constrained")
+    panels = [
+        ("λ₁ of the block", [r["lambda_max"]["eigenvalue"] for r in rows], None),
+        (
+            "trace of the block (Hutch++ ± s.e.)",
+            [r["trace"]["estimate"] for r in rows],
+            [r["trace"]["std_error"] or 0.0 for r in rows],
+        ),
+    ]
+    for index, (ylabel, values, errors) in enumerate(panels):
+        axes = figure.add_subplot(2, 1, index + 1)
+        axes.bar(range(len(rows)), values, yerr=errors, color="tab:blue", capsize=2)
+        axes.set_ylabel(ylabel)
+        axes.set_xticks(range(len(rows)), names if index == 1 else [], rotation=45, ha="right")
+        axes.grid(alpha=0.3, axis="y")
+    curvature = "GGN" if report["settings"]["curvature"] == "ggn" else "Hessian"
+    title = f"per-block spectrum of the {curvature}"
+    figure.suptitle(title if report["label"] is None else f"{report['label']}: {title}")
     return figure
 
 

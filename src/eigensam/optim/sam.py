@@ -81,7 +81,9 @@ class SAM(Optimizer):
     ``T = |w| + eta`` elementwise. ``ρ = 0`` is exactly the base optimizer.
 
     ``params`` is an iterable of tensors or parameter groups (each group may set its own ``rho``),
-    or an ``nn.Module``, which also sets ``model``. ``base_optimizer`` is an optimizer class
+    or an ``nn.Module``, which also sets ``model``: then its trainable parameters
+    (``requires_grad``), so that a frozen base model (LoRA adapters, a fine-tuned head) has no
+    optimizer state, ``ε`` or ``v̂`` entries. ``base_optimizer`` is an optimizer class
     (built here on the same parameter groups with ``**base_kwargs``) or an instance (then
     ``params`` must be None). ``param_groups`` are shared with the base optimizer, so learning-rate
     schedulers work on either object.
@@ -129,7 +131,7 @@ class SAM(Optimizer):
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("params is a module and model= names a different module")
-            model, params = params, params.parameters()
+            model, params = params, [p for p in params.parameters() if p.requires_grad]
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"

@@ -1,0 +1,234 @@
+"""eigensam vs hessian-eigenthings 1.0: accuracy at equal products and time per product.
+
+Accuracy, against the dense Hessian (``torch.autograd.functional.hessian``, float64): an MLP
+16-64-14-4 with tanh (2,058 parameters) on 256 random inputs with random labels, cross-entropy,
+float64. Both libraries get exact double-backward products of the same loss.
+
+- top-5 eigenvalues by Lanczos (algebraically largest, full reorthogonalization in both) after
+  10, 20, 30 and 40 products, and eigensam's default stopping rule (``tol=1e-3``, reported
+  with the products it used): the largest relative error over the 5, median over
+  ``--repeats`` start vectors;
+- trace: Hutch++ with 99 products, relative error, median over the repeats;
+- density: SLQ with 4 Rademacher probes of 20 steps (80 products): the L1 distance between the
+  Gaussian-smoothed estimate and the smoothed exact spectrum (same σ, 2% of the spectrum's
+  width, same grid), median over the repeats.
+
+Time per product: mean seconds of 20 Lanczos steps (product plus reorthogonalization), the two
+libraries interleaved, median over the repeats, on the same MLP and on the paper's SimpleCNN
+(width 0.5, 128 random 28x28 images, float32). Ratios are within one run. Run:
+
+    pip install "hessian-eigenthings==1.0.0a5"   # the `bench` extra
+    python benchmarks/bench_eigenthings.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import hessian_eigenthings as he
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from eigensam.hessian import HessianOperator, density, top_eigenvalues, trace
+from eigensam.lab.workloads.models import build_model
+
+BUDGETS = (10, 20, 30, 40)
+K = 5
+
+
+def mlp_problem() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 14), nn.Tanh(), nn.Linear(14, 4)
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 16, generator=g, dtype=torch.float64)
+    return model, x, torch.randint(0, 4, (256,), generator=g)
+
+
+def cnn_problem() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = build_model("simplecnn", num_classes=10, in_channels=1, image_size=28, width=0.5)
+    g = torch.Generator().manual_seed(1)
+    return (
+        model,
+        torch.randn(128, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (128,), generator=g),
+    )
+
+
+def dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+
+    def loss_of(flat: Tensor) -> Tensor:
+        chunks = flat.split([p.numel() for p in params])
+        named = {n: c.view_as(p) for n, c, p in zip(names, chunks, params, strict=True)}
+        return nn.functional.cross_entropy(functional_call(model, named, (x,)), y)
+
+    w = torch.cat([p.detach().reshape(-1) for p in params])
+    return torch.autograd.functional.hessian(loss_of, w)
+
+
+class Operators:
+    """The same loss as an eigensam HessianOperator (open) and a hessian-eigenthings one."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor):
+        def closure() -> Tensor:
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        self.ours = HessianOperator(
+            closure, model.parameters(), backend="autograd", model=model, mode=None
+        ).__enter__()
+        self.theirs = he.HessianOperator(
+            model, [(x, y)], he.supervised_loss(nn.functional.cross_entropy)
+        )
+
+
+def relative_errors(values: list[float], truth: Tensor) -> float:
+    return max(abs(v - float(t)) / abs(float(t)) for v, t in zip(values, truth, strict=True))
+
+
+def smoothed(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor:
+    z = (grid.reshape(-1, 1) - nodes.reshape(1, -1)) / sigma
+    return (torch.exp(-0.5 * z**2) * weights.reshape(1, -1)).sum(1) / (
+        sigma * math.sqrt(2 * math.pi)
+    )
+
+
+def accuracy(repeats: int) -> None:
+    model, x, y = mlp_problem()
+    h = dense_hessian(model, x, y)
+    spectrum = torch.linalg.eigvalsh(h)
+    top = spectrum.flip(0)[:K]
+    ops = Operators(model, x, y)
+    dim = h.shape[0]
+    print(f"MLP: {dim} parameters, float64; top-{K} eigenvalues", [f"{v:.4g}" for v in top])
+    print()
+    rows: dict[str, list[list[float]]] = {}
+    for seed in range(repeats):
+        for m in BUDGETS:
+            ours = [
+                r.eigenvalue for r in top_eigenvalues(ops.ours, K, num_iters=m, tol=None, seed=seed)
+            ]
+            theirs = he.lanczos(ops.theirs, k=K, max_iter=m, which="LA", seed=seed).eigenvalues
+            rows.setdefault(f"{m}", []).append(
+                [
+                    relative_errors(ours, top),
+                    relative_errors(theirs.tolist(), top),
+                    relative_errors(ours[:1], top[:1]),
+                    relative_errors(theirs.tolist()[:1], top[:1]),
+                ]
+            )
+        default = top_eigenvalues(ops.ours, K, num_iters=40, seed=seed)
+        rows.setdefault("default", []).append(
+            [relative_errors([r.eigenvalue for r in default], top), default[0].num_matvecs]
+        )
+    print(
+        f"| products | eigensam: max rel. error, top {K} | hessian-eigenthings | "
+        "eigensam: λ₁ rel. error | hessian-eigenthings |"
+    )
+    print("|---|---|---|---|---|")
+    for m in BUDGETS:
+        columns = [statistics.median(c) for c in zip(*rows[f"{m}"], strict=True)]
+        print(f"| {m} | " + " | ".join(f"{c:.1e}" for c in columns) + " |")
+    errors, used = zip(*rows["default"], strict=True)
+    print(
+        f"| eigensam default tol=1e-3 (≤ 40; used {statistics.median(used):.0f}) | "
+        f"{statistics.median(errors):.1e} | | | |"
+    )
+    print()
+
+    exact_trace = float(spectrum.sum())
+    sigma = 0.02 * float(spectrum[-1] - spectrum[0])
+    grid = torch.linspace(
+        float(spectrum[0]) - 5 * sigma, float(spectrum[-1]) + 5 * sigma, 4000, dtype=torch.float64
+    )
+    step = float(grid[1] - grid[0])
+    exact_density = smoothed(spectrum, torch.full_like(spectrum, 1 / dim), grid, sigma)
+    trace_errors: list[tuple[float, float]] = []
+    density_errors: list[tuple[float, float]] = []
+    for seed in range(repeats):
+        ours_trace = trace(ops.ours, 99, seed=seed).estimate
+        theirs_trace = he.trace(ops.theirs, num_matvecs=99, seed=seed).estimate
+        trace_errors.append(
+            (
+                abs(ours_trace - exact_trace) / exact_trace,
+                abs(theirs_trace - exact_trace) / exact_trace,
+            )
+        )
+        ours_density = density(ops.ours, 20, 4, seed=seed).density(grid, sigma)
+        result = he.spectral_density(ops.theirs, num_runs=4, lanczos_steps=20, seed=seed)
+        nodes = result.raw_eigenvalues.reshape(-1)
+        kept = torch.isfinite(nodes)
+        theirs_density = smoothed(
+            nodes[kept], result.raw_weights.reshape(-1)[kept] / 4, grid, sigma
+        )
+        density_errors.append(
+            (
+                float((ours_density - exact_density).abs().sum()) * step,
+                float((theirs_density - exact_density).abs().sum()) * step,
+            )
+        )
+    print(f"| estimate (exact trace {exact_trace:.4g}) | eigensam | hessian-eigenthings |")
+    print("|---|---|---|")
+    for label, errors, digits in [
+        ("trace, Hutch++ 99 products: rel. error", trace_errors, ".1e"),
+        ("density, SLQ 4 x 20 products: L1 distance", density_errors, ".3f"),
+    ]:
+        ours, theirs = (statistics.median(column) for column in zip(*errors, strict=True))
+        print(f"| {label} | {ours:{digits}} | {theirs:{digits}} |")
+    print()
+
+
+def seconds_per_product(run: Callable[[], object], products: int) -> float:
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) / products
+
+
+def speed(repeats: int) -> None:
+    print("| model | eigensam s/product | hessian-eigenthings s/product | ratio |")
+    print("|---|---|---|---|")
+    for name, build in [
+        ("MLP, 2,058 params, float64", mlp_problem),
+        ("SimpleCNN width 0.5, batch 128, float32", cnn_problem),
+    ]:
+        model, x, y = build()
+        ops = Operators(model, x, y)
+        ours_times, theirs_times = [], []
+        for seed in range(repeats):
+            ours_times.append(
+                seconds_per_product(
+                    partial(top_eigenvalues, ops.ours, 1, num_iters=20, tol=None, seed=seed), 20
+                )
+            )
+            theirs_times.append(
+                seconds_per_product(
+                    partial(he.lanczos, ops.theirs, k=1, max_iter=20, which="LA", seed=seed), 20
+                )
+            )
+        ours, theirs = statistics.median(ours_times), statistics.median(theirs_times)
+        print(f"| {name} | {ours:.4f} | {theirs:.4f} | {ours / theirs:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"hessian-eigenthings {he.__version__}, torch {torch.__version__}")
+    accuracy(args.repeats)
+    speed(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
