@@ -409,10 +409,20 @@ def _add_reproduce(subparsers: Any) -> None:
     )
     parser.add_argument("--data-dir", default=None, help="dataset root (default: see train)")
     parser.add_argument("--device", default=None, help="torch device of every run")
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="start no new run after this many minutes, then report the runs finished (0: "
+        "train nothing, report what is there; default: run everything)",
+    )
     parser.set_defaults(handler=_run_reproduce)
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
+    if args.stop_after is not None and not args.stop_after >= 0:
+        raise InputError(f"--stop-after must be a number of minutes >= 0, got {args.stop_after}")
     overrides = {
         k: v for k, v in (("data_dir", args.data_dir), ("device", args.device)) if v is not None
     }
@@ -436,6 +446,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             report=args.report,
             overrides=overrides,
+            stop_after=None if args.stop_after is None else 60 * args.stop_after,
         ),
         "run the same command again",
     )

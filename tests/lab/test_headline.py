@@ -8,7 +8,7 @@ import pytest
 from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.convergence import FIT_FILE, HELD_OUT_FILE, converged
 from eigensam.lab.experiments.runs import make_scale
-from eigensam.lab.experiments.targets import headline
+from eigensam.lab.experiments.targets import decide, headline
 from eigensam.lab.experiments.verdicts import CONTRADICTED, INCONCLUSIVE, REPRODUCES
 
 # Per method and seed: (test acc, final λ₁, mean Align, train acc).
@@ -26,6 +26,7 @@ def finished_runs(tmp_path, sgd_train_acc=1.0):
         for config, (acc, lam, align, fit) in zip(configs, VALUES[method], strict=True):
             config.run_dir.mkdir(parents=True)
             summary = {"status": "finished", "seed": config.seed, "test_acc": acc}
+            summary.update(train_seconds=40.0, track_seconds=1.0, eval_seconds=1.0)
             summary.update(final_lambda1=lam, mean_align=align)
             tracking.write_json(config.run_dir / tracking.SUMMARY_FILE, summary)
             (config.run_dir / tracking.METRICS_FILE).write_text("")
@@ -44,15 +45,32 @@ def test_headline_table_criterion_and_verdicts(tmp_path):
     assert row in section.body
     assert "every seed): met" in section.body
     verdicts = {c.claim.split(" (")[0]: c.verdict for c in section.claims}
-    assert verdicts["SAM has a higher held-out accuracy than SGD"] == REPRODUCES  # +1.0 ± small
-    # Eigen-SAM − SAM = −0.5 points on every seed: a significant opposite sign.
-    assert verdicts["Eigen-SAM has a higher held-out accuracy than SAM"] == CONTRADICTED
+    # The accuracy comparisons are decided by the decide target: here their power only.
+    assert verdicts["SAM has a higher held-out accuracy than SGD"] == "decided by decide"
+    assert section.claims[0].power.n == 3
     assert verdicts["SAM ends at a lower λ₁ than SGD"] == REPRODUCES
     assert verdicts["Eigen-SAM aligns ε with v₁ better than SAM"] == REPRODUCES
     assert verdicts["Eigen-SAM ends at a lower λ₁ than SAM"] == INCONCLUSIVE
-    accuracy = section.claims[1].power
-    assert accuracy.n == 3 and accuracy.sd == pytest.approx(0.0, abs=1e-9)
     assert (tmp_path / "out" / "headline.json").is_file()
+
+
+def test_decide_judges_the_headline_comparisons_on_the_held_out_accuracy(tmp_path):
+    """decide's plan holds the headline's runs (same folders) and more seeds; with 3 of them
+    finished it judges on those, says which are missing, and states the power reached."""
+    scale, headline_plan = finished_runs(tmp_path)
+    plan = decide.plan(scale)
+    assert plan["sam"][:3] == headline_plan["sam"]
+    assert len(plan["sgd"]) == decide.seeds_for("sam-sgd")
+    assert len(plan["eigen-sam"]) == len(plan["sam"]) == decide.seeds_for("eigen-sam-sam")
+    (tmp_path / "out").mkdir()
+    section = decide.analyze(scale, plan, tmp_path / "out")
+    sam_sgd, eig_sam = section.claims
+    assert sam_sgd.verdict == REPRODUCES  # +1.0 points on every seed
+    # Eigen-SAM − SAM = −0.5 points on every seed: a significant opposite sign.
+    assert eig_sam.verdict == CONTRADICTED
+    assert eig_sam.power.n == 3 and eig_sam.power.sd == pytest.approx(0.0, abs=1e-9)
+    assert "Runs left out (did not finish)" in section.body and "sam-seed3" in section.body
+    assert "| sam − sgd | 3 | 1.00 ± 0.25 | 1.00 ± 0.25 | 0.10 | 0.31 | 3 | 0.0 |" in section.body
 
 
 def test_headline_says_when_sgd_did_not_converge(tmp_path):

@@ -24,7 +24,10 @@ class Target:
     the number of seeds its confidence intervals need. ``computes``: its analysis does more than
     read its runs back (trains or simulates on its own, measures Hessians of the trained runs)
     and caches what it computes, so ``eigensam reproduce`` runs it in the training pool as soon
-    as its runs are finished."""
+    as its runs are finished. ``held_out``: its runs are evaluated on the held-out images
+    (:func:`~eigensam.lab.experiments.convergence.held_out_fit`), each in the pool as soon as
+    it is finished. ``specs``: the claims it judges
+    (:mod:`~eigensam.lab.experiments.claims`), when they are fixed."""
 
     name: str
     title: str
@@ -32,6 +35,8 @@ class Target:
     analyze: Callable[[Scale, Plan, Path], Section]
     min_seeds: int = 2
     computes: bool = False
+    held_out: bool = False
+    specs: tuple[Any, ...] = ()
 
 
 def seeds_plan(
@@ -83,6 +88,17 @@ class Results:
                 summaries[label].append(summary)
                 records[label].append(load_records(config))
         return cls(summaries, records, failed)
+
+    def derive(
+        self, key: str, compute: Callable[[Sequence[tracking.Record]], float | None]
+    ) -> None:
+        """Add ``key`` = ``compute(records)`` to every finished run's summary (left out where
+        it gives None): a per-run metric the claims can name like a summary's."""
+        for label, summaries in self.summaries.items():
+            for summary, records in zip(summaries, self.records[label], strict=True):
+                value = compute(records)
+                if value is not None:
+                    summary[key] = value
 
     def values(self, label: str, key: str) -> list[float]:
         return [s[key] for s in self.summaries[label] if s.get(key) is not None]

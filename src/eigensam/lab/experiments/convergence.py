@@ -77,16 +77,17 @@ def held_out_fit(config: TrainConfig) -> dict[str, Any]:
     )
 
 
-def add_final_fits(plan: Plan, results: Results, *, held_out: bool = True) -> None:
-    """Add :func:`train_fit`'s and (with ``held_out``) :func:`held_out_fit`'s values to every
-    finished run's summary in ``results``."""
+def add_final_fits(
+    plan: Plan, results: Results, *, fit: bool = True, held_out: bool = True
+) -> None:
+    """Add :func:`train_fit`'s (with ``fit``) and :func:`held_out_fit`'s (with ``held_out``)
+    values to every finished run's summary in ``results``."""
+    measures = [f for f, on in ((train_fit, fit), (held_out_fit, held_out)) if on]
     for label, configs in plan.items():
         by_seed = {s["seed"]: s for s in results.summaries[label]}
         for config in configs:
-            if config.seed in by_seed:
-                by_seed[config.seed].update(train_fit(config))
-                if held_out:
-                    by_seed[config.seed].update(held_out_fit(config))
+            for measure in measures if config.seed in by_seed else ():
+                by_seed[config.seed].update(measure(config))
 
 
 def add_train_fit(plan: Plan, results: Results) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from eigensam.lab.engine.config import TrainConfig
 from eigensam.lab.experiments.common import Plan, Target
+from eigensam.lab.experiments.convergence import HELD_OUT_FILE, held_out_fit
 from eigensam.lab.experiments.report import Section, write_report
 from eigensam.lab.experiments.runs import (
     CPU_DEVIATIONS,
@@ -25,6 +26,7 @@ from eigensam.lab.experiments.runs import (
     make_scale,
 )
 from eigensam.lab.experiments.targets import (
+    decide,
     fig1,
     fig2,
     fig3,
@@ -46,6 +48,7 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         headline.TARGET,
+        decide.TARGET,
         table1.TARGET,
         fig1.TARGET,
         fig4.TARGET,
@@ -121,10 +124,12 @@ def reproduce(
     jobs: int = 1,
     report: Path | str | None = None,
     overrides: dict[str, Any] | None = None,
+    stop_after: float | None = None,
 ) -> list[Section]:
     """Run ``target`` (or ``all``) at ``scale`` and write ``<out>/<target>/`` (JSON, PNGs)
-    and the markdown report (``report``, default ``<out>/reproduction.md``). Returns the
-    sections."""
+    and the markdown report (``report``, default ``<out>/reproduction.md``). After
+    ``stop_after`` seconds no new run starts: the sections report the runs finished by then
+    (and say which are missing). Returns the sections."""
     out = Path(out) if out is not None else Path("runs") / f"reproduce-{scale}"
     targets = resolve_targets(target)
     started, cpu_started = time.perf_counter(), cpu_seconds()
@@ -142,7 +147,8 @@ def reproduce(
         for t in targets
         if t.computes
     ]
-    execute(configs, jobs, side)
+    held_out = held_out_tasks(targets, plans) if chosen.name == "cpu" else []
+    execute(configs, jobs, [*held_out, *side], stop_after)
     trained = time.perf_counter() - started
     sections = []
     for t in targets:
@@ -159,6 +165,19 @@ def reproduce(
         file=sys.stderr,
     )
     return sections
+
+
+def held_out_tasks(targets: Sequence[Target], plans: dict[str, Plan]) -> list[SideTask]:
+    """One side task per run of the ``held_out`` targets not yet evaluated on the held-out
+    images, in seed order (each runs as soon as its run is finished)."""
+    configs = check_runs(
+        [c for t in targets if t.held_out for runs in plans[t.name].values() for c in runs]
+    )
+    return [
+        SideTask(f"held-out {c.run_dir.name}", (c,), functools.partial(held_out_fit, c))
+        for c in sorted(configs, key=lambda c: c.seed)
+        if not (c.run_dir / HELD_OUT_FILE).is_file()
+    ]
 
 
 def cpu_seconds() -> float:

@@ -263,17 +263,27 @@ class SideTask:
 
 
 def execute(
-    configs: Sequence[TrainConfig], jobs: int = 1, side: Sequence[SideTask] = ()
+    configs: Sequence[TrainConfig],
+    jobs: int = 1,
+    side: Sequence[SideTask] = (),
+    stop_after: float | None = None,
 ) -> dict[Path, dict[str, Any]]:
     """Train every run of ``configs`` that is not finished, ``jobs`` at a time (separate
-    processes sharing the CPU threads; the longest first, by :func:`estimated_cost`), run the
-    ``side`` tasks in the same pool (each before the runs still waiting, once its runs are
-    finished), and return the summary of every run by folder.
+    processes sharing the CPU threads; seed by seed, and within a seed the longest first, by
+    :func:`estimated_cost`, so that an interrupted pool leaves whole seeds of every
+    comparison), run the ``side`` tasks in the same pool (each before the runs still waiting,
+    once its runs are finished), and return the summary of every run by folder. After
+    ``stop_after`` seconds no new work starts (the work in progress finishes).
     A run that diverges is reported (status ``diverged``) and the others go on; a side task that
     fails, or whose runs did not finish, is reported and left to its caller; Ctrl-C stops all,
     keeping their checkpoints."""
     check_jobs(jobs)
-    todo = sorted((c for c in configs if not finished(c)), key=estimated_cost, reverse=True)
+    if stop_after is not None and not (isinstance(stop_after, int | float) and stop_after >= 0):
+        raise ValueError(f"stop_after must be a number of seconds >= 0, got {stop_after!r}")
+    deadline = None if stop_after is None else time.monotonic() + stop_after
+    todo = sorted(
+        (c for c in configs if not finished(c)), key=lambda c: (c.seed, -estimated_cost(c))
+    )
     print(
         f"{len(configs)} runs: {len(configs) - len(todo)} already finished, {len(todo)} to "
         f"train, {len(side)} side tasks ({jobs} at a time)",
@@ -282,8 +292,14 @@ def execute(
     )
     waiting: list[TrainConfig | SideTask] = [*side, *todo]
     total, threads, number = len(waiting), threads_per_job(jobs), 0
+
+    def next_work() -> TrainConfig | SideTask | None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        return next(filter(_ready, waiting), None)
+
     if jobs == 1:
-        while work := next(filter(_ready, waiting), None):
+        while work := next_work():
             waiting.remove(work)
             number += 1
             _announce(number, total, work, _do(work, threads))
@@ -292,7 +308,7 @@ def execute(
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
             running: dict[concurrent.futures.Future[dict[str, Any]], TrainConfig | SideTask] = {}
             while True:
-                while len(running) < jobs and (work := next(filter(_ready, waiting), None)):
+                while len(running) < jobs and (work := next_work()):
                     waiting.remove(work)
                     running[pool.submit(_do, work, threads)] = work
                 if not running:
@@ -301,8 +317,10 @@ def execute(
                 for future in done:
                     number += 1
                     _announce(number, total, running.pop(future), future.result())
+    stopped = deadline is not None and time.monotonic() >= deadline
+    reason = "the time given (--stop-after) is spent" if stopped else "its runs did not finish"
     for work in waiting:
-        print(f"{_name(work)}: not run (its runs did not finish)", file=sys.stderr, flush=True)
+        print(f"{_name(work)}: not run ({reason})", file=sys.stderr, flush=True)
     return {c.run_dir: load_summary(c) for c in configs}
 
 
@@ -349,7 +367,10 @@ def load_summary(config: TrainConfig) -> dict[str, Any]:
     path = config.run_dir / tracking.SUMMARY_FILE
     if path.is_file():
         return dict(json.loads(path.read_text(encoding="utf-8")))
-    records = tracking.read_records(config.run_dir / tracking.METRICS_FILE)
+    metrics = config.run_dir / tracking.METRICS_FILE
+    if not metrics.is_file():  # not started (e.g. after --stop-after)
+        return {"status": "missing"}
+    records = tracking.read_records(metrics)
     stopped = [r for r in records if r.get("kind") == "stopped"]
     if stopped:
         return {"status": "diverged", "error": stopped[-1].get("message")}

@@ -29,16 +29,9 @@ from matplotlib.figure import Figure
 
 from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.engine.lm_training import METHODS, LMSettings, lm_corpus, train_lm
+from eigensam.lab.experiments.claims import Compare, Paper, PerSeed, judge
 from eigensam.lab.experiments.common import Plan, Target, command
-from eigensam.lab.experiments.report import (
-    Claim,
-    Section,
-    figure_title,
-    fmt,
-    paired_claim,
-    plot_band,
-    save_figure,
-)
+from eigensam.lab.experiments.report import Section, figure_title, fmt, plot_band, save_figure
 from eigensam.lab.experiments.runs import Scale
 
 # CPU: 4 layers, width 128, context 64 (0.83M parameters), batch 16, 150 steps on 2 MB of
@@ -140,20 +133,11 @@ def run_mean(record: dict[str, Any], key: str, after: int = 0) -> float:
 
 
 def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
-    runs = plan_runs(scale)
     settings = settings_for(scale)
     corpus = lm_corpus(settings)
-    records = [load_or_train(run, out, corpus) for run in runs]
+    records = [load_or_train(run, out, corpus) for run in plan_runs(scale)]
     by_method = {m: [r for r in records if r["method"] == m] for m in METHODS}
-    groups = {LABELS[m]: [r["track"] for r in by_method[m]] for m in METHODS}
-    fig = Figure(figsize=(12, 4), layout="constrained")
-    axes = fig.subplots(1, 3)
-    plot_band(axes[0], groups, "lm", "step", "val_loss", "validation loss (nats/byte)")
-    plot_band(axes[1], groups, "lm", "step", "lambda1", "λ₁ (power iteration)")
-    plot_band(axes[2], groups, "lm", "step", "align", "Align(ε, v₁)")
-    figure_title(fig, f"TinyGPT on stdlib bytes, {len(scale.seeds)} seeds (95% bands)")
-    figure = save_figure(fig, out / "lm.png")
-
+    figure = _figure(by_method, len(scale.seeds), out)
     rows = [
         "| optimizer | validation loss | perplexity | λ₁ at the end | Align(ε, v₁) | s/step |",
         "|---|---|---|---|---|---|",
@@ -169,8 +153,25 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
         )
     checks = [r["fd_accuracy"] for r in records if r.get("fd_accuracy")]
     accuracy = "\n".join(fd_lines(checks[0])) if checks else "(no accuracy check in these runs)"
-    s = settings
     body = (
+        _setting(settings, corpus)
+        + "\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + (
+            "**Accuracy of the finite-difference products** (what `hvp='auto'` uses here: SDPA's "
+            "fused CPU kernel has no double backward), relative error against the exact product "
+            "through `sdpa_kernel(SDPBackend.MATH)`, on the curvature batch of the first seed's "
+            "Eigen-SAM run:\n\n" + accuracy + "\n"
+        )
+    )
+    claims = judge(SPECS, per_seed(by_method))
+    title = "Language model: Eigen-SAM on a small GPT"
+    return Section("lm", title, command("lm", scale), body, [figure], claims)
+
+
+def _setting(s: LMSettings, corpus: Any) -> str:
+    return (
         "This target does not use the image scale described at the top of the report: "
         f"TinyGPT ({s.layers} layers, width {s.width}, {s.heads} heads, context {s.context}, "
         f"SDPA attention) on bytes of the Python {platform.python_version()} standard "
@@ -183,20 +184,19 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
         f"every {s.track_every} steps on one fixed training batch ({s.track_iters} warm-started "
         "power steps; Align of the perturbation the optimizer would apply, of ĝ for AdamW; "
         "the table's Align is the mean over the measurements after step 0). Time per step "
-        "excludes the measurements.\n\n" + "\n".join(rows) + "\n\n"
-        "**Accuracy of the finite-difference products** (what `hvp='auto'` uses here: SDPA's "
-        "fused CPU kernel has no double backward), relative error against the exact product "
-        "through `sdpa_kernel(SDPBackend.MATH)`, on the curvature batch of the first seed's "
-        "Eigen-SAM run:\n\n" + accuracy + "\n"
+        "excludes the measurements."
     )
-    return Section(
-        "lm",
-        "Language model: Eigen-SAM on a small GPT",
-        command("lm", scale),
-        body,
-        [figure],
-        claims(by_method),
-    )
+
+
+def _figure(by_method: dict[str, list[dict[str, Any]]], seeds: int, out: Path) -> Path:
+    groups = {LABELS[m]: [r["track"] for r in by_method[m]] for m in METHODS}
+    fig = Figure(figsize=(12, 4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    plot_band(axes[0], groups, "lm", "step", "val_loss", "validation loss (nats/byte)")
+    plot_band(axes[1], groups, "lm", "step", "lambda1", "λ₁ (power iteration)")
+    plot_band(axes[2], groups, "lm", "step", "align", "Align(ε, v₁)")
+    figure_title(fig, f"TinyGPT on stdlib bytes, {seeds} seeds (95% bands)")
+    return save_figure(fig, out / "lm.png")
 
 
 def fd_lines(check: dict[str, Any]) -> list[str]:
@@ -213,51 +213,68 @@ def fd_lines(check: dict[str, Any]) -> list[str]:
     return lines
 
 
-def claims(by_method: dict[str, list[dict[str, Any]]]) -> list[Claim]:
-    """Paired over seeds: validation loss (Eigen-SAM vs SAM, SAM vs AdamW), Align and λ₁
-    (Eigen-SAM vs SAM)."""
-
-    def paired(a: str, b: str, key: Any) -> tuple[list[float], list[float]]:
-        va = {r["seed"]: key(r) for r in by_method[a]}
-        vb = {r["seed"]: key(r) for r in by_method[b]}
-        seeds = sorted(set(va) & set(vb))
-        return [va[s] for s in seeds], [vb[s] for s in seeds]
-
-    def val(r: dict[str, Any]) -> float:
-        return float(r["val_loss"])
-
-    out = [
-        paired_claim(
-            "Transfer to language modelling: Eigen-SAM(AdamW) reaches a lower validation loss "
-            "than SAM(AdamW)",
-            "Eigen-SAM beats SAM in test accuracy on image classification (Tables 1-2); "
-            "language models untested",
-            *paired("eigen-sam", "sam", val),
-            expect=-1,
-            unit=" nats/byte",
+SPECS = (
+    Compare(
+        "Transfer to language modelling: Eigen-SAM(AdamW) reaches a lower validation loss "
+        "than SAM(AdamW)",
+        "eigen-sam",
+        "sam",
+        "val_loss",
+        -1,
+        Paper(
+            None,
+            "Tables 1-2",
+            "Eigen-SAM beats SAM in test accuracy on image classification; language models "
+            "untested",
         ),
-        paired_claim(
-            "SAM(AdamW) reaches a lower validation loss than AdamW",
-            "SAM beats the base optimizer (Tables 1-2)",
-            *paired("sam", "adamw", val),
-            expect=-1,
-            unit=" nats/byte",
-        ),
-        paired_claim(
-            "Eigen-SAM's perturbation is better aligned with v₁ than SAM's (mean Align)",
-            "Align rises with Eigen-SAM (Fig. 1)",
-            *paired("eigen-sam", "sam", lambda r: run_mean(r, "align")),
-            expect=+1,
-        ),
-        paired_claim(
-            "Eigen-SAM ends with a lower λ₁ than SAM",
-            "Eigen-SAM lowers the top eigenvalue more than SAM (Fig. 1)",
-            *paired("eigen-sam", "sam", lambda r: r["track"][-1]["lambda1"]),
-            expect=-1,
-            digits=2,
-        ),
-    ]
-    return out
+        unit=" nats/byte",
+    ),
+    Compare(
+        "SAM(AdamW) reaches a lower validation loss than AdamW",
+        "sam",
+        "adamw",
+        "val_loss",
+        -1,
+        Paper(None, "Tables 1-2", "SAM beats the base optimizer"),
+        unit=" nats/byte",
+    ),
+    Compare(
+        "Eigen-SAM's perturbation is better aligned with v₁ than SAM's (mean Align)",
+        "eigen-sam",
+        "sam",
+        "align_mean",
+        +1,
+        Paper(None, "Fig. 1", "Align rises with Eigen-SAM"),
+    ),
+    Compare(
+        "Eigen-SAM ends with a lower λ₁ than SAM",
+        "eigen-sam",
+        "sam",
+        "final_lambda1",
+        -1,
+        Paper(None, "Fig. 1", "Eigen-SAM lowers the top eigenvalue more than SAM"),
+        digits=2,
+    ),
+)
 
 
-TARGET = Target("lm", "Language model: Eigen-SAM on a small GPT", plan, analyze, computes=True)
+def per_seed(by_method: dict[str, list[dict[str, Any]]]) -> PerSeed:
+    """Each run's validation loss, mean Align and final λ₁, by method and seed."""
+    return PerSeed(
+        {
+            m: {
+                r["seed"]: {
+                    "val_loss": float(r["val_loss"]),
+                    "align_mean": run_mean(r, "align"),
+                    "final_lambda1": r["track"][-1]["lambda1"],
+                }
+                for r in runs
+            }
+            for m, runs in by_method.items()
+        }
+    )
+
+
+TARGET = Target(
+    "lm", "Language model: Eigen-SAM on a small GPT", plan, analyze, computes=True, specs=SPECS
+)

@@ -29,8 +29,9 @@ from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.engine.config import TrainConfig
 from eigensam.lab.engine.sharpness_probe import SharpnessProbe
 from eigensam.lab.engine.train import Trainer, make_closure
+from eigensam.lab.experiments.claims import Below, Paper, PerSeed, judge
 from eigensam.lab.experiments.common import Plan, Target, command
-from eigensam.lab.experiments.report import Section, bound_claim, fmt, plot_band, save_figure
+from eigensam.lab.experiments.report import Section, fmt, plot_band, save_figure
 from eigensam.lab.experiments.runs import Scale
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -134,6 +135,22 @@ def measure_run(config: TrainConfig) -> dict[str, Any]:
     return result
 
 
+def specs(scale: Scale) -> tuple[Below, ...]:
+    """Per architecture, at the scale's learning rate: v₁ stays close over p steps."""
+    p, lr = scale.base.get("eig_interval", 100), scale.base.get("lr", 0.1)
+    return tuple(
+        Below(
+            f"{arch}: v₁ stays close over Eigen-SAM's refresh interval p = {p} (premise of "
+            f"Algorithm 2): 1 − |cos(v₁(t), v₁(t+p))| below 0.5",
+            f"{arch} lr={lr:g}",
+            f"gap{p}",
+            0.5,
+            Paper(None, "", "implicit (v̂ refreshed every p steps)"),
+        )
+        for arch in ARCHITECTURES
+    )
+
+
 def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     results: dict[str, list[dict[str, Any]]] = {}
     for label, runs in configs(scale).items():
@@ -142,6 +159,37 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
             print(f"stability: {label} seed {config.seed}", file=sys.stderr, flush=True)
             results[label].append(measure_run(config))
     tracking.write_json(out / "stability.json", {"scale": scale.note, "runs": results})
+    p = scale.base.get("eig_interval", 100)
+    rows = ["| run | " + " | ".join(f"Δ={d}" for d in DELTAS) + " |"]
+    rows.append("|---|" + "---|" * len(DELTAS))
+    for label, runs in results.items():
+        cells = [fmt([r["abs_cos"].get(str(d)) for r in runs], 3) for d in DELTAS]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    gaps = PerSeed(
+        {
+            label: {
+                r["seed"]: {f"gap{p}": 1 - r["abs_cos"][str(p)]}
+                for r in runs
+                if str(p) in r["abs_cos"]
+            }
+            for label, runs in results.items()
+        }
+    )
+    claims = [c for c in judge(specs(scale), gaps) if c.power is not None and c.power.n >= 2]
+    body = (
+        f"{scale.note}. Eigen-SAM (α = 0.2, p = {p}) per architecture and learning rate, "
+        f"sweep seeds; v₁ of the loss on a fixed batch at anchors {list(ANCHORS)} and Δ steps "
+        f"later (Lanczos from a cold start, ≤ {LANCZOS_ITERS} products, relative residual "
+        f"{LANCZOS_TOL}); |cos| averaged over the anchors, mean ± 95% CI over seeds.\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    figure = _figure(results, out)
+    title = "Open check (a): eigenvector stability"
+    return Section("stability", title, command("stability", scale), body, [figure], claims)
+
+
+def _figure(results: dict[str, list[dict[str, Any]]], out: Path) -> Path:
     curves = {
         label: [
             [{"kind": "drift", "delta": int(d), "abs_cos": c} for d, c in r["abs_cos"].items()]
@@ -155,44 +203,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)  # |cos| lies in [0, 1]; a t-interval over 3 seeds may not
     ax.set_xlabel("Δ (steps)")
-    figure = save_figure(fig, out / "stability.png")
-    p = scale.base.get("eig_interval", 100)
-    rows = ["| run | " + " | ".join(f"Δ={d}" for d in DELTAS) + " |"]
-    rows.append("|---|" + "---|" * len(DELTAS))
-    for label, runs in results.items():
-        cells = [fmt([r["abs_cos"].get(str(d)) for r in runs], 3) for d in DELTAS]
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    claims = []
-    base_lr = scale.base.get("lr")
-    for arch in ARCHITECTURES:
-        runs = results.get(f"{arch} lr={base_lr:g}", [])
-        gaps = [1 - r["abs_cos"][str(p)] for r in runs if str(p) in r["abs_cos"]]
-        if len(gaps) >= 2:
-            claims.append(
-                bound_claim(
-                    f"{arch}: v₁ stays close over Eigen-SAM's refresh interval p = {p} "
-                    f"(premise of Algorithm 2): 1 − |cos(v₁(t), v₁(t+p))| below 0.5",
-                    "implicit (v̂ refreshed every p steps)",
-                    gaps,
-                    below=0.5,
-                )
-            )
-    body = (
-        f"{scale.note}. Eigen-SAM (α = 0.2, p = {p}) per architecture and learning rate, "
-        f"sweep seeds; v₁ of the loss on a fixed batch at anchors {list(ANCHORS)} and Δ steps "
-        f"later (Lanczos from a cold start, ≤ {LANCZOS_ITERS} products, relative residual "
-        f"{LANCZOS_TOL}); |cos| averaged over the anchors, mean ± 95% CI over seeds.\n\n"
-        + "\n".join(rows)
-        + "\n"
-    )
-    return Section(
-        "stability",
-        "Open check (a): eigenvector stability",
-        command("stability", scale),
-        body,
-        [figure],
-        claims,
-    )
+    return save_figure(fig, out / "stability.png")
 
 
 TARGET = Target("stability", "Open check (a): eigenvector stability", plan, analyze, computes=True)

@@ -7,9 +7,10 @@ import itertools
 from pathlib import Path
 
 from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.experiments.claims import POINTS, Compare, Paper, judge
 from eigensam.lab.experiments.common import Plan, Results, Target, command, seeds_plan
 from eigensam.lab.experiments.convergence import add_final_fits
-from eigensam.lab.experiments.report import Section, fmt, paired_claim
+from eigensam.lab.experiments.report import Section, fmt
 from eigensam.lab.experiments.runs import Scale
 
 METHODS = ("sgd", "sam", "eigen-sam", "x-sam", "asam")
@@ -21,6 +22,19 @@ PAPER_FILES = tuple(
 )
 # Paper Table 1, ResNet-18 on Fashion-MNIST: the row closest to the CPU scale.
 PAPER_FMNIST = {"sgd": 94.9, "sam": 95.4, "eigen-sam": 95.6}
+
+
+SPECS = (
+    Compare(
+        "X-SAM has a higher held-out accuracy than SAM",
+        "x-sam",
+        "sam",
+        "held_out_acc",
+        +1,
+        Paper(None, "X-SAM paper", "better generalization"),
+        **POINTS,
+    ),
+)
 
 
 def _fields(method: str, epochs: int) -> dict[str, object]:
@@ -63,22 +77,17 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
         f"{scale.note}. Mean ± 95% CI over seeds; SGD trains twice the epochs (equal compute, "
         "Appendix E).\n\n" + "\n".join(rows) + "\n" + results.failure_note()
     )
-    claims = []
-    if scale.name == "cpu":
-        acc = dict(digits=2, scale=100.0, unit=" points")
-        # SAM vs SGD and Eigen-SAM vs SAM are the headline target's claims (same runs).
-        for a, b, paper, effect in (("x-sam", "sam", "better generalization (X-SAM paper)", None),):
-            claims.append(
-                paired_claim(
-                    f"{a} has a higher held-out accuracy than {b}",
-                    paper,
-                    *results.paired(a, b, "held_out_acc"),
-                    expect=1,
-                    paper_effect=effect,
-                    **acc,
-                )
-            )
+    # SAM − SGD and Eigen-SAM − SAM are the decide target's claims (same runs).
+    claims = judge(SPECS, results) if scale.name == "cpu" else []
     return Section("table1", "Table 1: test accuracy", command("table1", scale), body, [], claims)
 
 
-TARGET = Target("table1", "Table 1: test accuracy", plan, analyze, min_seeds=2)
+TARGET = Target(
+    "table1",
+    "Table 1: test accuracy",
+    plan,
+    analyze,
+    min_seeds=2,
+    held_out=True,
+    specs=SPECS,
+)
