@@ -5,6 +5,8 @@ import json
 import pytest
 
 from eigensam.cli import main
+from eigensam.lab.curvature_reports import power_convergence_report
+from eigensam.lab.engine.trained_model import fixed_batches, load_trained
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +69,23 @@ def test_spectrum_block_matching_nothing_is_one_error_line(run_dir, tmp_path, ca
     assert "'conv9' matches no trainable parameter" in err and len(err.strip().splitlines()) == 1
     assert main(["spectrum", str(run_dir), "--blocks", "features.0"]) == 2
     assert "--blocks needs --per-layer" in capsys.readouterr().err
+
+
+def test_spectrum_of_the_ggn(run_dir, tmp_path):
+    argv = ["spectrum", str(run_dir), "--data-subset", "32", "--curvature", "ggn"]
+    argv += ["--lanczos-iters", "10", "--trace-matvecs", "6", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "spectrum.json").read_text())
+    assert report["settings"]["curvature"] == "ggn" and report["settings"]["backend"] is None
+    assert report["lambda_max"] > 0  # positive semi-definite: its top eigenvalue is >= 0
+    assert report["num_matvecs"]["determinism_check"] == 0
+
+
+def test_power_convergence_report_of_the_ggn(run_dir, tmp_path):
+    trained = load_trained(run_dir)
+    batches = fixed_batches(trained.config, 32, 16)
+    report = power_convergence_report(
+        trained.model, batches, tmp_path, max_steps=3, curvature="ggn", warm_start=batches[:1]
+    )
+    assert report["settings"]["curvature"] == "ggn"
+    assert report["reference"]["eigenvalue"] > 0

@@ -137,6 +137,11 @@ def curvature_operator(
     return GGNOperator(model, batches, criterion, mode=options["mode"], params=options["params"])
 
 
+def _check_matvecs(op: DatasetHessian | GGNOperator) -> int:
+    """Products a DatasetHessian spent on determinism checks (the GGN makes none)."""
+    return op.num_check_matvecs if isinstance(op, DatasetHessian) else 0
+
+
 def _eigen_dict(result: EigenResult) -> dict[str, Any]:
     scale = abs(result.eigenvalue)
     return {
@@ -233,7 +238,7 @@ def spectrum_report(
         spectral = measured(
             "density", lambda: density(op, lanczos_iters, num_probes, seed=seed + 2)
         )
-    counts["determinism_check"] = getattr(operator, "num_check_matvecs", 0)
+    counts["determinism_check"] = _check_matvecs(operator)
     counts["total"] = operator.num_matvecs + counts["determinism_check"]
     grid, curve, sigma = density_curve(spectral)
     seconds["total"] = time.perf_counter() - started
@@ -437,13 +442,15 @@ def power_convergence_report(
     params: Iterable[Tensor] | None = None,
     check: bool = True,
     label: str | None = None,
+    curvature: str = "hessian",
 ) -> dict[str, Any]:
     """Alignment of the top-eigenvector estimate with the converged ``v₁`` as a function of the
     number of Hessian-vector products (the Eigen-SAM paper's Figure 5), for power iteration
     (paper Algorithm 1) and Lanczos at equal budgets, from a cold and a warm start. Written to
     ``out_dir/power_convergence.json`` and ``.png``.
 
-    The operator is :class:`~eigensam.hessian.dataset.DatasetHessian` over ``batches``. The
+    The operator is :class:`~eigensam.hessian.dataset.DatasetHessian` over ``batches`` (with
+    ``curvature="ggn"``: :class:`~eigensam.hessian.ggn.GGNOperator`). The
     reference ``(λ₁, v₁)`` is Lanczos (algebraically largest) run to relative residual
     ``reference_tol`` (at most ``reference_iters`` products; its residual and ``converged`` flag
     are reported). For ``t = 0..max_steps`` products the curves give ``|cos(v̂_t, v₁)|``,
@@ -470,11 +477,10 @@ def power_convergence_report(
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     counts: dict[str, int] = {}
-    operator = DatasetHessian(
-        model, batches, criterion, backend=backend, mode=mode, params=params, check=check
-    )
+    options = dict(backend=backend, mode=mode, params=params, check=check)
+    operator = curvature_operator(model, batches, criterion, curvature, **options)
 
-    def converged_top(op: DatasetHessian, start_seed: int) -> EigenResult:
+    def converged_top(op: DatasetHessian | GGNOperator, start_seed: int) -> EigenResult:
         return top_eigenvalues(
             op, 1, num_iters=reference_iters, tol=reference_tol, seed=start_seed
         )[0]
@@ -486,13 +492,11 @@ def power_convergence_report(
         warm_kind = "vector"
     elif warm_start is not None:
         warm_batches = check_batches(warm_start, "warm_start")
-        warm_operator = DatasetHessian(
-            model, warm_batches, criterion, backend=backend, mode=mode, params=params, check=check
-        )
+        warm_operator = curvature_operator(model, warm_batches, criterion, curvature, **options)
         with warm_operator as op:
             result, seconds["warm_start"] = _timed(lambda: converged_top(op, seed + 2))
         warm, warm_kind = result.eigenvector, "batches"
-        counts["warm_start"] = warm_operator.num_matvecs + warm_operator.num_check_matvecs
+        counts["warm_start"] = warm_operator.num_matvecs + _check_matvecs(warm_operator)
 
     cold = random_unit_vector(
         operator.dim,
@@ -530,7 +534,7 @@ def power_convergence_report(
                 }
         seconds["curves"] = time.perf_counter() - curve_start
         counts["curves"] = op.num_matvecs - before
-    counts["determinism_check"] = operator.num_check_matvecs
+    counts["determinism_check"] = _check_matvecs(operator)
     counts["total"] = sum(counts.values())
     seconds["total"] = time.perf_counter() - started
     report: dict[str, Any] = {
