@@ -3,19 +3,22 @@
 With ``f`` the model's outputs on a batch, ``J = ∂f/∂w`` their Jacobian and ``H_ℓ = ∂²ℓ/∂f²``
 the Hessian of the criterion in the outputs, the Hessian of the loss splits as
 
-    ``∇²L = Jᵀ H_ℓ J + Σ_k (∂ℓ/∂f_k) ∇²f_k``            (Schraudolph 2002, Eq. 6; Martens 2020),
+    ``∇²L = Jᵀ H_ℓ J + Σ_k (∂ℓ/∂f_k) ∇²f_k``            (Schraudolph 2002; Martens 2020),
 
 and the GGN is its first term, ``G = Jᵀ H_ℓ J``: positive semi-definite when ``ℓ`` is convex
-in the outputs (cross-entropy, squared error), equal to the Fisher information for
-exponential-family losses, and the usual stand-in for the Hessian in large models. Over batches
+in the outputs (cross-entropy, squared error), equal to the Fisher information when ``ℓ`` is
+the negative log-likelihood of an exponential family in its natural parameters (softmax
+cross-entropy on logits), and the usual stand-in for the Hessian in large models. Over batches
 ``(x_i, y_i)`` of ``n_i`` samples it is averaged like the loss, ``G = Σ_i (n_i/N) G_i``.
 
-A product ``G v`` takes three passes through the batch's graph, no forward-mode support needed:
+A product ``G v`` takes three backward passes through the batch's graph and no forward-mode
+support:
 
-1. ``J v`` by the double-vjp trick (Pearlmutter 1994): ``u ↦ Jᵀu`` is linear, so the gradient
-   of ``⟨Jᵀu, v⟩`` with respect to ``u`` is ``J v``;
+1. ``J v`` by the double-vjp trick (Townsend 2017): ``u ↦ Jᵀu`` is linear, so the gradient
+   of ``⟨Jᵀu, v⟩`` with respect to ``u`` is ``J v`` (one backward pass building ``Jᵀu`` with
+   its graph, one through that graph);
 2. ``H_ℓ (J v)`` by double backward through the criterion alone (cheap: it acts on outputs);
-3. ``Jᵀ (H_ℓ J v)`` by one backward pass.
+3. ``Jᵀ (H_ℓ J v)`` by a third backward pass.
 
 The operator holds the same guarantees as :class:`~eigensam.hessian.hvp.HessianOperator`: inside
 ``with GGNOperator(...) as op`` every forward pass starts from the RNG state on entry (same
