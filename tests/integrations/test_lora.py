@@ -23,7 +23,11 @@ from tiny_hf import TokenData, arguments, assert_same_training, tiny_gpt  # noqa
 from eigensam.integrations.transformers import SAMTrainer  # noqa: E402
 from eigensam.optim import SAM, EigenSAM  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:hvp='auto'.*finite differences:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:hvp='auto'.*finite differences:RuntimeWarning"),
+    # peft asks transformers the deprecated is_gradient_checkpointing (transformers 5)
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 
 def lora_gpt(seed: int = 0) -> torch.nn.Module:
