@@ -40,10 +40,11 @@ def sharded_weights(run: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, d
     return trained.model.state_dict(), trained.tracker_vector, state
 
 
-@pytest.mark.slow  # 3 torchrun jobs and a one-process run: about 100 s on a busy 2-core CPU
+@pytest.mark.slow  # 3 torchrun jobs and a one-process run: about 2 min on a busy 2-core CPU
 def test_fsdp_run_killed_then_resumed_equals_the_whole_run(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(CONFIG))
+    # Tracking too: its warm-start vectors are shards, saved in the sharded checkpoint.
+    config_file.write_text(yaml.safe_dump({**CONFIG, "track_every": 2, "track_iters": 4}))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
 
     done = torchrun("-m", "eigensam", "train", "--config", str(config_file), "--out", str(whole))
@@ -70,6 +71,7 @@ def test_fsdp_run_killed_then_resumed_equals_the_whole_run(tmp_path: Path) -> No
         assert torch.equal(value, b_weights[key]), key
     assert torch.equal(a_vector, b_vector) and bool(a_vector.any())
     assert without_timing(a["records"]) == without_timing(b["records"])
+    assert sum(r["kind"] == "track" for r in a["records"]) == 5  # steps 0, 2, 4, 6, 8
     logged = [tracking.read_records(run / tracking.METRICS_FILE) for run in (whole, killed)]
     assert without_timing(logged[0]) == without_timing(logged[1])  # each record once
 

@@ -160,15 +160,24 @@ def sharded_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
     return {"model": get_model_state_dict(model), "optimizer": opt_state}
 
 
-def save_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
-    """Every rank writes its shards of :func:`sharded_state` into ``folder`` (collective)."""
-    dcp.save(sharded_state(model, optimizer), checkpoint_id=str(folder))
+def save_sharded(
+    folder: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any] | None = None
+) -> None:
+    """Every rank writes its shards of :func:`sharded_state`, and of ``extra`` (more entries,
+    such as the sharpness probe's sharded vectors), into ``folder`` (collective)."""
+    dcp.save({**sharded_state(model, optimizer), **(extra or {})}, checkpoint_id=str(folder))
 
 
-def load_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
-    """Load what :func:`save_sharded` wrote (collective), resharded to this job's ranks."""
+def load_sharded(
+    folder: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any] | None = None
+) -> None:
+    """Load what :func:`save_sharded` wrote (collective), resharded to this job's ranks;
+    ``extra``'s entries that the folder holds are loaded into it in place (those it lacks,
+    written before they existed, are left as they are)."""
     state = sharded_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(folder))
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    present = {key for key in extra or {} if any(name.startswith(f"{key}.") for name in saved)}
+    dcp.load({**state, **{key: extra[key] for key in present if extra}}, checkpoint_id=str(folder))
     set_model_state_dict(model, state["model"])
     if isinstance(optimizer, SAM):
         load_distributed_state_dict(optimizer, state["optimizer"])

@@ -36,9 +36,9 @@ class SharpnessProbe:
     On an FSDP2 model every vector (v₁, the gradient, ε) is this rank's shard, the Lanczos
     basis is sharded and every norm and dot product is global, so λ₁, Align and |cos| equal the
     one process's on the concatenated batch to the finite-difference accuracy (see
-    docs/distributed.md); the warm-start vectors are shards too, and :meth:`state_dict` leaves
-    them out there (each rank holds a different piece): a resumed run starts its next
-    measurement from a fresh random vector.
+    docs/distributed.md); the warm-start vectors are shards too, so :meth:`state_dict` leaves
+    them out there (each rank holds a different piece) and :meth:`sharded_state` gives them to
+    ``torch.distributed.checkpoint`` instead.
     """
 
     def __init__(
@@ -136,8 +136,35 @@ class SharpnessProbe:
             record.update({f"fixed_{key}": mean_or_none(vals) for key, vals in values.items()})
         return record
 
+    def sharded_state(self, layout: ParamLayout, streams: int) -> dict[str, Any]:
+        """The warm-start vectors of the training batches and of ``streams`` fixed batches as
+        ``DTensor`` pieces (each rank's rows) for ``torch.distributed.checkpoint``, zeros where
+        there is none yet, with ``present`` flags; load into it in place, then pass it to
+        :meth:`load_sharded_state`."""
+        vectors = [self.vector, *(self.fixed_vectors.get(i) for i in range(streams))]
+        like = layout.locals[0]
+        flats = [
+            torch.zeros(layout.numel, dtype=like.dtype, device=like.device)
+            if v is None
+            else v.to(like.device, copy=True)
+            for v in vectors
+        ]
+        return {
+            "vectors": [layout.pieces(flat) for flat in flats],
+            "present": [v is not None for v in vectors],
+        }
+
+    def load_sharded_state(self, state: Mapping[str, Any], layout: ParamLayout) -> None:
+        """Take the warm-start vectors from a loaded :meth:`sharded_state`."""
+        flats = [layout.from_pieces(pieces).cpu() for pieces in state["vectors"]]
+        present = state["present"]
+        self.vector = flats[0] if present[0] else None
+        self.fixed_vectors = {i: f for i, f in enumerate(flats[1:]) if present[i + 1]}
+        self.sharded = True
+
     def state_dict(self) -> dict[str, Any]:
-        """The generator and the warm-start vectors (left out when they are FSDP2 shards)."""
+        """The generator and the warm-start vectors (left out when they are FSDP2 shards: see
+        :meth:`sharded_state`)."""
         return {
             "generator": self.generator.get_state(),
             "vector": None if self.sharded else self.vector,

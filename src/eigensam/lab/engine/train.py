@@ -78,7 +78,7 @@ from eigensam.lab.workloads.datasets import (
 )
 from eigensam.lab.workloads.models import build_model, kaiming_init
 from eigensam.optim import SAM
-from eigensam.parallel import MeanAcrossRanks, check_same_across_ranks, reshard
+from eigensam.parallel import MeanAcrossRanks, ParamLayout, check_same_across_ranks, reshard
 
 
 def snapshot_file(epoch: int) -> str:
@@ -327,11 +327,15 @@ class Trainer:
     def _restore(self, state: Mapping[str, Any], file: Path) -> None:
         """Load a checkpoint's state; one that does not fit this run raises ``ValueError``
         naming ``file`` (nothing is written before)."""
+        probe = None
         try:
             if self.sharded:
                 if not state.get("sharded"):
                     raise ValueError("it holds no sharded (strategy fsdp) model state")
-                distributed.load_sharded(file.parent / state["sharded"], self.model, self.optimizer)
+                probe = self._sharded_probe_state()
+                distributed.load_sharded(
+                    file.parent / state["sharded"], self.model, self.optimizer, probe
+                )
                 self._sharded_saved.add(state["sharded"])
             else:
                 if state["model"] is None:
@@ -351,11 +355,26 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         if self.probe is not None:
             self.probe.load_state_dict(state["probe"])
+            if self.sharded and probe is not None:
+                self.probe.load_sharded_state(probe["probe"], self._trainable_layout())
         self.step = self.checkpoint_step = state["step"]
         self.epoch = state["epoch"]
         self.sums = dict(state["sums"])
         self.seconds = dict(state["seconds"])
         self.records = list(state["records"])
+
+    def _trainable_layout(self) -> ParamLayout:
+        """The layout of the parameters the probe's products act on (sharded: strategy fsdp)."""
+        reshard(self.model)  # after an evaluation the root's gathered parameters are registered
+        return ParamLayout([p for p in self.model.parameters() if p.requires_grad])
+
+    def _sharded_probe_state(self) -> dict[str, Any] | None:
+        """The probe's warm-start vectors as the sharded checkpoint holds them (None without
+        a probe)."""
+        if self.probe is None:
+            return None
+        streams = len(self.fixed_closures)
+        return {"probe": self.probe.sharded_state(self._trainable_layout(), streams)}
 
     def _checkpoint(self) -> None:
         self._lap("train")
@@ -373,7 +392,8 @@ class Trainer:
         # Written once per step (a step's end-of-epoch checkpoint may follow its step
         # checkpoint); decided from state every rank shares, since the save is collective.
         if self.sharded and folder.name not in self._sharded_saved:
-            distributed.save_sharded(folder, self.model, self.optimizer)
+            probe = self._sharded_probe_state()
+            distributed.save_sharded(folder, self.model, self.optimizer, probe)
             self._sharded_saved.add(folder.name)
         if not self.ranks.main:
             return
