@@ -390,6 +390,11 @@ def lanczos(
     orthogonal to the basis. ``v0`` may be an int dimension: a random start from ``generator``
     (``dtype`` default float32). ``num_matvecs`` is the number of products used (shared by all
     pairs). Eigenvectors are unit-norm in ``v0``'s dtype.
+
+    ``algebra`` (optional, :class:`VectorAlgebra`) makes every sum global for vectors sharded
+    over processes (FSDP2: ``op.layout`` of a sharded operator): ``v0`` and the eigenvectors are
+    then this rank's pieces (an int ``v0`` is the global dimension, drawn whole and cut), each
+    rank stores its rows of the basis, and every rank gets the same Ritz values.
     """
     v0 = _start_vector(v0, generator, dtype, device, algebra)
     algebra = algebra_for(v0, algebra)
