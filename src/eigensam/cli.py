@@ -28,6 +28,7 @@ from eigensam.lab.engine.launch import is_main, leave
 from eigensam.lab.engine.train import Trainer
 from eigensam.lab.engine.trained_model import fixed_batches, load_trained
 from eigensam.lab.experiments import reproduce
+from eigensam.lab.experiments.report import HEADLINE_END, HEADLINE_START
 
 INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
 Handler = Callable[[argparse.Namespace], int]
@@ -417,12 +418,25 @@ def _add_reproduce(subparsers: Any) -> None:
         help="start no new run after this many minutes, then report the runs finished (0: "
         "train nothing, report what is there; default: run everything)",
     )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="with the decide target: write its headline table and conclusion between this "
+        "file's <!-- headline:start --> and <!-- headline:end --> markers",
+    )
     parser.set_defaults(handler=_run_reproduce)
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
     if args.stop_after is not None and not args.stop_after >= 0:
         raise InputError(f"--stop-after must be a number of minutes >= 0, got {args.stop_after}")
+    if args.readme is not None:
+        text = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else ""
+        if HEADLINE_START not in text or HEADLINE_END not in text:
+            raise InputError(
+                f"--readme: {args.readme} has no {HEADLINE_START} … {HEADLINE_END} markers"
+            )
     overrides = {
         k: v for k, v in (("data_dir", args.data_dir), ("device", args.device)) if v is not None
     }
@@ -447,6 +461,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
             report=args.report,
             overrides=overrides,
             stop_after=None if args.stop_after is None else 60 * args.stop_after,
+            readme=args.readme,
         ),
         "run the same command again",
     )

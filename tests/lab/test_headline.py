@@ -81,3 +81,29 @@ def test_headline_says_when_sgd_did_not_converge(tmp_path):
     assert converged(0.99) and not converged(0.9899)
     with pytest.raises(ValueError, match="train_acc must be a fraction"):
         converged(99.0)
+
+
+def test_the_readme_headline_comes_from_the_decided_comparisons(tmp_path, capsys):
+    from eigensam.cli import main
+    from eigensam.lab.experiments.report import fill_headline
+
+    scale, _ = finished_runs(tmp_path)
+    (tmp_path / "out").mkdir()
+    section = decide.analyze(scale, decide.plan(scale), tmp_path / "out")
+    assert "| sam − sgd | +0.5 points | +1.00 ± 0.25 points | 3 |" in section.headline
+    assert "| eigen-sam − sam | +0.2 points | -0.50 ± 0.00 points | 3 |" in section.headline
+    assert "SAM's gain over SGD reproduces the paper's sign; Eigen-SAM's gain over SAM is " in (
+        section.headline
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- headline:start -->\nold\n<!-- headline:end -->\nrest\n")
+    fill_headline(readme, section.headline)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# x\n<!-- headline:start -->\nThe paper's")
+    assert text.endswith("<!-- headline:end -->\nrest\n") and "| sam − sgd |" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no <!-- headline:start -->"):
+        fill_headline(readme, "x")
+    code = main(["reproduce", "decide", "--out", str(tmp_path / "o"), "--readme", str(readme)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--readme" in err

@@ -46,7 +46,7 @@ def plans(target: str, tmp_path: Path, seeds=(0, 1), scale="cpu"):
 
 
 def test_unknown_target_and_scale_are_refused():
-    with pytest.raises(ValueError, match="one of headline, decide, table1, fig1.*all"):
+    with pytest.raises(ValueError, match="one of headline, decide, noise, datasize, table1, .*all"):
         reproduce.resolve_targets("fig9")
     with pytest.raises(ValueError, match="scale must be one of cpu, paper"):
         make_scale("gpu", "x")

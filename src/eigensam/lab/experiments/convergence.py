@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,6 +89,15 @@ def add_final_fits(
         for config in configs:
             for measure in measures if config.seed in by_seed else ():
                 by_seed[config.seed].update(measure(config))
+
+
+def converged_results(plan: Plan, note: str, file: Path) -> Results:
+    """A converged-scale plan's results with :func:`add_final_fits`'s values, also written to
+    ``file`` (JSON, with the scale's ``note``)."""
+    results = Results.load(plan)
+    add_final_fits(plan, results)
+    tracking.write_json(file, {"scale": note, **results.summaries})
+    return results
 
 
 def add_train_fit(plan: Plan, results: Results) -> None:

@@ -11,7 +11,10 @@ Run it one setting at a time, on one thread::
     OMP_NUM_THREADS=1 python -m eigensam.lab.experiments.pilot --out runs/pilot \\
         --subset 2048 --epochs 15 --width 0.5 --no-augment
 
-``--finetune-from RUN --steps N`` instead fine-tunes table2's pretrained ViT on the digits.
+``--finetune-from RUN --steps 600,1200,1800 --method sam,eigen-sam`` instead fine-tunes table2's
+pretrained ViT on the digits at each candidate N and prints the N that
+:func:`choose_finetune_steps` picks: the smallest at which SAM and Eigen-SAM (not only SGD at
+2N) reach 99% train accuracy.
 """
 
 from __future__ import annotations
@@ -111,6 +114,25 @@ def run_finetune_pilot(
     return record
 
 
+def choose_finetune_steps(
+    records: Sequence[dict[str, Any]], methods: Sequence[str] = ("sam", "eigen-sam")
+) -> int | None:
+    """Table 2's N by the pilot rule: the smallest number of fine-tuning steps at which every
+    one of ``methods`` (the two-pass methods, which train N steps while SGD trains 2N) reached
+    :data:`~eigensam.lab.experiments.convergence.CONVERGED_TRAIN_ACC` in the
+    ``finetune-pilot`` ``records``; None when no measured N does."""
+    pilots = [r for r in records if r.get("kind") == "finetune-pilot"]
+    by_steps: dict[int, dict[str, float]] = {}
+    for r in pilots:
+        by_steps.setdefault(int(r["steps"]), {})[r["method"]] = float(r["train_acc"])
+    met = [
+        steps
+        for steps, accs in by_steps.items()
+        if all(m in accs and converged(accs[m]) for m in methods)
+    ]
+    return min(met) if met else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/pilot"))
@@ -122,18 +144,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--finetune-from", type=Path, help="table2's pretraining run: fine-tune it instead"
     )
-    parser.add_argument("--steps", type=int, help="fine-tuning steps (with --finetune-from)")
+    parser.add_argument(
+        "--steps",
+        help="fine-tuning steps, comma-separated candidates of N (with --finetune-from; "
+        "--method may then list methods, e.g. sam,eigen-sam)",
+    )
     args = parser.parse_args(argv)
     if args.finetune_from is not None:
         if args.steps is None:
             parser.error("--finetune-from needs --steps")
-        record = run_finetune_pilot(args.out, args.finetune_from, args.steps, args.method)
-    else:
-        if args.subset is None or args.epochs is None:
-            parser.error("--subset and --epochs are required (or --finetune-from and --steps)")
-        record = run_pilot(
-            args.out, args.subset, args.epochs, args.width, args.augment, args.method
-        )
+        for steps in (int(s) for s in args.steps.split(",")):
+            for method in args.method.split(","):
+                record = run_finetune_pilot(args.out, args.finetune_from, steps, method)
+                print(" ".join(f"{k}={v}" for k, v in record.items()), flush=True)
+        chosen = choose_finetune_steps(tracking.read_records(args.out / PILOT_FILE))
+        print(f"N for table2 (SAM and Eigen-SAM >= 99% train accuracy): {chosen}")
+        return 0
+    if args.subset is None or args.epochs is None:
+        parser.error("--subset and --epochs are required (or --finetune-from and --steps)")
+    record = run_pilot(args.out, args.subset, args.epochs, args.width, args.augment, args.method)
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
     )

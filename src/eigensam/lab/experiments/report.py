@@ -53,7 +53,8 @@ class Claim:
 
 @dataclass
 class Section:
-    """A target's part of the report: markdown body, figures (PNG paths) and claims."""
+    """A target's part of the report: markdown body, figures (PNG paths) and claims;
+    ``headline``: a short table and conclusion for the README (the decide target's)."""
 
     target: str
     title: str
@@ -61,6 +62,7 @@ class Section:
     body: str
     figures: list[Path] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
+    headline: str = ""
 
 
 def fmt(values: Sequence[float | None], digits: int = 3, scale: float = 1.0) -> str:
@@ -212,6 +214,18 @@ def save_figure(fig: Any, path: Path) -> Path:
 # The report: one page, one generated file per target
 
 VERDICTS_FILE = "verdicts.md"
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+
+def fill_headline(readme: Path, headline: str) -> None:
+    """Replace the text between ``<!-- headline:start -->`` and ``<!-- headline:end -->`` in
+    ``readme`` with ``headline``; ValueError when the markers are missing."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(HEADLINE_START), text.find(HEADLINE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"readme: {readme} has no {HEADLINE_START} … {HEADLINE_END} markers")
+    before, after = text[: start + len(HEADLINE_START)], text[end:]
+    tracking.write_text(readme, f"{before}\n{headline.strip()}\n{after}")
 
 
 def section_folder(page: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 from eigensam.lab.engine.config import TrainConfig
 from eigensam.lab.experiments.common import Plan, Target
 from eigensam.lab.experiments.convergence import HELD_OUT_FILE, held_out_fit
-from eigensam.lab.experiments.report import Section, write_report
+from eigensam.lab.experiments.report import Section, fill_headline, write_report
 from eigensam.lab.experiments.runs import (
     CPU_DEVIATIONS,
     SideTask,
@@ -26,6 +26,7 @@ from eigensam.lab.experiments.runs import (
     make_scale,
 )
 from eigensam.lab.experiments.targets import (
+    datasize,
     decide,
     fig1,
     fig2,
@@ -35,6 +36,7 @@ from eigensam.lab.experiments.targets import (
     grid,
     headline,
     lm,
+    noise,
     sde_eta,
     stability,
     table1,
@@ -49,6 +51,8 @@ TARGETS: dict[str, Target] = {
     for t in (
         headline.TARGET,
         decide.TARGET,
+        noise.TARGET,
+        datasize.TARGET,
         table1.TARGET,
         fig1.TARGET,
         fig4.TARGET,
@@ -125,11 +129,13 @@ def reproduce(
     report: Path | str | None = None,
     overrides: dict[str, Any] | None = None,
     stop_after: float | None = None,
+    readme: Path | str | None = None,
 ) -> list[Section]:
     """Run ``target`` (or ``all``) at ``scale`` and write ``<out>/<target>/`` (JSON, PNGs)
     and the markdown report (``report``, default ``<out>/reproduction.md``). After
     ``stop_after`` seconds no new run starts: the sections report the runs finished by then
-    (and say which are missing). Returns the sections."""
+    (and say which are missing). With ``readme``, the decide target's headline table and
+    conclusion replace the text between that file's headline markers. Returns the sections."""
     out = Path(out) if out is not None else Path("runs") / f"reproduce-{scale}"
     targets = resolve_targets(target)
     started, cpu_started = time.perf_counter(), cpu_seconds()
@@ -158,6 +164,10 @@ def reproduce(
     path = Path(report) if report is not None else out / REPORT_FILE
     generated = _generated(target, chosen, total, trained, jobs, run_seconds(configs), cpu)
     write_report(sections, path, header=_header(chosen), order=list(TARGETS), generated=generated)
+    headlines = [s.headline for s in sections if s.headline]
+    if readme is not None and headlines:
+        fill_headline(Path(readme), headlines[0])
+        print(f"wrote the headline of {readme}", file=sys.stderr)
     print(f"wrote {path}", file=sys.stderr)
     print(
         f"eigensam reproduce {target}: wall time {_clock(total)}, CPU time {cpu:.0f} s "

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.claims import POINTS, Compare, Paper, judge
 from eigensam.lab.experiments.common import Plan, Results, Target
-from eigensam.lab.experiments.convergence import CONVERGED_TRAIN_ACC, add_final_fits
+from eigensam.lab.experiments.convergence import CONVERGED_TRAIN_ACC, converged_results
 from eigensam.lab.experiments.report import Claim, Section, fmt
 from eigensam.lab.experiments.runs import Scale
 from eigensam.lab.experiments.verdicts import plan_power
@@ -77,10 +76,8 @@ def plan(scale: Scale) -> Plan:
 
 
 def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
-    results = Results.load(plan)
-    add_final_fits(plan, results)
+    results = converged_results(plan, scale.note, out / "decide.json")
     claims = judge(SPECS, results)
-    tracking.write_json(out / "decide.json", {"scale": scale.note, **results.summaries})
     body = (
         f"{scale.note}. Seeds from the power analysis at the paired SDs of the headline's 5 "
         f"seeds on the held-out images ({_pilot_text()}), at most {MAX_SEEDS}. Mean ± 95% CI "
@@ -97,7 +94,46 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
         body,
         [],
         claims,
+        headline(results, claims),
     )
+
+
+def headline(results: Results, claims: list[Claim]) -> str:
+    """The README's headline: one row per comparison (the paper's effect, the held-out
+    difference, its power, the verdict) and one sentence of conclusion, from the claims."""
+    rows = [
+        "| comparison | paper (Fashion-MNIST, Table 1) | eigensam: held-out accuracy "
+        "difference, 95% CI | seeds | MDE (80% power) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for spec, claim in zip(SPECS, claims, strict=True):
+        power = claim.power
+        n, mde = (power.n, power.mde) if power is not None else (0, None)
+        difference = claim.measured.split(" (paired")[0].removeprefix("difference ")
+        rows.append(
+            f"| {spec.a} − {spec.b} | {spec.paper.effect:+g} points | {difference} | {n} | "
+            f"{'–' if mde is None else f'{mde:.2f}'} | **{claim.verdict}** |"
+        )
+    held_out = results.values("sam", "held_out_images")
+    images = f"{int(held_out[0]):,}" if held_out else "the"
+    return (
+        "The paper's 6-layer SimpleCNN on 1,024 Fashion-MNIST images, trained to convergence "
+        f"on a CPU (SGD with twice the epochs), evaluated on {images} held-out images:\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + _conclusion(claims)
+        + " Every other result: [the reproduction report](docs/reproduction.md).\n"
+    )
+
+
+def _conclusion(claims: list[Claim]) -> str:
+    words = {
+        "reproduces": "reproduces the paper's sign",
+        "contradicted": "is contradicted (the interval excludes the paper's effect)",
+        "inconclusive": "stays undecided (its interval holds 0 and the paper's effect)",
+    }
+    sam_sgd, eigen_sam = (words.get(c.verdict, c.verdict) for c in claims)
+    return f"SAM's gain over SGD {sam_sgd}; Eigen-SAM's gain over SAM {eigen_sam}."
 
 
 def _pilot_text() -> str:

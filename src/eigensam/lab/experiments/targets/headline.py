@@ -8,10 +8,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.experiments.claims import judge
 from eigensam.lab.experiments.common import Plan, Results, Target, command
-from eigensam.lab.experiments.convergence import CONVERGED_TRAIN_ACC, add_final_fits
+from eigensam.lab.experiments.convergence import CONVERGED_TRAIN_ACC, converged_results
 from eigensam.lab.experiments.report import Claim, Section, fmt
 from eigensam.lab.experiments.runs import Scale
 from eigensam.lab.experiments.targets import decide, fig1, table1
@@ -35,9 +34,7 @@ def plan(scale: Scale) -> Plan:
 
 
 def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
-    results = Results.load(plan)
-    add_final_fits(plan, results)
-    tracking.write_json(out / "headline.json", {"scale": scale.note, **results.summaries})
+    results = converged_results(plan, scale.note, out / "headline.json")
     claims = judge(SPECS, results)
     body = (
         f"{scale.note}. Train accuracy: final weights on the whole training subset, "
