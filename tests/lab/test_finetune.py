@@ -55,8 +55,8 @@ def test_plan_gives_sgd_twice_the_steps_of_sam_and_eigen_sam():
     assert [r.steps for r in runs["sgd"]] == [300] * 3
     assert [r.steps for r in runs["eigen-sam"]] == [150] * 3
     assert [r.seed for r in runs["sam"]] == [0, 1, 2]
-    assert all(r.lr == 0.01 for rs in runs.values() for r in rs)  # the paper's fine-tuning lr
-    assert runs["eigen-sam"][0].train_config().resolved_alpha == 0.2
+    assert all(r.settings().lr == 0.01 for rs in runs.values() for r in rs)  # the paper's lr
+    assert runs["eigen-sam"][0].settings().resolved_alpha == 0.2
     with pytest.raises(ValueError, match="steps must be"):
         plan_finetunes(0, [0])
 

@@ -1,5 +1,7 @@
 """``hessian_parts``: the engine's exact Hessian-vector products by micro-batches (memory-lean),
-its resolution rule, validation, equivalence with the whole-batch products and old configs."""
+which the engine hands to the optimizer: the optimizer's resolution rule as the engine's
+configurations meet it, validation, equivalence with the whole-batch products and old
+configs."""
 
 from __future__ import annotations
 
@@ -22,19 +24,14 @@ from eigensam.lab.engine.config import (
     check_same_run,
     config_from_dict,
 )
-from eigensam.lab.engine.optimizers import make_optimizer
+from eigensam.lab.engine.optimizers import build_optimizer
 from eigensam.lab.engine.sharpness_probe import SharpnessProbe, applied_perturbation
-from eigensam.lab.engine.train import (
-    Trainer,
-    make_closure,
-    resolve_hessian_parts,
-    step_closure,
-    train,
-)
+from eigensam.lab.engine.train import Trainer, loss_closure, train
 from eigensam.lab.experiments.runs import check_runs
 from eigensam.lab.workloads.datasets import make_synthetic
 from eigensam.lab.workloads.models import build_model
-from eigensam.optim import EGR
+from eigensam.optim import EGR, SAM
+from eigensam.optim.stepping import step_closure
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +94,14 @@ def test_resolution_rule(
     batch_size: int,
     expected: int,
 ) -> None:
-    config = TrainConfig(**fields)
-    assert resolve_hessian_parts(config, resnet if batchnorm else cnn, batch_size) == expected
+    optimizer = build_optimizer(TrainConfig(**fields).optimizer, resnet if batchnorm else cnn)
+    parts = optimizer.split_count(batch_size) if isinstance(optimizer, SAM) else 1
+    assert parts == expected
 
 
 def test_hvp_methods_are_those_whose_optimizer_computes_products(cnn: torch.nn.Module) -> None:
     for method in METHODS:
-        optimizer = make_optimizer(TrainConfig(method=method), cnn)
+        optimizer = build_optimizer(TrainConfig(method=method).optimizer, cnn)
         products = hasattr(optimizer, "tracker") or isinstance(optimizer, EGR)
         assert products == (method in HVP_METHODS), method
 
@@ -145,11 +143,11 @@ def test_good_values_are_accepted(value: object) -> None:
     [
         (
             dict(method="eigen-sam", hessian_parts=3, hessian_mode="train"),
-            ["hessian_mode=eval", "hessian_parts=1"],
+            ["hessian_mode='eval'", "hessian_parts=1"],
         ),
         (
             dict(method="x-sam", hessian_parts=2, hessian_mode="train"),
-            ["hessian_mode=eval", "hessian_parts=1"],
+            ["hessian_mode='eval'", "hessian_parts=1"],
         ),
         (dict(method="egr", hessian_parts=2, hessian_mode="eval"), ["use hessian_parts=1"]),
     ],
@@ -169,17 +167,20 @@ def test_explicit_parts_with_batchnorm_in_train_mode_fail_at_construction(
 # The step's closure and equivalence with whole-batch products
 
 
-def test_step_closure_is_make_closures_or_a_split_one(cnn: torch.nn.Module) -> None:
+def test_the_step_splits_only_a_refresh_into_parts(cnn: torch.nn.Module) -> None:
     data = make_synthetic(10, 2)
-    images, labels = data.train.images, data.train.labels
-    criterion = torch.nn.CrossEntropyLoss()
-    whole = step_closure(cnn, criterion, images, labels, 1)
-    assert not isinstance(whole, SplitClosure)  # parts=1: the plain closure, as before
-    split = step_closure(cnn, criterion, images, labels, 3)
-    assert isinstance(split, SplitClosure) and len(split.parts) == 3
-    capped = step_closure(cnn, criterion, images, labels, 64)
-    assert isinstance(capped, SplitClosure) and len(capped.parts) == 10  # one per sample
-    losses = [float(c().detach()) for c in (make_closure(cnn, criterion, images, labels), split)]
+    batch = (data.train.images, data.train.labels)
+    closure = loss_closure(cnn, torch.nn.CrossEntropyLoss())
+    fields = dict(method="eigen-sam", eig_interval=2)
+    sgd = build_optimizer(TrainConfig(method="sgd").optimizer, cnn)
+    assert not isinstance(step_closure(sgd, closure, batch), SplitClosure)
+    for parts, expected in ((1, None), (3, 3), (64, 10)):  # at most one part per sample
+        opt = build_optimizer(TrainConfig(**fields, hessian_parts=parts).optimizer, cnn)
+        split = step_closure(opt, closure, batch)  # step 0: a refresh
+        assert (len(split.parts) if isinstance(split, SplitClosure) else None) == expected
+        opt.sam_steps = 1  # no refresh: the whole batch
+        assert not isinstance(step_closure(opt, closure, batch), SplitClosure)
+    losses = [float(c().detach()) for c in (step_closure(sgd, closure, batch), split)]
     assert losses[0] == losses[1]  # the whole-batch loss either way
     cnn.zero_grad(set_to_none=True)
 
@@ -238,15 +239,15 @@ def test_the_probe_previews_the_refresh_with_the_parts() -> None:
     torch.manual_seed(0)
     data = make_synthetic(32, 8)
     model = build_model("simplecnn", 10, 1, 28, width=0.25)
-    opt = make_optimizer(TrainConfig(method="eigen-sam"), model)
-    criterion = torch.nn.CrossEntropyLoss()
-    closure = step_closure(model, criterion, data.train.images, data.train.labels, 3)
-    assert isinstance(closure, SplitClosure)
+    opt = build_optimizer(TrainConfig(method="eigen-sam", hessian_parts=3).optimizer, model)
+    batch = (data.train.images, data.train.labels)
+    closure = step_closure(opt, loss_closure(model, torch.nn.CrossEntropyLoss()), batch)
+    assert isinstance(closure, SplitClosure) and len(closure.parts) == 3
     probe = SharpnessProbe(4, 1e-3, seed=0)
     record = probe.measure(closure, model, opt)
     _, _, grad = probe.top_eigenpair(closure.closure, model)
     _, preview = applied_perturbation(opt, grad, closure)
-    opt.step(closure)
+    opt.step(loss_closure(model, torch.nn.CrossEntropyLoss()), batch=batch)
     assert torch.equal(preview.vector, opt.tracker.vector)
     assert record["opt_eigenvalue"] == opt.tracker.eigenvalue
 

@@ -15,11 +15,11 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from eigensam.lab.engine.lm_training import (
     LMSettings,
     build_model,
-    build_optimizer,
     curvature,
     fd_accuracy,
     fixed_batch,
     lm_corpus,
+    lm_optimizer,
     train_lm,
     warmup_cosine,
 )
@@ -40,8 +40,7 @@ TINY = LMSettings(
     batch_size=4,
     steps=6,
     warmup=2,
-    eig_interval=3,
-    eig_iters=2,
+    optimizer=replace(LMSettings().optimizer, eig_interval=3, eig_iters=2),
     track_every=3,
     track_iters=2,
     eval_windows=8,
@@ -112,13 +111,14 @@ def test_warmup_cosine_schedule() -> None:
 
 def test_optimizers_are_adamw_and_sam_around_adamw() -> None:
     model = build_model(TINY, 0)
-    assert isinstance(build_optimizer("adamw", model, TINY), torch.optim.AdamW)
-    sam = build_optimizer("sam", model, TINY)
+    assert isinstance(lm_optimizer("adamw", model, TINY), torch.optim.AdamW)
+    sam = lm_optimizer("sam", model, TINY)
     assert type(sam) is SAM and isinstance(sam.base_optimizer, torch.optim.AdamW)
-    eigen = build_optimizer("eigen-sam", model, TINY)
-    assert isinstance(eigen, EigenSAM) and eigen.tracker.interval == TINY.eig_interval
+    eigen = lm_optimizer("eigen-sam", model, TINY)
+    assert isinstance(eigen, EigenSAM) and eigen.tracker.interval == TINY.optimizer.eig_interval
+    assert eigen.param_groups[0]["lr"] == 1e-3 and eigen.param_groups[0]["weight_decay"] == 0.01
     with pytest.raises(ValueError, match="method must be one of adamw, sam, eigen-sam"):
-        build_optimizer("sgd", model, TINY)
+        lm_optimizer("sgd", model, TINY)
 
 
 def test_finite_difference_products_match_the_math_backend(corpus) -> None:

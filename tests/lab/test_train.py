@@ -17,7 +17,7 @@ from tiny_runs import TINY_BN, tiny
 from eigensam.hessian.hvp import flatten
 from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.engine.config import METHODS, TrainConfig, config_from_dict, load_config
-from eigensam.lab.engine.optimizers import make_optimizer
+from eigensam.lab.engine.optimizers import build_optimizer
 from eigensam.lab.engine.sharpness_probe import SharpnessProbe, applied_perturbation
 from eigensam.lab.engine.train import Trainer, make_closure, train
 from eigensam.lab.workloads.datasets import make_synthetic
@@ -133,7 +133,7 @@ def test_train_subset_larger_than_dataset_is_refused_before_training(tmp_path: P
     assert not (tmp_path / "r").exists()
 
 
-def test_make_optimizer_builds_each_method() -> None:
+def test_build_optimizer_builds_each_method() -> None:
     model = build_model("mlp", 3, 1, 4, width=0.01)
     expected = {
         "sgd": torch.optim.SGD,
@@ -147,14 +147,16 @@ def test_make_optimizer_builds_each_method() -> None:
     assert set(expected) == set(METHODS)
     for method, cls in expected.items():
         config = TrainConfig(method=method, lr=0.3, weight_decay=1e-3, rho=0.07)
-        opt = make_optimizer(config, model)
+        opt = build_optimizer(config.optimizer, model)
         assert type(opt) is cls
         group = opt.param_groups[0]
         assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.3, 0.9, 1e-3)
         if method != "sgd":
             assert group["rho"] == 0.07 and opt.model is model
             assert group["adaptive"] == (method == "asam")
-    eigen = make_optimizer(TrainConfig(method="eigen-sam", eig_interval=7, eig_iters=3), model)
+    eigen = build_optimizer(
+        TrainConfig(method="eigen-sam", eig_interval=7, eig_iters=3).optimizer, model
+    )
     assert (eigen.tracker.interval, eigen.tracker.iters, eigen.param_groups[0]["alpha"]) == (
         7,
         3,
@@ -256,7 +258,7 @@ def test_measurement_leaves_model_optimizer_and_rng_untouched() -> None:
     torch.manual_seed(0)
     data = make_synthetic(32, 8)
     model = build_model("resnet18", 10, 1, 28, width=0.0625)
-    opt = make_optimizer(TrainConfig(method="eigen-sam", eig_interval=1), model)
+    opt = build_optimizer(TrainConfig(method="eigen-sam", eig_interval=1).optimizer, model)
     closure = make_closure(model, torch.nn.CrossEntropyLoss(), data.train.images, data.train.labels)
     opt.step(closure)  # a tracker estimate and momentum exist
     for p in model.parameters():
@@ -286,7 +288,7 @@ def test_eigen_sam_perturbation_is_the_one_applied_when_a_refresh_is_due() -> No
     torch.manual_seed(0)
     data = make_synthetic(32, 8)
     model = build_model("simplecnn", 10, 1, 28, width=0.25)
-    opt = make_optimizer(TrainConfig(method="eigen-sam", alpha=0.5), model)
+    opt = build_optimizer(TrainConfig(method="eigen-sam", alpha=0.5).optimizer, model)
     closure = make_closure(model, torch.nn.CrossEntropyLoss(), data.train.images, data.train.labels)
     _, _, grad = SharpnessProbe(4, 1e-3, seed=0).top_eigenpair(closure, model)
     assert opt.tracker.vector is None and opt.tracker.due(opt.sam_steps)

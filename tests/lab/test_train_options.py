@@ -10,7 +10,7 @@ import torch
 from tiny_runs import tiny
 
 from eigensam.lab.engine import run_folder as tracking
-from eigensam.lab.engine.optimizers import make_optimizer
+from eigensam.lab.engine.optimizers import build_optimizer
 from eigensam.lab.engine.train import Trainer, snapshot_file, train
 from eigensam.optim import EigenSAM
 
@@ -50,7 +50,7 @@ def test_auto_alpha_and_spread_schedule_reach_the_optimizer(tmp_path):
     config = tiny(
         tmp_path, method="eigen-sam", alpha="auto", target_align=0.3, eig_schedule="spread"
     )
-    opt = make_optimizer(config, Trainer(config).model)
+    opt = build_optimizer(config.optimizer, Trainer(config).model)
     assert isinstance(opt, EigenSAM)
     assert opt.param_groups[0]["alpha"] == "auto" and opt.target_align == 0.3
     assert opt.tracker.schedule == "spread"

@@ -48,3 +48,14 @@ def make_closure(model, x, y):
         return loss
 
     return closure
+
+
+def loss_closure(model):
+    """The closure of a batch ``(x, y)`` for ``step(closure, batch=(x, y))``."""
+
+    def closure(x, y):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure

@@ -5,22 +5,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import SmallNet
+from conftest import SmallNet, loss_closure
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eigensam import EGR, XSAM, EigenSAM
+from eigensam.hessian.closures import SplitClosure
 from eigensam.hessian.eigen import power_iteration
 from eigensam.hessian.hvp import FD_FALLBACK, FD_SCALE, HessianOperator
-
-
-def loss_closure(model):
-    def closure(x, y):
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def data(n=32, dtype=torch.float64, seed=1):
@@ -233,14 +225,26 @@ def test_bad_hessian_parts_name_the_argument(value, error):
         tracked(EigenSAM, SmallNet(), hessian_parts=value)
 
 
-def test_more_parts_than_samples_and_parts_without_a_batch_are_refused():
+def test_more_parts_than_samples_take_one_per_sample_and_parts_need_a_batch():
     model = SmallNet().double()
     opt = tracked(EigenSAM, model, hessian_parts=8)
     x, y = data(n=5)
-    with pytest.raises(ValueError, match=r"hessian_parts must be an int in \[1, 5\].*got 8"):
-        opt.step(loss_closure(model), batch=(x, y))
+    assert (opt.split_count(5), opt.split_count(32)) == (5, 8)
+    split = opt.bind(loss_closure(model), batch=(x, y))  # step 0: a refresh
+    assert isinstance(split, SplitClosure) and len(split.parts) == 5
+    opt.step(loss_closure(model), batch=(x, y))
+    assert opt.tracker.num_updates == 1
     with pytest.raises(ValueError, match=r"hessian_parts=8 splits the batch, so step\(\) needs"):
         opt.step(lambda: loss_closure(model)(x, y))
+
+
+@pytest.mark.parametrize("hvp", ["fd-central", "fd-forward"])
+def test_finite_difference_products_use_the_whole_batch(hvp):
+    model = SmallNet().double()
+    opt = tracked(EigenSAM, model, hessian_parts=4, hvp=hvp)
+    x, y = data(n=8)
+    assert opt.split_count(8) == 1
+    assert not isinstance(opt.bind(loss_closure(model), batch=(x, y)), SplitClosure)
 
 
 def test_unknown_hvp_and_bad_batch_are_refused():

@@ -181,18 +181,10 @@ def test_state_saved_without_the_optimizers_name_still_loads():
         opt.load_state_dict(saved)
 
 
-TRACKED = [
-    "alpha",
-    "eig_interval",
-    "eig_iters",
-    "eig_method",
-    "eig_schedule",
-    "hvp",
-    "hessian_mode",
-    "hessian_parts",
-    "seed",
-    "reuse_gradient",
-]
+TRACKED = (
+    "alpha eig_interval eig_iters eig_method eig_schedule hvp hessian_mode hessian_parts seed "
+    "reuse_gradient"
+).split()
 SAM_OPTIONS = ["rho", "adaptive", "eta", "model", "on_nonfinite", "sharpness"]
 
 
@@ -201,7 +193,7 @@ SAM_OPTIONS = ["rho", "adaptive", "eta", "model", "on_nonfinite", "sharpness"]
     [
         (SAM, SAM_OPTIONS),
         (ReverseSAM, SAM_OPTIONS),
-        (EGR, [*SAM_OPTIONS, "hvp"]),
+        (EGR, ["rho", "model", "on_nonfinite", "hvp", "hessian_parts"]),
         (XSAM, SAM_OPTIONS + TRACKED),
         (EigenSAM, [*SAM_OPTIONS, *TRACKED, "target_align", "alpha_max"]),
     ],

@@ -156,12 +156,18 @@ def split_closure(
     return batch_split_closure(closure, (inputs, targets), parts)
 
 
-def hessian_parts_for(requested: int | str, model: nn.Module | None, mode: str | None) -> int:
+def hessian_parts_for(
+    requested: int | str,
+    model: nn.Module | None,
+    mode: str | None,
+    *,
+    remedy: str = "hessian_mode='eval' or hessian_parts=1",
+) -> int:
     """The number of micro-batches for exact products: ``requested``, or for ``"auto"``
     :data:`AUTO_HESSIAN_PARTS` when ``model`` is given and no BatchNorm layer of it is in train
     mode during the products (``mode``; None: as the model is now), else 1. An explicit number
     > 1 with BatchNorm in train mode raises ValueError (the parts' batch statistics would differ
-    from the batch's). The caller caps the result at the batch size.
+    from the batch's), suggesting ``remedy``. The caller caps the result at the batch size.
     """
     check_hessian_parts(requested)
     coupled = [
@@ -177,7 +183,7 @@ def hessian_parts_for(requested: int | str, model: nn.Module | None, mode: str |
         raise ValueError(
             f"hessian_parts={requested} splits the batch of the Hessian-vector products, but "
             f"BatchNorm layers ({', '.join(coupled)}) are in train mode during them (their batch "
-            "statistics would differ per part); use hessian_mode='eval' or hessian_parts=1"
+            f"statistics would differ per part); use {remedy}"
         )
     return requested
 

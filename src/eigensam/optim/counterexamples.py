@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from eigensam.hessian.closures import AUTO, Batch
 from eigensam.hessian.hvp import HessianOperator
 from eigensam.hessian.tracker import check_tracker_backend, run_with_backend
+from eigensam.optim.fsdp2 import check_fsdp2_options
 from eigensam.optim.sam import SAM, unit
 from eigensam.parallel import ParamLayout, local_forward, local_shard
 
@@ -35,6 +36,12 @@ class EGR(SAM):
     it runs on the inner module and is averaged over the replicas; under FSDP2 it is a
     finite-difference product of FSDP's global gradients on this rank's shards. The product
     needs the closure, so EGR has no manual loop (``first_step``/``second_step`` raise).
+
+    ``hessian_parts`` (with ``step(closure, batch=(x, y))``): exact products summed over
+    micro-batches, as :class:`~eigensam.optim.tracked.TrackedSAM`'s, with the products in train
+    mode (``"auto"``: 1 when the model has BatchNorm layers). The other arguments are
+    :class:`~eigensam.optim.sam.SAM`'s; ``adaptive=True`` and ``sharpness="local"`` raise
+    ``ValueError`` (EGR has no ascent step).
     """
 
     def __init__(
@@ -44,29 +51,29 @@ class EGR(SAM):
         rho: float = 0.05,
         *,
         hvp: str = AUTO,
+        hessian_parts: int | str = AUTO,
         model: nn.Module | None = None,
         on_nonfinite: str = "raise",
-        adaptive: bool = False,
-        eta: float = 0.0,
-        sharpness: str = "global",
         **base_kwargs: Any,
     ):
+        # SAM's adaptive= and sharpness= (in base_kwargs) reach SAM, which EGR then refuses.
         super().__init__(
-            params,
-            base_optimizer,
-            rho,
-            adaptive=adaptive,
-            eta=eta,
-            model=model,
-            on_nonfinite=on_nonfinite,
-            sharpness=sharpness,
-            **base_kwargs,
+            params, base_optimizer, rho, model=model, on_nonfinite=on_nonfinite, **base_kwargs
         )
         if any(group["adaptive"] for group in self.param_groups):
             raise ValueError("adaptive=True is not defined for EGR")
         if self.sharpness == "local":
             raise ValueError("sharpness='local' is not defined for EGR, which has no ascent step")
         self.hvp = check_tracker_backend(hvp)
+        if self.layout.sharded:
+            check_fsdp2_options(hvp=self.hvp)
+        self._set_hessian_parts(hessian_parts, "train", "hessian_parts=1")
+
+    def _products_due(self) -> bool:
+        return True
+
+    def _product_backend(self) -> str:
+        return self.hvp
 
     def step(  # type: ignore[override]
         self,

@@ -13,8 +13,19 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from eigensam.hessian.closures import Batch, bind_batch, call_closure
+from eigensam.hessian.closures import (
+    AUTO,
+    Batch,
+    Closure,
+    batch_size_of,
+    batch_split_closure,
+    bind_batch,
+    call_closure,
+    check_hessian_parts,
+    hessian_parts_for,
+)
 from eigensam.hessian.hvp import BufferSnapshot
+from eigensam.optim.fsdp2 import SCALER_UNDER_FSDP2, check_fsdp2_options
 from eigensam.parallel import (
     MeanAcrossRanks,
     ParamLayout,
@@ -29,18 +40,6 @@ from eigensam.parallel import (
 
 NONFINITE_POLICIES = ("raise", "skip")
 SHARPNESS = ("global", "local")
-LOCAL_UNDER_FSDP2 = (
-    "sharpness='local' (m-sharpness) is not supported under FSDP2 (fully_shard): a gradient "
-    "computed without synchronization (set_requires_gradient_sync(False)) stays unsharded and "
-    "out of p.grad, so a per-rank ε would need a full copy of the weights on every rank; use "
-    "sharpness='global', or DistributedDataParallel for m-sharpness"
-)
-
-SCALER_UNDER_FSDP2 = (
-    "scaler: a GradScaler is not supported under FSDP2 (fully_shard): each rank sees only its "
-    "shards' overflow, so the ranks could disagree on skipping a step; train in bfloat16 "
-    "(MixedPrecisionPolicy(param_dtype=torch.bfloat16)), which needs no scaler"
-)
 
 
 def check_nonnegative(name: str, value: object) -> float:
@@ -70,6 +69,18 @@ def plain_norm_is_accurate(norm: float, dtype: torch.dtype) -> bool:
     1e-15 to 1e15 in float32 and bfloat16, never in float16)."""
     info = torch.finfo(dtype)
     return math.sqrt(info.tiny) * 1e4 <= norm <= math.sqrt(info.max) * 1e-4
+
+
+def gradients_finite(layout: ParamLayout, grads: Sequence[Tensor]) -> bool:
+    """Whether every entry of ``grads`` (per-parameter gradients of ``layout``'s parameters;
+    all ranks' shards under FSDP2) is finite."""
+    local = [g for g in layout.local(grads) if g is not None]
+    # A finite 2-norm proves every entry finite (one cheap foreach reduction); only when it is
+    # not, the max-norm tells NaN/inf entries from finite ones whose squares overflow.
+    if math.isfinite(float(layout.norm_of(local))):
+        return True
+    norms = torch._foreach_norm(local, ord=math.inf)
+    return math.isfinite(float(layout.amax(torch.stack(norms))))
 
 
 class SAM(Optimizer):
@@ -141,8 +152,8 @@ class SAM(Optimizer):
         if sharpness not in SHARPNESS:
             raise ValueError(f"sharpness must be one of {SHARPNESS}, got {sharpness!r}")
         refuse_fsdp1(model)
-        if sharpness == "local" and is_fsdp2(model):
-            raise ValueError(LOCAL_UNDER_FSDP2)
+        if is_fsdp2(model):
+            check_fsdp2_options(sharpness=sharpness)
         if sharpness == "local":
             require_process_group("sharpness='local'")
             if not is_ddp(model):
@@ -194,6 +205,9 @@ class SAM(Optimizer):
         self._saved_params: list[Tensor] | None = None
         self._perturbed = False
         self._skipped = False  # a manual loop's first_step() skipped this step
+        # Micro-batches of exact Hessian-vector products (variants that take them set these).
+        self.hessian_parts: int | str = 1
+        self._parts = 1
 
     def attach_ddp(self, wrapper: DistributedDataParallel) -> None:
         """Use the ``DistributedDataParallel`` ``wrapper`` of the model this optimizer was built
@@ -220,8 +234,7 @@ class SAM(Optimizer):
         layout over the ranks, the rank check at the next step. For frameworks that shard the
         model after the optimizer exists and swap its parameters in place (Accelerate, the
         Hugging Face ``Trainer`` with ``fsdp=``)."""
-        if self.sharpness == "local":
-            raise ValueError(LOCAL_UNDER_FSDP2)
+        check_fsdp2_options(sharpness=self.sharpness)
         self._layout = None
         if not self.layout.sharded:
             raise ValueError(
@@ -263,10 +276,48 @@ class SAM(Optimizer):
     def _correct_descent_gradient(self) -> None:
         """Change the second-pass gradient in ``p.grad`` before the base step (none for SAM)."""
 
-    def _bind(self, closure: Callable[..., Tensor], batch: Batch | None) -> Callable[[], Tensor]:
-        """The zero-argument closure ``step`` runs: ``closure`` itself, or with ``batch`` the
-        closure applied to it (``closure(*batch)``, a dict: ``closure(**batch)``)."""
-        return closure if batch is None else bind_batch(closure, batch)
+    def _products_due(self) -> bool:
+        """Whether this step takes exact Hessian-vector products on its batch (none for SAM)."""
+        return False
+
+    def _product_backend(self) -> str | None:
+        """The Hessian-vector-product backend of the variant (None: it takes no products)."""
+        return None
+
+    def _set_hessian_parts(self, hessian_parts: int | str, mode: str | None, remedy: str) -> None:
+        """Variants with exact products: check ``hessian_parts`` and resolve it for ``model``
+        with the products in ``mode`` (an explicit number > 1 with BatchNorm in train mode
+        raises, suggesting ``remedy``)."""
+        self.hessian_parts = check_hessian_parts(hessian_parts)
+        self._parts = hessian_parts_for(hessian_parts, self.model, mode, remedy=remedy)
+
+    def split_count(self, batch_size: int) -> int:
+        """How many micro-batches ``step(closure, batch=)`` splits a batch of ``batch_size``
+        samples into for this optimizer's exact Hessian-vector products: 1 without products
+        (SAM), with finite-difference products (they use the whole batch; ``hvp="auto"``
+        under FSDP2) or ``hessian_parts=1``; else ``hessian_parts`` (``"auto"`` resolved when
+        the optimizer was built), at most one per sample."""
+        backend = self._product_backend()
+        exact = backend == "autograd" or (backend == AUTO and not self.layout.sharded)
+        return min(self._parts, batch_size) if exact else 1
+
+    def bind(self, closure: Callable[..., Tensor], batch: Batch | None = None) -> Closure:
+        """The zero-argument closure ``step(closure, batch=batch)`` runs at this step: the
+        closure applied to the batch (``closure(*batch)``, a dict: ``closure(**batch)``), on a
+        step with exact products a :class:`~eigensam.hessian.closures.SplitClosure` of
+        :meth:`split_count` micro-batches; ``closure`` itself without a batch. For code that
+        previews a step on the same batch (a sharpness probe)."""
+        if batch is None:
+            if isinstance(self.hessian_parts, int) and self.hessian_parts > 1:
+                raise ValueError(
+                    f"hessian_parts={self.hessian_parts} splits the batch, so step() needs it: "
+                    "step(closure, batch=(x, y)) with a closure that takes the batch's tensors"
+                )
+            return closure
+        parts = self.split_count(batch_size_of(batch))
+        if parts == 1 or not self._products_due():
+            return bind_batch(closure, batch)
+        return batch_split_closure(closure, batch, parts)
 
     def _before_first_pass(self, closure: Callable[[], Tensor], scaler: Any) -> None:
         """Work done at the start of ``step`` before the first pass (none for SAM)."""
@@ -463,13 +514,7 @@ class SAM(Optimizer):
         the first-pass answer is agreed over the replicas, so all of them skip or step; under
         FSDP2 the norms are global and the loss's answer is agreed over the ranks."""
         layout = self.layout
-        grads = [g for g in layout.local(self._grads()) if g is not None]
-        # A finite 2-norm proves every entry finite (one cheap foreach reduction); only when it
-        # is not, the max-norm tells NaN/inf entries from finite ones whose squares overflow.
-        grad_ok = math.isfinite(float(layout.norm_of(grads)))
-        if not grad_ok:
-            norms = torch._foreach_norm(grads, ord=math.inf)
-            grad_ok = math.isfinite(float(layout.amax(torch.stack(norms))))
+        grad_ok = gradients_finite(layout, self._grads())
         ok = grad_ok and (loss is None or bool(torch.isfinite(loss.detach()).all()))
         if self.sharpness == "local" and first_pass:
             return all_ranks_true(ok)
@@ -539,7 +584,7 @@ class SAM(Optimizer):
             )
         if scaler is not None and self.layout.sharded:
             raise ValueError(SCALER_UNDER_FSDP2)
-        closure = self._bind(closure, batch)
+        closure = self.bind(closure, batch)
         self._check_ranks()
         self._before_first_pass(closure, scaler)
         self.zero_grad(set_to_none=True)

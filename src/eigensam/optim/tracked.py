@@ -11,18 +11,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from eigensam.hessian.closures import (
-    AUTO,
-    Batch,
-    batch_size_of,
-    batch_split_closure,
-    check_hessian_parts,
-    hessian_parts_for,
-)
+from eigensam.hessian.closures import AUTO
 from eigensam.hessian.hvp import Evaluation
-from eigensam.hessian.tracker import EigenTracker, choose_backend
+from eigensam.hessian.tracker import EigenTracker
+from eigensam.optim.fsdp2 import check_fsdp2_options
 from eigensam.optim.sam import SAM, check_nonnegative
 from eigensam.parallel import local_forward
+
+HESSIAN_PARTS_REMEDY = "hessian_mode='eval' or hessian_parts=1"
 
 
 class TrackedSAM(SAM):
@@ -47,8 +43,9 @@ class TrackedSAM(SAM):
     (tensors split along dimension 0, weighted by size; exact for a mean-reduced loss), one
     double-backward graph alive at a time. ``"auto"`` (default) is
     :data:`~eigensam.hessian.hvp.AUTO_HESSIAN_PARTS` (4) when ``model`` is known and no
-    BatchNorm layer is in train mode during the products, else 1, capped at the batch size; a
-    number > 1 with BatchNorm in train mode raises ``ValueError``.
+    BatchNorm layer is in train mode during the products, else 1; a number > 1 with BatchNorm
+    in train mode raises ``ValueError``. Either is capped at the batch size (one part per
+    sample), and finite-difference products use the whole batch (:meth:`split_count`).
     Under ``DistributedDataParallel`` (``model`` the DDP wrapper) the products run on the inner
     module and are averaged over the replicas: ``v̂`` is the global batch loss's, the same on
     every rank, at one all-reduce per product. Under FSDP2 (``fully_shard``) ``v̂`` is stored
@@ -124,26 +121,13 @@ class TrackedSAM(SAM):
         self._warned_missed_refresh = False
         if self.layout.sharded:  # refused now, before any pass or product
             self._check_fsdp2()
-        self.hessian_parts = check_hessian_parts(hessian_parts)
-        # Checked now (an explicit number with BatchNorm in train mode raises); capped per batch.
-        self._parts = hessian_parts_for(hessian_parts, self.model, self.tracker.mode)
+        self._set_hessian_parts(hessian_parts, self.tracker.mode, HESSIAN_PARTS_REMEDY)
 
-    def _bind(self, closure: Callable[..., Tensor], batch: Batch | None) -> Callable[[], Tensor]:
-        """With ``batch``, on a refresh step, a :class:`~eigensam.hessian.hvp.SplitClosure` of
-        ``hessian_parts`` micro-batches (see the class docstring); else SAM's binding."""
-        if batch is None:
-            if isinstance(self.hessian_parts, int) and self.hessian_parts > 1:
-                raise ValueError(
-                    f"hessian_parts={self.hessian_parts} splits the batch, so step() needs it: "
-                    "step(closure, batch=(x, y)) with a closure that takes the batch's tensors"
-                )
-            return closure
-        parts = self._parts
-        if self.hessian_parts == AUTO:
-            parts = min(parts, batch_size_of(batch))
-        if parts == 1 or not self.tracker.due(self.sam_steps):
-            return super()._bind(closure, batch)
-        return batch_split_closure(closure, batch, parts)
+    def _products_due(self) -> bool:
+        return self.tracker.due(self.sam_steps)
+
+    def _product_backend(self) -> str:
+        return self.tracker.backend
 
     def attach_ddp(self, wrapper: DistributedDataParallel) -> None:
         """SAM's, and the tracker averages its products over the ranks too."""
@@ -157,7 +141,7 @@ class TrackedSAM(SAM):
 
     def _check_fsdp2(self) -> None:
         """Refuse what sharded parameters cannot run: exact products."""
-        choose_backend(self.tracker.requested_backend, self._params())
+        check_fsdp2_options(hvp=self.tracker.requested_backend)
 
     def _rank_signature(self) -> dict[str, Any]:
         """SAM's, plus the refresh schedule (replicas must run the same products)."""

@@ -20,9 +20,13 @@ from eigensam.hessian.tracker import SCHEDULES as EIG_SCHEDULES
 from eigensam.hessian.tracker import TRACKER_BACKENDS
 from eigensam.lab.workloads.datasets import DATASETS, SYNTHETIC
 from eigensam.lab.workloads.models import MODELS
+from eigensam.optim.fsdp2 import check_fsdp2_options
 from eigensam.optim.sam import SHARPNESS
 
 METHODS = ("sgd", "sam", "asam", "eigen-sam", "x-sam", "reverse-sam", "egr")
+# Every method of OptimizerSettings: the engine's, and AdamW alone (the LM experiment).
+OPTIMIZER_METHODS = (*METHODS, "adamw")
+BASE_OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_ALPHA = {"eigen-sam": 0.2, "x-sam": 1.0}
 LR_SCHEDULES = ("cosine", "constant")
 INITS = ("default", "kaiming")
@@ -36,6 +40,90 @@ RESUME_FREE_FIELDS = ("out_dir", "data_dir", "download")
 
 def _opt(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """A run's optimizer: the method, the base optimizer it wraps and their hyperparameters;
+    validated on construction (``ValueError``/``TypeError`` naming the field, its value and what
+    is allowed) and built by :func:`~eigensam.lab.engine.optimizers.build_optimizer`. Methods
+    ``sgd`` and ``adamw`` are the base optimizer alone (``base`` must then be that optimizer);
+    ``momentum`` and ``nesterov`` apply to SGD. Defaults are the engine's (the paper's recipe).
+    """
+
+    method: str = "sgd"
+    base: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    nesterov: bool = False
+    rho: float = 0.05
+    alpha: float | str | None = None
+    target_align: float = 0.0
+    eta: float = 0.01
+    eig_interval: int = 100
+    eig_iters: int = 5
+    eig_method: str = "power"
+    eig_schedule: str = "burst"
+    hvp: str = AUTO
+    hessian_mode: str = "eval"
+    hessian_parts: int | str = AUTO
+    sharpness: str = "global"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, OPTIMIZER_METHODS)
+        _check_choice("base", self.base, BASE_OPTIMIZERS)
+        if self.method in BASE_OPTIMIZERS and self.method != self.base:
+            raise ValueError(
+                f"method {self.method} is the base optimizer alone, but base is {self.base}"
+            )
+        _check_real("lr", self.lr, 0, low_open=True)
+        _check_real("momentum", self.momentum, 0, 1, high_open=True)
+        _check_real("weight_decay", self.weight_decay, 0)
+        _check_bool("nesterov", self.nesterov)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0, got momentum=0")
+        _check_real("rho", self.rho, 0)
+        if self.alpha == AUTO and self.method != "eigen-sam":
+            raise ValueError(f"alpha='auto' is defined for method eigen-sam, got {self.method!r}")
+        if self.alpha is not None and self.alpha != AUTO:
+            _check_real("alpha", self.alpha, 0)
+        _check_real("target_align", self.target_align, 1 - math.sqrt(2), 1, high_open=True)
+        if self.method == "x-sam" and not 0 <= float(self.resolved_alpha) <= 2:
+            raise ValueError(f"alpha must be in [0, 2] for method x-sam, got {self.alpha}")
+        _check_real("eta", self.eta, 0)
+        _check_int("eig_interval", self.eig_interval, 1)
+        _check_int("eig_iters", self.eig_iters, 1)
+        _check_choice("eig_method", self.eig_method, EIG_METHODS)
+        _check_choice("eig_schedule", self.eig_schedule, EIG_SCHEDULES)
+        if self.eig_schedule == "spread" and self.eig_method != "power":
+            raise ValueError(f"eig_schedule spread needs eig_method power, got {self.eig_method!r}")
+        _check_choice("hvp", self.hvp, TRACKER_BACKENDS)
+        _check_choice("hessian_mode", self.hessian_mode, HESSIAN_MODES)
+        if self.hessian_parts != AUTO:
+            _check_int("hessian_parts", self.hessian_parts, 1, or_auto=True)
+        _check_choice("sharpness", self.sharpness, SHARPNESS)
+        if self.sharpness == "local" and self.method in (*BASE_OPTIMIZERS, "egr"):
+            raise ValueError(
+                f"sharpness='local' needs an ascent step; method {self.method} has none"
+            )
+        _check_int("seed", self.seed, 0)
+
+    @property
+    def resolved_alpha(self) -> float | str:
+        """``alpha`` ('auto' or a number), or the method's default when it is None (0 for
+        methods without alpha)."""
+        if self.alpha is None:
+            return DEFAULT_ALPHA.get(self.method, 0.0)
+        return AUTO if self.alpha == AUTO else float(self.alpha)
+
+    def check_fsdp2(self) -> None:
+        """The library's refusals (:func:`~eigensam.optim.fsdp2.check_fsdp2_options`) for
+        this optimizer's options on FSDP2's sharded parameters."""
+        check_fsdp2_options(
+            sharpness=self.sharpness, hvp=self.hvp if self.method in HVP_METHODS else None
+        )
 
 
 @dataclass(frozen=True)
@@ -124,40 +212,10 @@ class TrainConfig:
         _check_choice("method", self.method, METHODS)
         _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
-        _check_real("lr", self.lr, 0, low_open=True)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_real("momentum", self.momentum, 0, 1, high_open=True)
-        _check_real("weight_decay", self.weight_decay, 0)
-        _check_bool("nesterov", self.nesterov)
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0, got momentum=0")
         _check_real("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
-        _check_real("rho", self.rho, 0)
-        if self.alpha == AUTO and self.method != "eigen-sam":
-            raise ValueError(f"alpha='auto' is defined for method eigen-sam, got {self.method!r}")
-        if self.alpha is not None and self.alpha != AUTO:
-            _check_real("alpha", self.alpha, 0)
-        _check_real("target_align", self.target_align, 1 - math.sqrt(2), 1, high_open=True)
-        if self.method == "x-sam" and not 0 <= float(self.resolved_alpha) <= 2:
-            raise ValueError(f"alpha must be in [0, 2] for method x-sam, got {self.alpha}")
-        _check_real("eta", self.eta, 0)
-        _check_int("eig_interval", self.eig_interval, 1)
-        _check_int("eig_iters", self.eig_iters, 1)
-        _check_choice("eig_method", self.eig_method, EIG_METHODS)
-        _check_choice("eig_schedule", self.eig_schedule, EIG_SCHEDULES)
-        if self.eig_schedule == "spread" and self.eig_method != "power":
-            raise ValueError(f"eig_schedule spread needs eig_method power, got {self.eig_method!r}")
-        _check_choice("hvp", self.hvp, TRACKER_BACKENDS)
-        _check_choice("hessian_mode", self.hessian_mode, HESSIAN_MODES)
-        if self.hessian_parts != AUTO:
-            _check_int("hessian_parts", self.hessian_parts, 1, or_auto=True)
-        _check_choice("sharpness", self.sharpness, SHARPNESS)
-        if self.sharpness == "local" and self.method in ("sgd", "egr"):
-            raise ValueError(
-                f"sharpness='local' needs an ascent step; method {self.method} has none"
-            )
+        settings = self.optimizer  # validates the optimizer's fields
         _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_int("seed", self.seed, 0)
         _check_int("track_every", self.track_every, 0)
         _check_int("track_iters", self.track_iters, 1)
         _check_real("track_tol", self.track_tol, 0, low_open=True)
@@ -183,36 +241,35 @@ class TrainConfig:
         for epoch in self.snapshot_epochs:
             _check_int("snapshot_epochs entry", epoch, 1)
         if self.strategy == "fsdp":
-            self._check_fsdp()
+            self._check_fsdp(settings)
 
-    def _check_fsdp(self) -> None:
-        """What ``strategy: fsdp`` cannot run (FSDP2's sharded parameters have no double
-        backward; see :mod:`eigensam.parallel`)."""
-        if self.sharpness == "local":
-            raise ValueError(
-                "sharpness local is not supported with strategy fsdp (FSDP2 keeps an "
-                "unsynchronized gradient unsharded); use sharpness global or strategy ddp"
-            )
-        if self.method in HVP_METHODS and self.hvp == "autograd":
-            raise ValueError(
-                "hvp autograd (exact products) is not available with strategy fsdp: double "
-                "backward does not reach FSDP2's sharded parameters; use hvp auto, fd-central "
-                "or fd-forward"
-            )
-        if self.track_every and self.track_hvp == "autograd":
-            raise ValueError(
-                f"track_every {self.track_every} with track_hvp autograd is not available with "
-                "strategy fsdp: tracking's exact products need double backward, which does not "
-                "reach FSDP2's sharded parameters; use track_hvp auto, fd-central or fd-forward"
-            )
+    def _check_fsdp(self, settings: OptimizerSettings) -> None:
+        """What ``strategy: fsdp`` cannot run: the library's FSDP2 refusals
+        (:mod:`eigensam.optim.fsdp2`) for the optimizer's options
+        (:meth:`OptimizerSettings.check_fsdp2`) and for sharpness tracking's products."""
+        try:
+            settings.check_fsdp2()
+        except ValueError as error:
+            raise ValueError(f"strategy fsdp: {error}") from None
+        if self.track_every:
+            try:
+                check_fsdp2_options(hvp=self.track_hvp)
+            except ValueError as error:
+                raise ValueError(
+                    f"strategy fsdp: track_every {self.track_every} with track_hvp "
+                    f"{self.track_hvp}: {error}"
+                ) from None
+
+    @property
+    def optimizer(self) -> OptimizerSettings:
+        """The run's optimizer settings (SGD, wrapped by ``method``)."""
+        names = [f.name for f in dataclasses.fields(OptimizerSettings) if f.name != "base"]
+        return OptimizerSettings(**{name: getattr(self, name) for name in names})
 
     @property
     def resolved_alpha(self) -> float | str:
-        """``alpha`` ('auto' or a number), or the method's default when it is None (0 for
-        methods without alpha)."""
-        if self.alpha is None:
-            return DEFAULT_ALPHA.get(self.method, 0.0)
-        return AUTO if self.alpha == AUTO else float(self.alpha)
+        """:attr:`OptimizerSettings.resolved_alpha` of :attr:`optimizer`."""
+        return self.optimizer.resolved_alpha
 
     @property
     def run_dir(self) -> Path:

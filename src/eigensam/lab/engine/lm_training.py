@@ -14,24 +14,29 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.optim import AdamW, Optimizer
+from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from eigensam.hessian.eigen import power_iteration, random_unit_vector
 from eigensam.hessian.hvp import FD_FALLBACK, HessianOperator
 from eigensam.hessian.metrics import abs_cosine, align
+from eigensam.lab.engine.config import OptimizerSettings
+from eigensam.lab.engine.optimizers import build_optimizer
 from eigensam.lab.workloads.gpt import TinyGPT, lm_loss
 from eigensam.lab.workloads.text import ByteCorpus, ByteWindows, load_corpus
-from eigensam.optim import SAM, EigenSAM
+from eigensam.optim import SAM, take_step
 
 METHODS = ("adamw", "sam", "eigen-sam")
 TRACK_SEED = 12345  # the curvature batch's windows, the same for every run
+ADAMW = OptimizerSettings(
+    method="adamw", base="adamw", lr=1e-3, weight_decay=0.01, alpha=0.2, eig_interval=10
+)
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,9 @@ class LMSettings:
     heads: int = 4
     batch_size: int = 16
     steps: int = 150
-    lr: float = 1e-3
-    weight_decay: float = 0.01
     warmup: int = 10
-    rho: float = 0.05
-    alpha: float = 0.2
-    eig_interval: int = 10
-    eig_iters: int = 5
+    # AdamW (lr, weight decay); SAM's and Eigen-SAM's ρ, α, p, q; the method is train_lm's.
+    optimizer: OptimizerSettings = ADAMW
     track_every: int = 25
     track_iters: int = 10
     eval_windows: int = 128
@@ -64,7 +65,8 @@ class LMSettings:
         check_method(method)
         train = self.steps * (1 if method == "adamw" else 2)
         if method == "eigen-sam":
-            train += math.ceil(self.steps / self.eig_interval) * self.eig_iters * 2
+            o = self.optimizer
+            train += math.ceil(self.steps / o.eig_interval) * o.eig_iters * 2
         tracks = self.steps // self.track_every + 1
         return train + tracks * (2 * self.track_iters + 1)
 
@@ -81,23 +83,10 @@ def build_model(settings: LMSettings, seed: int) -> TinyGPT:
     return TinyGPT(context=s.context, width=s.width, layers=s.layers, heads=s.heads)
 
 
-def build_optimizer(method: str, model: nn.Module, settings: LMSettings) -> Optimizer:
-    """AdamW, or SAM/Eigen-SAM around AdamW (Eigen-SAM with its default ``hvp="auto"``)."""
-    s = settings
-    base = dict(lr=s.lr, weight_decay=s.weight_decay)
-    if check_method(method) == "adamw":
-        return AdamW(model.parameters(), **base)
-    if method == "sam":
-        return SAM(model, AdamW, rho=s.rho, **base)
-    return EigenSAM(
-        model,
-        AdamW,
-        rho=s.rho,
-        alpha=s.alpha,
-        eig_interval=s.eig_interval,
-        eig_iters=s.eig_iters,
-        **base,
-    )
+def lm_optimizer(method: str, model: nn.Module, settings: LMSettings) -> Optimizer:
+    """AdamW, or SAM/Eigen-SAM around AdamW (Eigen-SAM with its default ``hvp="auto"``), built
+    from ``settings.optimizer`` for ``method``."""
+    return build_optimizer(replace(settings.optimizer, method=check_method(method)), model)
 
 
 def warmup_cosine(settings: LMSettings) -> Any:
@@ -195,7 +184,7 @@ def train_lm(
     curvature batch)."""
     s = settings
     model = build_model(s, seed)
-    optimizer = build_optimizer(method, model, s)
+    optimizer = lm_optimizer(method, model, s)
     base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
     schedule = LambdaLR(base, warmup_cosine(s))
     train = ByteWindows(corpus.train, s.context)
@@ -223,19 +212,11 @@ def train_lm(
         index = torch.randint(len(train), (s.batch_size,), generator=order)
         pairs = [train[int(i)] for i in index]
         x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        closure = loss_closure(model, x, y)
         started = time.perf_counter()
-        if isinstance(optimizer, SAM):
-            loss = optimizer.step(closure)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss = closure()
-            optimizer.step()
+        loss = take_step(optimizer, loss_closure(model, x, y))
         step_seconds += time.perf_counter() - started
         schedule.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"{method} seed {seed}: loss {losses[-1]} at step {step}")
+        losses.append(float(loss))
     measure(s.steps)
     if fd_check:
         checks["end"] = fd_accuracy(model, track_batch, seed=seed)

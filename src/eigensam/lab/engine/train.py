@@ -13,11 +13,12 @@ Eigen-SAM/X-SAM eigenvector start; ``data_seed`` picks the training subset and v
 so that all seeds of a comparison see the same data. A checkpoint stores every RNG state, so a
 resumed run reaches the same weights, bit for bit, as an uninterrupted one.
 
-The optimizer's exact Hessian-vector products (Eigen-SAM, X-SAM, EGR with ``hvp="autograd"``)
-are summed over ``hessian_parts`` micro-batches of the batch, one part's double-backward graph
-alive at a time: the same products (up to rounding) at a fraction of the memory
-(:func:`resolve_hessian_parts` gives the number, recorded in the summary); the optimizer's passes
-use the whole batch.
+The optimizer takes each step as ``step(closure, batch=(images, labels))``
+(:func:`~eigensam.optim.take_step`), so its exact Hessian-vector products (Eigen-SAM, X-SAM,
+EGR) are summed over ``hessian_parts`` micro-batches of the batch, one part's double-backward
+graph alive at a time: the same products (up to rounding) at a fraction of the memory. The
+optimizer resolves the number (:meth:`~eigensam.optim.sam.SAM.split_count`, recorded in the
+summary); its passes use the whole batch.
 
 Sharpness tracking (``track_every = k > 0``) measures, every ``k`` steps, on the current batch and
 *before* the optimizer step, in train mode (the loss being optimized, whatever ``hessian_mode``
@@ -42,7 +43,6 @@ once more on a fixed batch (the first ``batch_size`` training samples, not augme
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import sys
 import time
@@ -56,18 +56,17 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from eigensam.hessian.closures import AUTO, hessian_parts_for, split_closure
+from eigensam.hessian.closures import bind_batch
 from eigensam.lab.engine import launch as distributed
 from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.engine.config import (
-    HVP_METHODS,
     TrainConfig,
     check_same_run,
     checkpoint_config,
     load_config,
 )
 from eigensam.lab.engine.evaluation import EVAL_BATCH_SIZE, evaluate, evaluation_sums
-from eigensam.lab.engine.optimizers import make_optimizer, make_scheduler
+from eigensam.lab.engine.optimizers import build_optimizer, make_scheduler
 from eigensam.lab.engine.sharpness_probe import SharpnessProbe, mean_or_none
 from eigensam.lab.engine.trained_model import training_data
 from eigensam.lab.workloads.datasets import (
@@ -77,7 +76,8 @@ from eigensam.lab.workloads.datasets import (
     default_augmentation,
 )
 from eigensam.lab.workloads.models import build_model, kaiming_init
-from eigensam.optim import SAM
+from eigensam.optim import SAM, take_step
+from eigensam.optim.stepping import step_closure
 from eigensam.parallel import MeanAcrossRanks, ParamLayout, check_same_across_ranks, reshard
 
 
@@ -96,50 +96,43 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def loss_closure(model: nn.Module, criterion: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """The optimizer's closure of a batch ``(images, labels)``: loss, ``backward()``, return the
+    loss (passed to ``step(closure, batch=(images, labels))``)."""
+
+    def closure(images: Tensor, labels: Tensor) -> Tensor:
+        loss = criterion(model(images), labels)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def make_closure(
     model: nn.Module, criterion: nn.Module, images: Tensor, labels: Tensor
 ) -> Callable[[], Tensor]:
     """The torch.optim closure of one batch: loss, ``backward()``, return the loss."""
-    return split_closure(model, criterion, images, labels).closure
+    return bind_batch(loss_closure(model, criterion), (images, labels))
 
 
-def step_closure(
-    model: nn.Module, criterion: nn.Module, images: Tensor, labels: Tensor, parts: int
-) -> Callable[[], Tensor]:
-    """The optimizer's closure of one batch: :func:`make_closure`'s, or with ``parts > 1`` a
-    :class:`SplitClosure` whose Hessian-vector products are summed over ``parts`` micro-batches
-    (at most one per sample)."""
-    parts = min(parts, len(images))
-    split = split_closure(model, criterion, images, labels, parts)
-    return split if parts > 1 else split.closure
-
-
-def resolve_hessian_parts(config: TrainConfig, model: nn.Module, batch_size: int) -> int:
-    """The number of micro-batches of the optimizer's Hessian-vector products.
-
-    1 when the method computes no exact products (methods outside :data:`HVP_METHODS`, or
-    ``hvp`` a finite-difference backend). Else
-    :func:`~eigensam.hessian.hvp.hessian_parts_for` of ``hessian_parts`` in the mode of the
-    products (``hessian_mode``; always train for EGR, whose products run in the model's train
-    mode): ``"auto"`` is :data:`~eigensam.hessian.hvp.AUTO_HESSIAN_PARTS` unless a BatchNorm
-    layer is in train mode during them, where it is 1; capped at ``batch_size`` (the
-    per-process batch). An explicit number > 1 with BatchNorm in train mode raises
-    ``ValueError``: the parts' batch statistics would differ from the batch's.
-    """
-    if config.method not in HVP_METHODS or config.hvp not in ("autograd", AUTO):
-        return 1
-    mode = "train" if config.method == "egr" else config.hessian_mode
-    try:
-        parts = hessian_parts_for(config.hessian_parts, model, mode)
-    except ValueError:
-        egr = config.method == "egr"
-        fix = "hessian_parts=1" if egr else "hessian_mode=eval or hessian_parts=1"
-        raise ValueError(
-            f"hessian_parts={config.hessian_parts} splits the batch of the Hessian-vector "
-            f"products, but model {config.model} has BatchNorm layers in train mode during them "
-            f"(their batch statistics would differ per part); use {fix}"
-        ) from None
-    return min(parts, batch_size)
+def resumable_config(config: TrainConfig, resume: Path | str | None) -> TrainConfig:
+    """``config`` for a new run, whose folder must not hold a run yet; with ``resume`` (a run
+    folder, which must hold one started with the same configuration, ``out_dir``, ``data_dir``
+    and ``download`` aside) ``config`` with ``out_dir`` set to it."""
+    if resume is None:
+        if (config.run_dir / tracking.CONFIG_FILE).exists():
+            raise ValueError(
+                f"out_dir {str(config.run_dir)!r} already holds a run; resume it "
+                "(--resume) or choose another out_dir"
+            )
+        return config
+    resume = Path(resume)
+    snapshot = resume / tracking.CONFIG_FILE
+    if not snapshot.is_file():
+        raise FileNotFoundError(f"resume: {resume} holds no run ({snapshot} is missing)")
+    config = dataclasses.replace(config, out_dir=str(resume))
+    check_same_run(load_config(snapshot), config, resume)
+    return config
 
 
 class Trainer:
@@ -170,22 +163,23 @@ class Trainer:
         resume: Path | str | None = None,
         data: DataSplits | None = None,
     ):
-        if resume is not None:
-            resume = Path(resume)
-            snapshot = resume / tracking.CONFIG_FILE
-            if not snapshot.is_file():
-                raise FileNotFoundError(f"resume: {resume} holds no run ({snapshot} is missing)")
-            config = dataclasses.replace(config, out_dir=str(resume))
-            check_same_run(load_config(snapshot), config, resume)
-        elif (config.run_dir / tracking.CONFIG_FILE).exists():
-            raise ValueError(
-                f"out_dir {str(config.run_dir)!r} already holds a run; resume it "
-                "(--resume) or choose another out_dir"
-            )
-        self.config = config
+        self.config = config = resumable_config(config, resume)
         self.dir = config.run_dir
         self.ranks = distributed.join(config.device)
-        device = config.device
+        self.device = self._check_ranks()
+        self.data = training_data(config) if data is None else data
+        reduce = self._build_model()
+        self._build_optimizer()
+        self._build_probe(reduce)
+        self._start_progress()
+        self._open_run_folder(resume is not None)
+
+    # -- construction, in order ----------------------------------------------------------------
+
+    def _check_ranks(self) -> torch.device:
+        """Under torchrun: every rank has the same configuration and a share of the global
+        batch; the device of this process (``cuda`` is this rank's GPU)."""
+        config, device = self.config, self.config.device
         if self.ranks.distributed:
             check_same_across_ranks("the training configuration", config.to_dict())
             if config.batch_size % self.ranks.world_size:
@@ -203,9 +197,13 @@ class Trainer:
             )
         self.sharded = self.ranks.distributed and config.strategy == "fsdp"
         self._sharded_saved: set[str] = set()  # sharded folders this run wrote or loaded
-        self.device = check_device(device)
-        self.data = training_data(config) if data is None else data
-        data = self.data
+        return check_device(device)
+
+    def _build_model(self) -> MeanAcrossRanks | None:
+        """``model`` (seeded with ``seed``) on the device, and ``net``, what the training
+        closure calls: the model, its DDP wrapper, or (FSDP2) the model itself sharded. Returns
+        the average over the ranks that the probe's products need under DDP."""
+        config, data = self.config, self.data
         torch.manual_seed(config.seed)
         self.model = build_model(
             config.model, data.num_classes, data.in_channels, data.image_size, config.width
@@ -213,18 +211,23 @@ class Trainer:
         if config.init == "kaiming":
             kaiming_init(self.model)
         self.model.to(self.device)
-        self.net: nn.Module = self.model  # what the training closure calls
-        reduce = None
-        if self.sharded:  # FSDP2: self.model itself becomes the sharded module
+        self.net: nn.Module = self.model
+        if self.sharded:
             self.net = distributed.shard_model(self.model)
         elif self.ranks.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-            reduce = MeanAcrossRanks()
-        self.optimizer = make_optimizer(config, self.net)
+            return MeanAcrossRanks()
+        return None
+
+    def _build_optimizer(self) -> None:
+        """The optimizer (it resolves ``hessian_parts``, recorded in the summary), this rank's
+        batch loader, the schedule over all steps and the training closure."""
+        config = self.config
+        self.optimizer = build_optimizer(config.optimizer, self.net)
         augment = default_augmentation(config.dataset) if config.augment else None
         self.loader = BatchLoader(
-            data.train,
+            self.data.train,
             config.batch_size // self.ranks.world_size,
             shuffle=True,
             augment=augment,
@@ -232,12 +235,18 @@ class Trainer:
             shard=(self.ranks.rank, self.ranks.world_size),
         )
         self.total_steps = config.epochs * len(self.loader)
-        self.scheduler = make_scheduler(config, self.optimizer, self.total_steps)
-        # Under FSDP2 the products are finite differences: whole batches.
+        self.scheduler = make_scheduler(config.lr_schedule, self.optimizer, self.total_steps)
         self.hessian_parts = (
-            1 if self.sharded else resolve_hessian_parts(config, self.model, self.loader.batch_size)
+            self.optimizer.split_count(self.loader.batch_size)
+            if isinstance(self.optimizer, SAM)
+            else 1
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.closure = loss_closure(self.net, self.criterion)
+
+    def _build_probe(self, reduce: MeanAcrossRanks | None) -> None:
+        """The sharpness probe and its fixed batches' closures (``track_every > 0``)."""
+        config = self.config
         self.probe = None
         self.fixed_closures: list[Callable[[], Tensor]] = []
         if config.track_every > 0:
@@ -248,6 +257,9 @@ class Trainer:
                 make_closure(self.model, self.criterion, images, labels)
                 for images, labels in self.fixed_batches(config.track_batches)
             ]
+
+    def _start_progress(self) -> None:
+        """Step 0 of epoch 0: no records, sums or time yet."""
         self.step = 0
         self.epoch = 0
         self.checkpoint_step: int | None = None
@@ -256,15 +268,19 @@ class Trainer:
         self.sums = {"epoch_loss": 0.0, "epoch_steps": 0, "window_loss": 0.0, "window_steps": 0}
         self.seconds = {"train": 0.0, "track": 0.0, "eval": 0.0}
         self._clock = time.perf_counter()
+
+    def _open_run_folder(self, resuming: bool) -> None:
+        """Restore the folder's checkpoint when resuming (if it has one), else write the
+        configuration snapshot; rank 0 (re)writes the metrics file."""
         checkpoint = self.dir / tracking.CHECKPOINT_FILE
-        if resume is not None and checkpoint.is_file():
+        if resuming and checkpoint.is_file():
             state = tracking.load_checkpoint(checkpoint)
             written = f"checkpoint {checkpoint} was written by a run"
-            check_same_run(checkpoint_config(state, checkpoint), config, checkpoint, written)
+            check_same_run(checkpoint_config(state, checkpoint), self.config, checkpoint, written)
             self._restore(state, checkpoint)
         elif self.ranks.main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tracking.write_yaml(self.dir / tracking.CONFIG_FILE, config.to_dict())
+            tracking.write_yaml(self.dir / tracking.CONFIG_FILE, self.config.to_dict())
         if self.ranks.main:
             tracking.write_records(self.dir / tracking.METRICS_FILE, self.records)
         distributed.barrier()
@@ -450,23 +466,16 @@ class Trainer:
 
     def _train_step(self, images: Tensor, labels: Tensor) -> None:
         config = self.config
-        parts = self.hessian_parts
-        closure = step_closure(self.net, self.criterion, images, labels, parts)
+        batch = (images, labels)
         if self.probe is not None and self.step % config.track_every == 0:
             self._lap("train")
-            local = step_closure(self.model, self.criterion, images, labels, parts)
+            # The closure the step runs, on the unwrapped model (a refresh's micro-batches).
+            local = step_closure(self.optimizer, loss_closure(self.model, self.criterion), batch)
             record = self.probe.measure(local, self.model, self.optimizer, self.fixed_closures)
             self._lap("track")
             self._log({"kind": "track", "step": self.step, "epoch": self.epoch, **record})
         lr = self.optimizer.param_groups[0]["lr"]
-        if isinstance(self.optimizer, SAM):
-            loss = self._mean_over_ranks(float(self.optimizer.step(closure).detach()))
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self._mean_over_ranks(float(closure().detach()))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss}; weights were left unchanged")
-            self.optimizer.step()
+        loss = self._mean_over_ranks(float(take_step(self.optimizer, self.closure, batch)))
         self.scheduler.step()
         self.step += 1
         self.sums["epoch_loss"] += loss

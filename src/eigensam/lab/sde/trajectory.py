@@ -23,14 +23,17 @@ from eigensam.hessian.closures import Closure
 from eigensam.hessian.hvp import flatten
 from eigensam.hessian.metrics import align, cosine
 from eigensam.hessian.taylor import taylor_terms
+from eigensam.lab.engine.config import OptimizerSettings
 from eigensam.lab.engine.evaluation import evaluate
+from eigensam.lab.engine.optimizers import build_optimizer
 from eigensam.lab.engine.sharpness_probe import SharpnessProbe
 from eigensam.lab.engine.train import make_closure
 from eigensam.lab.sde.drifts import _unit, check_l, check_lr, check_rho, make_drift, svag_step
 from eigensam.lab.workloads.datasets import DataSplits, TensorData
-from eigensam.optim import SAM
+from eigensam.optim import take_step
 
 METHODS = ("sam", "sde2", "sde3", "sgd")
+DISCRETE = ("sam", "sgd")  # discrete processes, stepped by the optimizers
 METRICS = ("train_loss", "test_loss", "test_acc", "weight_norm", "grad_norm", "lambda1")
 Batch = tuple[Tensor, Tensor]
 
@@ -130,10 +133,11 @@ class Trajectory:
         self.probe = SharpnessProbe(max(track.lambda_iters, 1), 1e-3, seed)
         self.records: list[dict[str, Any]] = []
         self.optimizer: torch.optim.Optimizer | None = None
-        if method == "sam":
-            self.optimizer = SAM(model, torch.optim.SGD, rho=self.rho, lr=self.lr)
-        elif method == "sgd":
-            self.optimizer = torch.optim.SGD(self.params, lr=self.lr)
+        if method in DISCRETE:  # plain SGD steps of size η (SAM: radius ρ)
+            settings = OptimizerSettings(
+                method=method, lr=self.lr, momentum=0.0, weight_decay=0.0, rho=self.rho
+            )
+            self.optimizer = build_optimizer(settings, model)
         else:
             self.drift = make_drift(method, self.params, self._closure, self.rho, model)
 
@@ -142,12 +146,8 @@ class Trajectory:
 
     def step(self) -> None:
         """One η-step: a discrete step, or ``l`` SVAG steps of size ``η/l``."""
-        if isinstance(self.optimizer, SAM):
-            self.optimizer.step(self._closure(next(self.first)))
-        elif self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._closure(next(self.first))()
-            self.optimizer.step()
+        if self.optimizer is not None:
+            take_step(self.optimizer, self._closure(next(self.first)))
         else:
             for _ in range(self.svag_l):
                 second = next(self.second) if self.svag_l > 1 else None

@@ -14,8 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eigensam.lab.engine import run_folder as tracking
-from eigensam.lab.engine.config import TrainConfig
+from eigensam.lab.engine.config import OptimizerSettings
 from eigensam.lab.engine.evaluation import evaluate
-from eigensam.lab.engine.optimizers import make_optimizer, make_scheduler
-from eigensam.lab.engine.train import step_closure
+from eigensam.lab.engine.optimizers import build_optimizer, make_scheduler
+from eigensam.lab.engine.train import loss_closure
 from eigensam.lab.workloads.datasets import DataSplits, TensorData
-from eigensam.optim import SAM
+from eigensam.optim import take_step
 
 METHODS = ("sgd", "sam", "eigen-sam")
 DIGITS_PACKAGE = "sklearn"
@@ -102,39 +101,28 @@ def load_digits() -> DataSplits:
     return split_digits(images, torch.as_tensor(bunch.target, dtype=torch.int64))
 
 
+# SGD momentum 0.9 from the paper's lr 0.01 (a cosine schedule to 0), no weight decay; ρ and
+# Eigen-SAM's α, p, q; whole-batch products.
+FINETUNE_SGD = OptimizerSettings(
+    lr=0.01, momentum=0.9, weight_decay=0.0, alpha=0.2, eig_interval=20, hessian_parts=1
+)
+
+
 @dataclass(frozen=True)
 class Finetune:
     """One fine-tuning run: ``method`` for ``steps`` steps of ``batch_size`` (SGD: twice the
-    steps of the sharpness-aware methods, equal gradient evaluations), SGD momentum 0.9 with a
-    cosine schedule to 0 from ``lr`` (the paper's 0.01), ρ, and Eigen-SAM's α, p, q."""
+    steps of the sharpness-aware methods, equal gradient evaluations) with the ``optimizer``
+    settings (:data:`FINETUNE_SGD`; the method and seed are this run's)."""
 
     method: str
     seed: int
     steps: int
-    lr: float = 0.01
     batch_size: int = 64
-    rho: float = 0.05
-    alpha: float = 0.2
-    eig_interval: int = 20
-    eig_iters: int = 5
+    optimizer: OptimizerSettings = FINETUNE_SGD
 
-    def train_config(self) -> TrainConfig:
-        """The engine configuration whose optimizer and schedule this run uses."""
-        return TrainConfig(
-            dataset="synthetic",
-            model="vit-small",
-            method=self.method,
-            lr=self.lr,
-            momentum=0.9,
-            weight_decay=0.0,
-            rho=self.rho,
-            alpha=self.alpha if self.method == "eigen-sam" else None,
-            eig_interval=self.eig_interval,
-            eig_iters=self.eig_iters,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            hessian_parts=1,
-        )
+    def settings(self) -> OptimizerSettings:
+        """The optimizer settings of this run: ``optimizer`` with its method and seed."""
+        return replace(self.optimizer, method=self.method, seed=self.seed)
 
 
 def plan_finetunes(steps: int, seeds: tuple[int, ...] | list[int]) -> dict[str, list[Finetune]]:
@@ -166,12 +154,11 @@ def finetune(pretrained: nn.Module, data: DataSplits, run: Finetune) -> dict[str
     """Fine-tune a copy of ``pretrained`` (new head) on ``data.train`` as ``run`` says, and
     return its train and test loss and accuracy. Batches are drawn from seeded permutations of
     the training set (one per epoch)."""
-    config = run.train_config()
     model = new_head(pretrained, data.num_classes, run.seed)
     model.train()
-    optimizer = make_optimizer(config, model)
-    scheduler = make_scheduler(config, optimizer, run.steps)
-    criterion = nn.CrossEntropyLoss()
+    optimizer = build_optimizer(run.settings(), model)
+    scheduler = make_scheduler("cosine", optimizer, run.steps)
+    closure = loss_closure(model, nn.CrossEntropyLoss())
     generator = torch.Generator().manual_seed(run.seed)
     train = data.train
     order: list[int] = []
@@ -179,15 +166,7 @@ def finetune(pretrained: nn.Module, data: DataSplits, run: Finetune) -> dict[str
         if len(order) < run.batch_size:
             order = torch.randperm(len(train), generator=generator).tolist()
         batch, order = order[: run.batch_size], order[run.batch_size :]
-        closure = step_closure(model, criterion, train.images[batch], train.labels[batch], 1)
-        if isinstance(optimizer, SAM):
-            loss = float(optimizer.step(closure).detach())
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss = float(closure().detach())
-            optimizer.step()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"fine-tuning {run.method} seed {run.seed}: loss {loss}")
+        take_step(optimizer, closure, (train.images[batch], train.labels[batch]))
         scheduler.step()
     device = torch.device("cpu")
     train_loss, train_acc = evaluate(model, train, device)

@@ -47,7 +47,7 @@ LARGE = replace(
     batch_size=64,
     steps=5000,
     warmup=200,
-    eig_interval=100,
+    optimizer=replace(CPU.optimizer, eig_interval=100),
     track_every=500,
     track_iters=20,
     eval_windows=2048,
@@ -171,6 +171,7 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
 
 
 def _setting(s: LMSettings, corpus: Any) -> str:
+    o = s.optimizer
     return (
         "This target does not use the image scale described at the top of the report: "
         f"TinyGPT ({s.layers} layers, width {s.width}, {s.heads} heads, context {s.context}, "
@@ -178,9 +179,9 @@ def _setting(s: LMSettings, corpus: Any) -> str:
         f"library's sources (files split {1 - s.valid_fraction:.0%}/{s.valid_fraction:.0%} by "
         f"path; {len(corpus.train):,} training bytes from {len(corpus.files['train'])} files, "
         f"validation loss on the first {s.eval_windows} validation windows), "
-        f"{s.steps} steps of batch {s.batch_size}, AdamW lr {s.lr} (warm-up {s.warmup}, "
-        f"cosine), weight decay {s.weight_decay}; SAM and Eigen-SAM ρ = {s.rho}, Eigen-SAM "
-        f"α = {s.alpha}, p = {s.eig_interval}, q = {s.eig_iters}, hvp='auto'. λ₁ and Align "
+        f"{s.steps} steps of batch {s.batch_size}, AdamW lr {o.lr} (warm-up {s.warmup}, "
+        f"cosine), weight decay {o.weight_decay}; SAM and Eigen-SAM ρ = {o.rho}, Eigen-SAM "
+        f"α = {o.alpha}, p = {o.eig_interval}, q = {o.eig_iters}, hvp='auto'. λ₁ and Align "
         f"every {s.track_every} steps on one fixed training batch ({s.track_iters} warm-started "
         "power steps; Align of the perturbation the optimizer would apply, of ĝ for AdamW; "
         "the table's Align is the mean over the measurements after step 0). Time per step "
