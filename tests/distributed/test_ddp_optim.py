@@ -40,6 +40,12 @@ OPTIMIZERS: dict[str, Callable[..., Any]] = {
         model, SGD, 0.1, **TRACKED, hvp="fd-central", lr=0.1, **kw
     ),
     "egr/fd-forward": lambda model, **kw: EGR(model, SGD, 0.1, hvp="fd-forward", lr=0.1, **kw),
+    "eigen-sam/averaged": lambda model, **kw: EigenSAM(
+        model, SGD, 0.1, **TRACKED, eig_estimator="averaged", lr=0.1, **kw
+    ),
+    "x-sam/secant": lambda model, **kw: XSAM(
+        model, SGD, 0.1, **{**TRACKED, "alpha": 1.0}, eig_estimator="secant", lr=0.1, **kw
+    ),
 }
 
 

@@ -44,8 +44,14 @@ OPTIMIZERS: dict[str, Build] = {
         model, SGD, 0.1, **{**TRACKED, "alpha": 1.0}, lr=0.1, momentum=0.9, **kw
     ),
     "egr": lambda model, **kw: EGR(model, SGD, 0.1, lr=0.1, **kw),
+    "eigen-sam/averaged": lambda model, **kw: EigenSAM(
+        model, SGD, 0.1, **TRACKED, eig_estimator="averaged", lr=0.1, **kw
+    ),
+    "x-sam/secant": lambda model, **kw: XSAM(
+        model, SGD, 0.1, **{**TRACKED, "alpha": 1.0}, eig_estimator="secant", lr=0.1, **kw
+    ),
 }
-TRACKED_NAMES = ("eigen-sam", "eigen-sam/lanczos", "x-sam")
+TRACKED_NAMES = ("eigen-sam", "eigen-sam/lanczos", "x-sam", "eigen-sam/averaged", "x-sam/secant")
 FD_NAMES = (*TRACKED_NAMES, "egr")  # their products are finite differences under FSDP2
 ATTACHED = ("sam", "eigen-sam")  # built before fully_shard, then attach_fsdp()
 

@@ -11,7 +11,16 @@ import torch
 from torch import Tensor, nn
 
 from eigensam.hessian.closures import AUTO, Closure
-from eigensam.hessian.eigen import EigenResult, check_positive_int, lanczos, power_iteration
+from eigensam.hessian.eigen import EigenResult, check_positive_int
+from eigensam.hessian.estimators import (
+    DEFAULT_ESTIMATOR,
+    ESTIMATORS,
+    BurstLanczos,
+    Estimator,
+    Products,
+    SpreadPower,
+    make_estimator,
+)
 from eigensam.hessian.hvp import (
     BACKENDS,
     EXACT_UNDER_FSDP2,
@@ -81,29 +90,30 @@ def run_with_backend(
 
 
 class EigenTracker:
-    """Warm-started estimate ``v̂`` of the top Hessian eigenvector (paper Algorithm 2, line 3-4).
+    """Warm-started estimate ``v̂`` of the top Hessian eigenvector (paper Algorithm 2, line 3-4),
+    kept up to date by a rule from :mod:`eigensam.hessian.estimators`.
 
-    Every ``interval`` optimizer steps, ``update`` runs ``iters`` Hessian-vector products on the
-    current mini-batch, starting from the previous ``v̂`` (a random unit vector the first time,
-    drawn from a private generator seeded with ``seed``, so the global RNG is not touched):
+    The rule is ``estimator``: an :class:`~eigensam.hessian.estimators.Estimator`, or the name
+    of one (:data:`~eigensam.hessian.estimators.ESTIMATORS`) spending ``iters`` products every
+    ``interval`` steps. Without it, ``method`` and ``schedule`` name the paper's family:
 
-    - ``method="power"``: power iteration (paper Algorithm 1); finds the eigenvalue of largest
-      magnitude, which can be negative early in training; ``eigenvalue`` keeps the sign.
-    - ``method="lanczos"``: Lanczos with the same number of products; finds the algebraically
-      largest eigenvalue.
+    - ``method="power"``, ``schedule="burst"`` (the paper): every ``interval`` optimizer steps,
+      ``iters`` power-iteration products (paper Algorithm 1) on the current mini-batch, starting
+      from the previous ``v̂``; finds the eigenvalue of largest magnitude, which can be negative
+      early in training (``eigenvalue`` keeps the sign);
+    - ``method="lanczos"``: Lanczos with the same number of products (algebraically largest);
+    - ``schedule="spread"``: the same number of products per interval one at a time: after a
+      first full refresh, one warm power step every ``stride = max(1, interval // iters)``
+      steps, each on the batch of its own step (power method only).
 
-    ``schedule="burst"`` (the paper) spends the ``iters`` products at once every ``interval``
-    steps. ``schedule="spread"`` spends the same number of products per interval one at a time:
-    after a first full refresh (a cold start has no estimate to warm-start from), one
-    warm-started power step every ``stride = max(1, interval // iters)`` steps, each on the batch
-    of its own step, so the estimate follows the moving Hessian (power method only).
+    The first start vector is a random unit vector drawn from a private generator seeded with
+    ``seed`` (the global RNG is not touched). ``backend`` is the Hessian-vector-product backend;
+    ``"auto"`` (default) is decided at the first update by :func:`choose_backend` (exact double
+    backward, or finite differences with a warning when the model has none) and then kept, in
+    ``state_dict`` too. ``mode`` ("eval" by default, as the official Eigen-SAM code) is the
+    model's mode during the products.
 
-    ``backend`` is the Hessian-vector-product backend; ``"auto"`` (default) is decided at the
-    first update by :func:`choose_backend` (exact double backward, or finite differences with a
-    warning when the model has none) and then kept, in ``state_dict`` too. ``mode`` ("eval" by
-    default, as the official Eigen-SAM code) is the model's mode during the products.
-
-    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest estimate. ``vector`` spans
+    ``eigenvalue`` and ``residual`` (‖Hv − λv‖) describe the latest refresh. ``vector`` spans
     all ``params``; parameters with ``requires_grad=False`` are constants of the loss, and ``v̂``
     is 0 on them. ``evaluation`` is the operator's :class:`~eigensam.hessian.hvp.Evaluation` of
     the latest update (the loss and gradient at ``w`` it computed, or None), for an optimizer
@@ -111,7 +121,8 @@ class EigenTracker:
     :class:`~eigensam.hessian.hvp.SplitClosure` (memory-lean exact products).
     ``reduce`` is passed to the :class:`HessianOperator` (under ``torch.distributed``,
     :class:`~eigensam.parallel.MeanAcrossRanks`: the products, hence ``v̂``, are those
-    of the global batch loss and identical on every rank).
+    of the global batch loss and identical on every rank). :meth:`observe` hands a rule that
+    uses them (``estimator.uses_free_products``) the product of SAM's two passes.
     """
 
     def __init__(
@@ -125,10 +136,9 @@ class EigenTracker:
         seed: int = 0,
         reduce: Callable[[Tensor], Tensor] | None = None,
         schedule: str = "burst",
+        estimator: str | Estimator | None = None,
     ):
         self.reduce = reduce
-        self.interval = check_positive_int("eig_interval", interval)
-        self.iters = check_positive_int("eig_iters", iters)
         if method not in METHODS:
             raise ValueError(f"eig_method must be one of {METHODS}, got {method!r}")
         if schedule not in SCHEDULES:
@@ -138,8 +148,15 @@ class EigenTracker:
                 f"eig_schedule='spread' needs eig_method='power' (a Lanczos basis cannot span "
                 f"several Hessians), got eig_method={method!r}"
             )
+        if estimator is not None and (method, schedule) != ("power", "burst"):
+            raise ValueError(
+                f"eig_estimator={estimator!r} names the rule; eig_method={method!r} and "
+                f"eig_schedule={schedule!r} describe the paper's family and must keep their "
+                "defaults ('power', 'burst') with it"
+            )
         self.method = method
         self.schedule = schedule
+        self.rule = self._rule(estimator, interval, iters)
         self.requested_backend = check_tracker_backend(backend)
         # "auto" until the first update decides (see choose_backend), then the concrete one.
         self.backend = self.requested_backend
@@ -151,14 +168,47 @@ class EigenTracker:
         self.evaluation: Evaluation | None = None
         self.num_updates = 0
 
+    def _rule(self, estimator: str | Estimator | None, interval: int, iters: int) -> Estimator:
+        if isinstance(estimator, Estimator):
+            return estimator
+        if estimator is not None:
+            if not isinstance(estimator, str):
+                raise TypeError(
+                    f"eig_estimator must be a name in {ESTIMATORS} or an Estimator, got "
+                    f"{estimator!r}"
+                )
+            return make_estimator(estimator, interval, iters)
+        if self.method == "lanczos":
+            return BurstLanczos(interval, iters)
+        if self.schedule == "spread":
+            return SpreadPower(interval, iters)
+        return make_estimator(DEFAULT_ESTIMATOR, interval, iters)
+
+    @property
+    def interval(self) -> int:
+        """The rule's ``interval``: steps over which it spends ``iters`` products."""
+        return self.rule.interval
+
+    @interval.setter
+    def interval(self, value: int) -> None:
+        self.rule.interval = check_positive_int("eig_interval", value)
+
+    @property
+    def iters(self) -> int:
+        return self.rule.iters
+
     @property
     def stride(self) -> int:
-        """Steps between refreshes: ``interval`` (burst) or ``max(1, interval // iters)``."""
-        return self.interval if self.schedule == "burst" else max(1, self.interval // self.iters)
+        """Steps between refreshes (``interval`` for the paper's burst)."""
+        return self.rule.stride
 
     def due(self, step: int) -> bool:
         """Whether the estimate is refreshed at optimizer step ``step`` (0-based)."""
-        return step % self.stride == 0
+        return self.rule.due(step)
+
+    def settings(self) -> tuple[Any, ...]:
+        """What replicas must agree on: the rule's settings, backend and mode."""
+        return (*self.rule.settings(), self.backend, self.mode)
 
     def update(
         self,
@@ -172,35 +222,49 @@ class EigenTracker:
         Under FSDP2 (``params`` sharded ``DTensor`` parameters) ``v̂`` is this rank's part
         (:class:`~eigensam.parallel.ParamLayout`): the first start vector is drawn
         whole (the one process's draw, a transient full-size float32 vector) and cut to this
-        rank's rows; the solvers' dot products and norms are global (Lanczos keeps its basis
+        rank's rows; the rules' dot products and norms are global (Lanczos keeps its basis
         sharded too)."""
         layout = ParamLayout(params)
-        # Parameters of several dtypes: flat vectors take the promoted one, as torch.cat does.
-        dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
-        if self.vector is None or self.vector.numel() != layout.numel:
-            v0 = torch.randn(layout.global_numel, generator=self.generator, dtype=torch.float32)
-            v0 = layout.shard(v0.to(device=params[0].device, dtype=dtype))
-        else:
-            v0 = self.vector
-        v0 = v0.to(device=params[0].device, dtype=dtype)
-        # The operator acts on the parameters that require gradients only.
-        trainable = [p for p in params if p.requires_grad]
-        trainable_layout = ParamLayout(trainable) if len(trainable) < len(params) else layout
-        if len(trainable) < len(params):
-            chunks = layout.unflatten(v0)
-            v0 = trainable_layout.flatten(
-                [c for c, p in zip(chunks, params, strict=True) if p.requires_grad]
-            )
+        first = self.vector is None or self.vector.numel() != layout.numel
+        v0 = self._random(params, layout) if first else self.vector
+        assert v0 is not None
+        restriction = Restriction(params, layout)
+        v0 = restriction.gather(v0.to(device=params[0].device, dtype=restriction.dtype))
         self.evaluation = None
         result, self.backend = run_with_backend(
-            self.backend, params, lambda backend: self._solve(closure, params, model, v0, backend)
+            self.backend,
+            params,
+            lambda backend: self._solve(closure, params, model, v0, first, backend),
         )
-        found = iter(trainable_layout.unflatten(result.eigenvector.detach()))
-        self.vector = layout.flatten([next(found) if p.requires_grad else None for p in params])
+        self.vector = restriction.scatter(result.eigenvector.detach())
         self.eigenvalue = result.eigenvalue / loss_scale
         self.residual = result.residual / loss_scale
         self.num_updates += 1
         return result
+
+    def observe(self, params: Sequence[Tensor], direction: Tensor, product: Tensor) -> None:
+        """Give the rule SAM's free product: ``product ≈ H·direction`` (flat vectors over
+        ``params``, ``direction`` a unit vector; exact on a quadratic). A rule that does not use
+        free products ignores it."""
+        if not self.rule.uses_free_products:
+            return
+        restriction = Restriction(params, ParamLayout(params))
+        v = None if self.vector is None else restriction.gather(self.vector)
+        new = self.rule.observe(
+            v,
+            restriction.gather(direction),
+            restriction.gather(product),
+            restriction.trainable_layout,
+        )
+        if new is not None:
+            new = new / restriction.trainable_layout.norm(new)
+            self.vector = restriction.scatter(new.detach())
+
+    def _random(self, params: Sequence[Tensor], layout: ParamLayout) -> Tensor:
+        """A random start over all ``params`` from the private generator (this rank's rows)."""
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
+        v0 = torch.randn(layout.global_numel, generator=self.generator, dtype=torch.float32)
+        return layout.shard(v0.to(device=params[0].device, dtype=dtype))
 
     def _solve(
         self,
@@ -208,21 +272,24 @@ class EigenTracker:
         params: Sequence[Tensor],
         model: nn.Module | None,
         v0: Tensor,
+        first: bool,
         backend: str,
     ) -> EigenResult:
-        """Power iteration or Lanczos from ``v0`` on the operator of ``backend``; keeps the
-        operator's evaluation at ``w`` in ``evaluation``."""
+        """The rule's refresh from ``v0`` on the operator of ``backend``; keeps the operator's
+        evaluation at ``w`` in ``evaluation``."""
         mode = self.mode if model is not None else None
         operator = HessianOperator(
             closure, params, backend=backend, model=model, mode=mode, reduce=self.reduce
         )
+        layout = ParamLayout(params)
+
+        def random() -> Tensor:
+            return Restriction(params, layout).gather(self._random(params, layout))
+
         with operator as op:
-            if self.method == "power":
-                spread = self.schedule == "spread" and self.vector is not None
-                iters = 1 if spread else self.iters
-                result = power_iteration(op.matvec, v0, iters, algebra=op.layout)
-            else:
-                result = lanczos(op.matvec, v0, self.iters, k=1, which="LA", algebra=op.layout)[0]
+            products = Products(op.matvec, op.layout, random)
+            start = v0 / op.layout.norm(v0) if first else v0
+            result = self.rule.refresh(start, first, products)
         self.evaluation = op.evaluation
         return result
 
@@ -234,6 +301,7 @@ class EigenTracker:
             "residual": self.residual,
             "num_updates": self.num_updates,
             "generator": self.generator.get_state(),
+            "estimator": self.rule.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -245,3 +313,33 @@ class EigenTracker:
         if self.requested_backend == AUTO:  # a resumed run keeps the backend "auto" chose
             self.backend = state.get("backend", AUTO)
         self.generator.set_state(state["generator"])
+        self.rule.load_state_dict(state.get("estimator", {}))
+
+
+class Restriction:
+    """Flat vectors over all ``params`` and over those that require gradients (the variables
+    of the Hessian): ``gather`` keeps the trainable rows, ``scatter`` puts them back with 0 on
+    the frozen ones; identity when every parameter is trainable. ``dtype`` is the promoted
+    dtype of the parameters (as ``torch.cat`` would give)."""
+
+    def __init__(self, params: Sequence[Tensor], layout: ParamLayout):
+        self.params = list(params)
+        self.layout = layout
+        self.dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])
+        trainable = [p for p in params if p.requires_grad]
+        self.partial = len(trainable) < len(self.params)
+        self.trainable_layout = ParamLayout(trainable) if self.partial else layout
+
+    def gather(self, vector: Tensor) -> Tensor:
+        if not self.partial:
+            return vector
+        chunks = self.layout.unflatten(vector)
+        return self.trainable_layout.flatten(
+            [c for c, p in zip(chunks, self.params, strict=True) if p.requires_grad]
+        )
+
+    def scatter(self, vector: Tensor) -> Tensor:
+        if not self.partial:
+            return vector
+        found = iter(self.trainable_layout.unflatten(vector))
+        return self.layout.flatten([next(found) if p.requires_grad else None for p in self.params])

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from eigensam.hessian.closures import AUTO
+from eigensam.hessian.estimators import Estimator
 from eigensam.optim.sam import check_nonnegative, plain_norm_is_accurate, unit
 from eigensam.optim.tracked import TrackedSAM
 
@@ -68,6 +69,7 @@ class EigenSAM(TrackedSAM):
         eig_iters: int = 5,
         eig_method: str = "power",
         eig_schedule: str = "burst",
+        eig_estimator: str | Estimator | None = None,
         hvp: str = AUTO,
         hessian_mode: str = "eval",
         hessian_parts: int | str = AUTO,
@@ -98,6 +100,7 @@ class EigenSAM(TrackedSAM):
             eig_iters=eig_iters,
             eig_method=eig_method,
             eig_schedule=eig_schedule,
+            eig_estimator=eig_estimator,
             hvp=hvp,
             hessian_mode=hessian_mode,
             hessian_parts=hessian_parts,

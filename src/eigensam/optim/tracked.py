@@ -3,15 +3,18 @@ X-SAM, refreshes the estimate ``v̂`` of the top Hessian eigenvector before the 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from eigensam.hessian.closures import AUTO
+from eigensam.hessian.estimators import Estimator
 from eigensam.hessian.hvp import Evaluation
 from eigensam.hessian.tracker import EigenTracker
 from eigensam.optim.fsdp2 import check_fsdp2_options
@@ -19,6 +22,11 @@ from eigensam.optim.sam import SAM, check_nonnegative
 from eigensam.parallel import local_forward
 
 HESSIAN_PARTS_REMEDY = "hessian_mode='eval' or hessian_parts=1"
+FREE_PRODUCTS_LOCAL = (
+    "eig_estimator={!r} uses the product of SAM's two passes, which with sharpness='local' mix "
+    "this replica's gradient with the global one (and differ per replica); use "
+    "sharpness='global' or a rule that spends its own products"
+)
 
 
 class TrackedSAM(SAM):
@@ -37,6 +45,14 @@ class TrackedSAM(SAM):
     ``v̂``, and in eval mode a BatchNorm network's loss is a sum of per-sample terms, so they can
     be summed over micro-batches) or ``"train"``. Without ``model`` the products run in whatever
     mode the model is in and cannot protect its BatchNorm statistics.
+
+    ``eig_estimator`` names the rule that keeps ``v̂`` up to date (a name from
+    :data:`~eigensam.hessian.estimators.ESTIMATORS`, spending ``eig_iters`` products every
+    ``eig_interval`` steps on average, or an :class:`~eigensam.hessian.estimators.Estimator`);
+    None (default) is the rule ``eig_method`` and ``eig_schedule`` describe (the paper's burst
+    power iteration by default). A rule on free products (``"secant"``) is handed, after every
+    second pass, ``(g(w + ε) − g(w))/‖ε‖ = H·ε̂`` (exact on a quadratic; the Hessian of the
+    passes' loss, in the model's mode during them), keeping ``g(w)`` between the passes.
 
     ``hessian_parts`` (memory-lean exact products): when ``step(closure, batch=(x, y))`` is
     given the batch, a refresh sums the exact products of ``hessian_parts`` micro-batches
@@ -77,6 +93,7 @@ class TrackedSAM(SAM):
         eig_iters: int = 5,
         eig_method: str = "power",
         eig_schedule: str = "burst",
+        eig_estimator: str | Estimator | None = None,
         hvp: str = AUTO,
         hessian_mode: str = "eval",
         hessian_parts: int | str = AUTO,
@@ -115,7 +132,12 @@ class TrackedSAM(SAM):
             seed=seed,
             reduce=self.reduce,
             schedule=eig_schedule,
+            estimator=eig_estimator,
         )
+        if self.tracker.rule.uses_free_products and self.sharpness == "local":
+            raise ValueError(FREE_PRODUCTS_LOCAL.format(self.tracker.rule.name))
+        self._grad_at_w: Tensor | None = None
+        self._observation: tuple[Tensor, Tensor] | None = None
         self._reusable: Evaluation | None = None
         self._refreshed_at: int | None = None  # sam_steps of the last update_eigenvector
         self._warned_missed_refresh = False
@@ -145,9 +167,7 @@ class TrackedSAM(SAM):
 
     def _rank_signature(self) -> dict[str, Any]:
         """SAM's, plus the refresh schedule (replicas must run the same products)."""
-        t = self.tracker
-        settings = (t.interval, t.iters, t.method, t.schedule, t.backend, t.mode)
-        return {**super()._rank_signature(), "eigenvector refresh": settings}
+        return {**super()._rank_signature(), "eigenvector refresh": self.tracker.settings()}
 
     def _extra_defaults(self) -> dict[str, Any]:
         return {"alpha": self._alpha}
@@ -175,6 +195,53 @@ class TrackedSAM(SAM):
         if reusable is None:
             return super()._first_pass(closure)
         return reusable.apply()
+
+    @torch.no_grad()
+    def _ascend(self, zero_grad: bool) -> None:
+        """SAM's; a rule on free products (``tracker.rule.uses_free_products``) keeps ``g(w)``
+        until ``w`` is restored."""
+        self._observation = None
+        if self.tracker.rule.uses_free_products:
+            layout = self.layout
+            self._grad_at_w = layout.flatten([p.grad for p in layout.params]).clone()
+        super()._ascend(zero_grad)
+
+    @torch.no_grad()
+    def _restore_params(self) -> None:
+        """SAM's; before it, with ``g(w)`` kept, the free product of the two passes."""
+        if self._perturbed and self._grad_at_w is not None:
+            self._observation = self._free_product()
+        self._grad_at_w = None
+        super()._restore_params()
+
+    @torch.no_grad()
+    def _base_step(self, scaler: Any) -> None:
+        """SAM's; then the free product ``(g(w + ε) − g(w))/‖ε‖ = H·ε̂`` of this step (exact on
+        a quadratic; ``ε`` the perturbation applied, read off the weights; a GradScaler's scale
+        divided out) goes to the tracker's rule. Its Hessian is the one of the passes' loss, in
+        the model's mode during them."""
+        scale = 1.0 if scaler is None else float(scaler.get_scale())
+        super()._base_step(scaler)
+        observation, self._observation = self._observation, None
+        if observation is not None:
+            direction, product = observation
+            self.tracker.observe(self._params(), direction, product.div_(scale))
+
+    def _free_product(self) -> tuple[Tensor, Tensor] | None:
+        """``(ε̂, (g(w + ε) − g(w))/‖ε‖)`` from the weights at ``w + ε``, the saved ``w``, the
+        gradients now in ``p.grad`` and the kept ``g(w)``; None when ``ε = 0`` or the product
+        is not finite (the step is then skipped anyway)."""
+        assert self._grad_at_w is not None and self._saved_params is not None
+        layout = self.layout
+        eps = layout.flatten(layout.locals) - layout.flatten(self._saved_params)
+        norm = float(layout.norm(eps))
+        if not (math.isfinite(norm) and norm > 0):
+            return None
+        product = layout.flatten([p.grad for p in layout.params]).sub_(self._grad_at_w)
+        product.div_(norm)
+        if not math.isfinite(float(layout.amax(product))):
+            return None
+        return eps.div_(norm), product
 
     def update_eigenvector(self, closure: Callable[[], Tensor], scaler: Any = None) -> None:
         """Refresh the top-eigenvector estimate on the closure's batch (manual loops call this

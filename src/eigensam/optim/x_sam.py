@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from eigensam.hessian.closures import AUTO
+from eigensam.hessian.estimators import Estimator
 from eigensam.optim.tracked import TrackedSAM
 from eigensam.parallel import local_shard
 
@@ -43,6 +44,7 @@ class XSAM(TrackedSAM):
         eig_iters: int = 5,
         eig_method: str = "power",
         eig_schedule: str = "burst",
+        eig_estimator: str | Estimator | None = None,
         hvp: str = AUTO,
         hessian_mode: str = "eval",
         hessian_parts: int | str = AUTO,
@@ -64,6 +66,7 @@ class XSAM(TrackedSAM):
             eig_iters=eig_iters,
             eig_method=eig_method,
             eig_schedule=eig_schedule,
+            eig_estimator=eig_estimator,
             hvp=hvp,
             hessian_mode=hessian_mode,
             hessian_parts=hessian_parts,

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from eigensam.hessian.closures import AUTO, AUTO_HESSIAN_PARTS
+from eigensam.hessian.estimators import ESTIMATORS
 from eigensam.hessian.tracker import METHODS as EIG_METHODS
 from eigensam.hessian.tracker import SCHEDULES as EIG_SCHEDULES
 from eigensam.hessian.tracker import TRACKER_BACKENDS
@@ -65,6 +66,7 @@ class OptimizerSettings:
     eig_iters: int = 5
     eig_method: str = "power"
     eig_schedule: str = "burst"
+    eig_estimator: str = "power"
     hvp: str = AUTO
     hessian_mode: str = "eval"
     hessian_parts: int | str = AUTO
@@ -99,6 +101,15 @@ class OptimizerSettings:
         _check_choice("eig_schedule", self.eig_schedule, EIG_SCHEDULES)
         if self.eig_schedule == "spread" and self.eig_method != "power":
             raise ValueError(f"eig_schedule spread needs eig_method power, got {self.eig_method!r}")
+        _check_choice("eig_estimator", self.eig_estimator, ESTIMATORS)
+        if self.eig_estimator != "power" and (self.eig_method, self.eig_schedule) != (
+            "power",
+            "burst",
+        ):
+            raise ValueError(
+                f"eig_estimator {self.eig_estimator} names the rule; eig_method and eig_schedule "
+                "describe the paper's family and must stay power and burst with it"
+            )
         _check_choice("hvp", self.hvp, TRACKER_BACKENDS)
         _check_choice("hessian_mode", self.hessian_mode, HESSIAN_MODES)
         if self.hessian_parts != AUTO:
@@ -166,6 +177,11 @@ class TrainConfig:
     eig_iters: int = _opt(5, "Eigen-SAM/X-SAM: Hessian-vector products per refresh q")
     eig_method: str = _opt("power", f"Eigen-SAM/X-SAM solver: one of {', '.join(EIG_METHODS)}")
     eig_schedule: str = _opt("burst", "Eigen-SAM/X-SAM: products all at once (burst) or spread")
+    eig_estimator: str = _opt(
+        "power",
+        "Eigen-SAM/X-SAM: the rule that keeps the eigenvector estimate (eigensam.hessian."
+        f"estimators; the paper's 'power' by default in the lab): one of {', '.join(ESTIMATORS)}",
+    )
     hvp: str = _opt("auto", f"Hessian-vector products: one of {', '.join(TRACKER_BACKENDS)}")
     hessian_mode: str = _opt("eval", "model mode during Eigen-SAM/X-SAM's Hessian products")
     hessian_parts: int | str = _opt(

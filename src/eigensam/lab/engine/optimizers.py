@@ -52,6 +52,10 @@ def build_optimizer(settings: OptimizerSettings, model: nn.Module) -> Optimizer:
         return ReverseSAM(model, base_class, s.rho, **base)
     tracked = {name: getattr(s, name) for name in TRACKER_OPTIONS}
     tracked["alpha"] = s.resolved_alpha
+    # The lab always names its rule (the paper's by default), except for the paper's variants
+    # that eig_method/eig_schedule describe (Lanczos, spread).
+    paper_family = (s.eig_method, s.eig_schedule) == ("power", "burst")
+    tracked["eig_estimator"] = s.eig_estimator if paper_family else None
     if s.method == "eigen-sam":
         return EigenSAM(model, base_class, s.rho, target_align=s.target_align, **tracked, **base)
     return XSAM(model, base_class, s.rho, **tracked, **base)

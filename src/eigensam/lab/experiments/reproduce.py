@@ -42,6 +42,7 @@ from eigensam.lab.experiments.targets import (
     table1,
     table2,
     table34,
+    tracking,
 )
 from eigensam.lab.workloads.datasets import load_dataset
 
@@ -62,6 +63,7 @@ TARGETS: dict[str, Target] = {
         fig2.TARGET,
         table2.TARGET,
         stability.TARGET,
+        tracking.TARGET,
         grid.TARGET,
         sde_eta.TARGET,
         lm.TARGET,

@@ -1,0 +1,430 @@
+"""Eigenvector tracking (``eigensam reproduce tracking``): how well each estimator of
+:mod:`eigensam.hessian.estimators` follows the training loss's top eigenvector ``v₁`` during
+training, at what cost, and whether Eigen-SAM's outcome changes when ``v̂`` follows ``v₁``.
+
+1. **Tracking** (:mod:`~eigensam.lab.experiments.tracking_study`): every estimator observes one
+   SAM run (same weights and batches) at the headline scale and on the small ViT; mean
+   ``|cos(v̂, v₁)|``, top-k subspace capture ``‖V_kᵀv̂‖`` (k = 1..5) and ``λ₂/λ₁`` against the
+   top eigenvectors of the loss on a fixed sample of the training images (eval mode, as
+   Eigen-SAM's products).
+2. **Cost**: Eigen-SAM's step time over SAM's per estimator, measured in one run
+   (:func:`~eigensam.lab.experiments.tracking_study.step_time_ratios`, also printed by
+   ``benchmarks/bench_estimators.py``); the accuracy-against-cost frontier.
+3. **Outcome**: SAM, Eigen-SAM with the paper's estimator (the headline's runs) and Eigen-SAM
+   with the library's default estimator, trained at the headline scale: Align, final ``λ₁`` and
+   Hessian trace on the fixed sample, ``|cos(v̂, v₁)|`` of the optimizer's own final estimate,
+   test accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from eigensam.hessian import DatasetHessian, top_eigenvalues, trace
+from eigensam.hessian.estimators import DEFAULT_ESTIMATOR, Estimator, make_estimator
+from eigensam.lab.engine import run_folder as tracking
+from eigensam.lab.engine.trained_model import fixed_batches, load_trained
+from eigensam.lab.experiments.common import Plan, Results, Target, command, seeds_plan
+from eigensam.lab.experiments.convergence import add_final_fits
+from eigensam.lab.experiments.report import Section, fmt, paired_claim, save_figure
+from eigensam.lab.experiments.runs import Scale
+from eigensam.lab.experiments.tracking_study import TOP_K, observe, step_time_ratios
+from eigensam.lab.workloads.models import build_model, kaiming_init
+
+# The estimators compared: label -> (rule, interval p, products q per p, options). The paper's
+# rule at the CPU scale's p = 20 (the headline's Eigen-SAM) and at its own p = 100.
+ESTIMATORS: dict[str, tuple[str, int, int, dict[str, Any]]] = {
+    # 5 products every 20 steps (the headline's Eigen-SAM budget)
+    "paper p=20": ("power", 20, 5, {}),
+    "lanczos warm p=20": ("lanczos", 20, 5, {}),
+    "lanczos cold p=20": ("lanczos-cold", 20, 5, {}),
+    "spread p=20": ("spread", 20, 5, {}),
+    "averaged p=20": ("averaged", 20, 5, {"momentum": 0.7}),
+    "block k=2 p=20": ("block", 20, 4, {"block": 2}),
+    "secant p=20": ("secant", 20, 5, {}),
+    "adaptive p=20": ("adaptive", 20, 5, {"threshold": 0.5}),
+    # about 5 products every 100 steps (the paper's budget)
+    "paper p=100": ("power", 100, 5, {}),
+    "lanczos warm p=100": ("lanczos", 100, 5, {}),
+    "spread p=100": ("spread", 100, 5, {}),
+    "averaged p=100": ("averaged", 100, 5, {"momentum": 0.5}),
+    "power p=40 q=2": ("power", 40, 2, {}),
+    "lanczos warm p=60 q=3": ("lanczos", 60, 3, {}),
+    "block k=2 p=100": ("block", 100, 4, {"block": 2}),
+    "secant p=100": ("secant", 100, 5, {}),
+    "adaptive p=100": ("adaptive", 100, 5, {"threshold": 0.5}),
+    # no product at all
+    "secant only": ("secant-only", 100, 5, {"forget": 0.01}),
+}
+PAPER = "paper p=20"
+# The library's default rule at the headline's p = 20 (the label of its row).
+DEFAULT_LABEL = {"power": "paper p=20"}.get(DEFAULT_ESTIMATOR, f"{DEFAULT_ESTIMATOR} p=20")
+# The models of the study: the headline's SimpleCNN and the small ViT (half width).
+MODELS: dict[str, dict[str, Any]] = {
+    "simplecnn": dict(model="simplecnn", width=0.25, init="kaiming", lr=0.03),
+    "vit-small": dict(model="vit-small", width=0.5, init="default", lr=0.1),
+}
+# The estimators each model's study runs: all on the SimpleCNN; on the (slower) ViT the paper's,
+# the default and the cheapest of each kind.
+VIT_ESTIMATORS = (
+    "paper p=20",
+    "paper p=100",
+    "lanczos warm p=100",
+    "spread p=100",
+    "secant p=100",
+    "secant only",
+)
+# Measurements every 24 (28) steps fall at every phase of the rules' 20- and 100-step periods.
+# ViT: 120 steps (15 epochs of the 1,024 images).
+STUDY = {"simplecnn": dict(epochs=60, every=24), "vit-small": dict(epochs=15, every=28)}
+SAMPLE = 1024
+# The models whose study the report shows; the small ViT's study (VIT_ESTIMATORS, 120 steps)
+# runs with study(scale, "vit-small", out) and timing(scale, "vit-small", out), not in the report.
+REPORT_MODELS = ("simplecnn",)
+# Final λ₁, trace and |cos(v̂, v₁)| on the fixed sample: the first 5 seeds (each costs about 30
+# products on 1,024 images); the other measures use every seed.
+CURVATURE_SEEDS = 5
+TIMING_STEPS = 100
+# The outcome's third method: Eigen-SAM with the estimator that tracked v₁ best at the
+# headline's budget (5 products every 20 steps) in the study.
+OUTCOME_LABEL = "spread p=20"
+OUTCOME = f"eigen-sam/{ESTIMATORS[OUTCOME_LABEL][0]}"
+METHODS = ("sam", "eigen-sam", OUTCOME)
+
+
+def make_rule(label: str) -> Estimator:
+    """A fresh rule of the estimator ``label`` of :data:`ESTIMATORS`."""
+    name, interval, iters, options = ESTIMATORS[label]
+    return make_estimator(name, interval, iters, **options)
+
+
+def labels_of(model: str) -> list[str]:
+    """The estimators of ``model``'s study (the default's always among them)."""
+    if model != "vit-small":
+        return list(ESTIMATORS)
+    return list(dict.fromkeys([*VIT_ESTIMATORS, DEFAULT_LABEL]))
+
+
+def plan(scale: Scale) -> Plan:
+    """The outcome's runs: the headline's SAM and Eigen-SAM (paper's estimator) and Eigen-SAM
+    with :data:`OUTCOME_LABEL`'s estimator at the same budget, every seed."""
+    if scale.name != "cpu":
+        raise ValueError("the tracking target runs at CPU scale")
+    name, interval, iters, _ = ESTIMATORS[OUTCOME_LABEL]
+    return seeds_plan(
+        scale,
+        {
+            "sam": {"method": "sam"},
+            "eigen-sam": {"method": "eigen-sam"},
+            OUTCOME: {
+                "method": "eigen-sam",
+                "eig_estimator": name,
+                "eig_interval": interval,
+                "eig_iters": iters,
+            },
+        },
+    )
+
+
+def _cached(file: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if file.is_file():
+        return dict(json.loads(file.read_text(encoding="utf-8")))
+    result = compute()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tracking.write_json(file, result)
+    return result
+
+
+def study(scale: Scale, model: str, out: Path) -> dict[str, Any]:
+    """The tracking study of ``model`` (seed the scale's first), cached in ``out``."""
+    settings, cadence = MODELS[model], STUDY[model]
+    fields = {k: settings[k] for k in ("model", "width", "init", "lr")}
+    config = scale.config(scale.seeds[0], method="sam", epochs=cadence["epochs"], **fields)
+    folder = out / f"study-{model}"
+    rules = {label: (lambda label=label: make_rule(label)) for label in labels_of(model)}
+    return _cached(
+        folder / "observations.json",
+        lambda: observe(config, rules, cadence["every"], SAMPLE, folder),
+    )
+
+
+def measure_timing(scale: Scale, model: str, steps: int = TIMING_STEPS) -> dict[str, float]:
+    """Step-time ratios to SAM of every estimator on ``model`` (batch 128 of the headline's
+    training images; see :func:`~eigensam.lab.experiments.tracking_study.step_time_ratios`)."""
+    settings = MODELS[model]
+    config = scale.config(scale.seeds[0], method="sam")
+    batches = fixed_batches(config, 8 * config.batch_size, config.batch_size)
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        net = build_model(settings["model"], 10, 1, 28, settings["width"])
+        if settings["init"] == "kaiming":
+            kaiming_init(net)
+        return net
+
+    rules = {label: (lambda label=label: make_rule(label)) for label in labels_of(model)}
+    return step_time_ratios(make, rules, batches, steps, settings["lr"])
+
+
+def timing(scale: Scale, model: str, out: Path) -> dict[str, float]:
+    """:func:`measure_timing`, cached in ``out``."""
+    return _cached(out / f"timing-{model}.json", lambda: measure_timing(scale, model))
+
+
+def summarize(observations: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per estimator: mean ``|cos(v̂, v₁)|``, mean capture for k = 1..K and products per step,
+    over the measurements after the first (where every estimator has an estimate)."""
+    measurements = observations["measurements"][1:]
+    out: dict[str, dict[str, float]] = {}
+    for label, products in observations["products"].items():
+        rows = [m["estimators"][label] for m in measurements if label in m["estimators"]]
+        if not rows:
+            continue
+        entry = {"abs_cos": sum(r["abs_cos"] for r in rows) / len(rows)}
+        for k in range(TOP_K):
+            entry[f"capture{k + 1}"] = sum(r["capture"][k] for r in rows) / len(rows)
+        entry["products_per_step"] = products / observations["steps"]
+        out[label] = entry
+    return out
+
+
+def _gap_ratios(observations: dict[str, Any]) -> list[float]:
+    return [m["eigenvalues"][1] / m["eigenvalues"][0] for m in observations["measurements"]]
+
+
+def final_curvature(config: Any, folder: Path) -> dict[str, Any]:
+    """``λ₁`` (Lanczos to relative residual 1e-2) and the Hessian trace (Hutch++, 15 products)
+    of a finished run's
+    final weights on the fixed sample, and ``|cos(v̂, v₁)|`` of its optimizer's own estimate
+    (cached in ``folder``)."""
+
+    def compute() -> dict[str, Any]:
+        trained = load_trained(config.run_dir)
+        batches = fixed_batches(config, min(SAMPLE, config.train_subset or SAMPLE), 256)
+        with DatasetHessian(trained.model, batches, mode="eval", check=False) as op:
+            pairs = top_eigenvalues(op, 1, num_iters=40, tol=1e-2, seed=config.seed)
+            estimate = trace(op, 15, seed=config.seed)
+        v1 = pairs[0].eigenvector
+        vector = trained.tracker_vector
+        cos = None
+        if vector is not None:
+            vector = vector.to(v1.dtype)
+            cos = float((vector @ v1).abs() / vector.norm())
+        return {
+            "lambda1": pairs[0].eigenvalue,
+            "trace": estimate.estimate,
+            "final_abs_cos": cos,
+        }
+
+    return _cached(folder / f"{config.run_dir.name}.json", compute)
+
+
+def frontier_figure(summaries: dict[str, dict[str, Any]], out: Path) -> Path:
+    """Mean ``|cos(v̂, v₁)|`` against the step-time ratio to SAM, one panel per model."""
+    fig = Figure(figsize=(6 * len(summaries), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(summaries), squeeze=False)[0]
+    for ax, (model, entry) in zip(axes, summaries.items(), strict=True):
+        points = [
+            (entry["timing"][label], values["abs_cos"], label)
+            for label, values in entry["tracking"].items()
+            if label in entry["timing"]
+        ]
+        for x, y, label in points:
+            marker = "*" if label == DEFAULT_LABEL else "s" if label == PAPER else "o"
+            ax.scatter([x], [y], marker=marker, s=80 if marker != "o" else 30)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        best = _pareto(points)
+        ax.plot([p[0] for p in best], [p[1] for p in best], color="gray", alpha=0.6)
+        ax.axhline(0.8, color="green", linestyle=":", linewidth=1)
+        ax.axvline(1.05, color="green", linestyle=":", linewidth=1)
+        ax.set_xlabel("Eigen-SAM step time / SAM step time")
+        ax.set_ylabel("mean |cos(v̂, v₁)| during training")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{model}: tracking accuracy against cost")
+        ax.grid(alpha=0.3)
+    return save_figure(fig, out / "tracking_frontier.png")
+
+
+def _pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points no other point beats in both cost (lower) and accuracy (higher)."""
+    best: list[tuple[float, float, str]] = []
+    for point in sorted(points):
+        if not best or point[1] > best[-1][1]:
+            best.append(point)
+    return best
+
+
+def _tracking_table(model: str, entry: dict[str, Any]) -> str:
+    caps = " | ".join(f"k={k}" for k in range(1, TOP_K + 1))
+    rows = [
+        f"| estimator | products/step | step time / SAM | mean \\|cos(v̂, v₁)\\| | {caps} |",
+        "|---|---|---|---|" + "---|" * TOP_K,
+    ]
+    for label, values in entry["tracking"].items():
+        ratio = entry["timing"].get(label)
+        capture = " | ".join(f"{values[f'capture{k}']:.3f}" for k in range(1, TOP_K + 1))
+        rows.append(
+            f"| {label} | {values['products_per_step']:.3f} | "
+            f"{'—' if ratio is None else f'{ratio:.3f}'} | {values['abs_cos']:.3f} | {capture} |"
+        )
+    gaps = entry["gaps"]
+    return (
+        f"**{model}** ({entry['steps']} steps, v₁ from {entry['sample']} training images every "
+        f"{entry['every']} steps; λ₂/λ₁ from {min(gaps):.2f} to {max(gaps):.2f}, mean "
+        f"{sum(gaps) / len(gaps):.2f}; SAM {1000 * entry['timing']['sam']:.0f} ms/step)\n\n"
+        + "\n".join(rows)
+    )
+
+
+def decisions(entry: dict[str, Any]) -> str:
+    """Which estimators beat the paper's rule at its own budget (p = 20 and p = 100) on mean
+    ``|cos(v̂, v₁)|`` at no more measured step time, and which tracked best at all."""
+    tracking_, timing_ = entry["tracking"], entry["timing"]
+    lines = []
+    for paper in ("paper p=20", "paper p=100"):
+        if paper not in tracking_ or paper not in timing_:
+            continue
+        cos, cost = tracking_[paper]["abs_cos"], timing_[paper]
+        better = [
+            f"{label} ({values['abs_cos']:.3f} at {timing_[label]:.3f})"
+            for label, values in tracking_.items()
+            if label in timing_ and values["abs_cos"] > cos and timing_[label] <= cost
+        ]
+        lines.append(
+            f"- Against **{paper}** (|cos| {cos:.3f} at step time {cost:.3f}× SAM's), better "
+            f"tracking at no more measured cost: {', '.join(better) or 'none'}."
+        )
+    best = max(tracking_, key=lambda label: tracking_[label]["abs_cos"])
+    goal = [
+        label
+        for label, values in tracking_.items()
+        if values["abs_cos"] >= 0.8 and timing_.get(label, float("inf")) <= 1.05
+    ]
+    lines.append(
+        f"- Best tracking measured: {best} (|cos| {tracking_[best]['abs_cos']:.3f}, top-2 "
+        f"capture {tracking_[best]['capture2']:.3f}, step time "
+        f"{timing_.get(best, float('nan')):.3f}× SAM's). Estimators reaching |cos| ≥ 0.8 at "
+        f"step time ≤ 1.05× SAM's: {', '.join(goal) or 'none'}."
+    )
+    return "\n".join(lines)
+
+
+def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
+    summaries: dict[str, dict[str, Any]] = {}
+    for model in REPORT_MODELS:
+        observations = study(scale, model, out)
+        summaries[model] = {
+            "tracking": summarize(observations),
+            "timing": timing(scale, model, out),
+            "gaps": _gap_ratios(observations),
+            "steps": observations["steps"],
+            "sample": observations["sample"],
+            "every": observations["measure_every"],
+        }
+    figure = frontier_figure(summaries, out)
+    results = Results.load(plan)
+    add_final_fits(plan, results)
+    curvature_seeds = set(scale.seeds[:CURVATURE_SEEDS])
+    for label, configs in plan.items():
+        by_seed = {s["seed"]: s for s in results.summaries[label]}
+        for config in configs:
+            if config.seed in by_seed and config.seed in curvature_seeds:
+                by_seed[config.seed].update(final_curvature(config, out / "final"))
+    tracking.write_json(out / "tracking.json", {"scale": scale.note, **summaries})
+    rows = [
+        "| method | runs | test acc (%) | held-out acc (%) | mean Align(ε, v₁) | "
+        "final λ₁ (sample) | trace (sample) | final \\|cos(v̂, v₁)\\| |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label in plan:
+        rows.append(
+            f"| {label} | {len(results.summaries[label])} | "
+            f"{fmt(results.values(label, 'test_acc'), 2, 100)} | "
+            f"{fmt(results.values(label, 'held_out_acc'), 2, 100)} | "
+            f"{fmt(results.values(label, 'mean_align'), 3)} | "
+            f"{fmt(results.values(label, 'lambda1'), 2)} | "
+            f"{fmt(results.values(label, 'trace'), 1)} | "
+            f"{fmt(results.values(label, 'final_abs_cos'), 3)} |"
+        )
+    body = (
+        f"{scale.note}. Tracking: every estimator observes one SAM run (seed "
+        f"{scale.seeds[0]}); v₁, V₅ are the top eigenvectors of the training loss on the first "
+        f"{SAMPLE} training images (eval mode, exact products, Lanczos to relative residual "
+        "1e-3); means over the measurements after the first. Step time: Eigen-SAM (α = 0.2) "
+        "with each estimator over SAM, CPU seconds, round robin in one run "
+        f"({TIMING_STEPS} steps from the first, so a rule's first refresh, a burst from a random "
+        "start, is in the window; `python benchmarks/bench_estimators.py` prints the same "
+        f"table). The library's default estimator: **{DEFAULT_LABEL}**.\n\n"
+        + "\n\n".join(
+            _tracking_table(model, entry) + "\n\n" + decisions(entry)
+            for model, entry in summaries.items()
+        )
+        + f"\n\nOutcome at the headline scale: SAM, Eigen-SAM with the paper's estimator (the "
+        f"headline's runs) and Eigen-SAM with {OUTCOME_LABEL} (the same products). Align: mean "
+        "over the run's measurements on the training batch; final λ₁, trace (Hutch++, 15 "
+        f"products) and the optimizer's own final |cos(v̂, v₁)| on the first {SAMPLE} training "
+        f"images, for the first {CURVATURE_SEEDS} seeds; held-out: every image the run never "
+        "trained on. Mean ± 95% CI over seeds.\n\n"
+        + "\n".join(rows)
+        + "\n"
+        + results.failure_note()
+    )
+    acc = dict(digits=2, scale=100.0, unit=" points")
+    claims = []
+    for a, b in ((OUTCOME, "eigen-sam"), (OUTCOME, "sam")):
+        claims += [
+            paired_claim(
+                f"{a} aligns ε with v₁ better than {b}",
+                "the method's purpose (§5.2)",
+                *results.paired(a, b, "mean_align"),
+                expect=1,
+            ),
+            paired_claim(
+                f"{a} ends at a lower λ₁ (fixed sample) than {b}",
+                "smaller top eigenvalue (§6.5)",
+                *results.paired(a, b, "lambda1"),
+                expect=-1,
+                digits=2,
+            ),
+            paired_claim(
+                f"{a} ends at a lower Hessian trace (fixed sample) than {b}",
+                "flatter minima (§6.5)",
+                *results.paired(a, b, "trace"),
+                expect=-1,
+                digits=1,
+            ),
+            paired_claim(
+                f"{a} has a higher held-out accuracy than {b}",
+                "+0.2 (Table 1, Eigen-SAM over SAM)",
+                *results.paired(a, b, "held_out_acc"),
+                expect=1,
+                paper_effect=0.2 if b == "sam" else None,
+                **acc,
+            ),
+            paired_claim(
+                f"{a} has a higher test accuracy than {b}",
+                "+0.2 (Table 1, Eigen-SAM over SAM)",
+                *results.paired(a, b, "test_acc"),
+                expect=1,
+                paper_effect=0.2 if b == "sam" else None,
+                **acc,
+            ),
+        ]
+    return Section(
+        "tracking",
+        "Eigenvector tracking: which estimator follows v₁, at what cost",
+        command("tracking", scale),
+        body,
+        [figure],
+        claims,
+    )
+
+
+TARGET = Target("tracking", "Eigenvector tracking", plan, analyze, min_seeds=2, computes=True)
