@@ -35,6 +35,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from eigensam.hessian.eigen import WholeVectors
 from eigensam.hessian.estimators import (
     ESTIMATORS,
     AdaptiveRefresh,
@@ -54,16 +55,6 @@ KAPPA = float((LAMBDA[0] - LAMBDA[-1]) / (LAMBDA[0] - LAMBDA[1]))
 ROTATION = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)).double())[
     0
 ]
-
-
-class Plain:
-    """Dot product and norm of plain vectors."""
-
-    def dot(self, a: Tensor, b: Tensor) -> Tensor:
-        return torch.dot(a, b)
-
-    def norm(self, a: Tensor) -> Tensor:
-        return a.norm()
 
 
 def basis(t: int, omega: float) -> Tensor:
@@ -138,7 +129,9 @@ class Run:
                 start = random() if self.v is None else self.v
                 before = angle(start, t, omega)
                 drawn.clear()
-                result = rule.refresh(start, first, Products(lambda x, h=h: h @ x, Plain(), random))
+                result = rule.refresh(
+                    start, first, Products(lambda x, h=h: h @ x, WholeVectors(D), random)
+                )
                 self.v = result.eigenvector / result.eigenvector.norm()
                 if rule.name == "lanczos-cold":  # it started from its own draw
                     before = angle(drawn[0], t, omega)
@@ -147,7 +140,7 @@ class Run:
             x = torch.randn(D, generator=gen, dtype=torch.float64)
             d = h @ x
             d = d / d.norm()
-            new = rule.observe(self.v, d, h @ d, Plain())
+            new = rule.observe(self.v, d, h @ d, WholeVectors(D))
             if new is not None:
                 self.v = new / new.norm()
             if self.v is not None:
@@ -191,12 +184,12 @@ def test_lanczos_cold_start_ignores_the_estimate() -> None:
     a = rule.refresh(
         torch.eye(D, dtype=torch.float64)[0],
         False,
-        Products(h.__matmul__, Plain(), lambda: next(draws)),
+        Products(h.__matmul__, WholeVectors(D), lambda: next(draws)),
     )
     b = rule.refresh(
         torch.eye(D, dtype=torch.float64)[5],
         False,
-        Products(h.__matmul__, Plain(), lambda: next(draws)),
+        Products(h.__matmul__, WholeVectors(D), lambda: next(draws)),
     )
     torch.testing.assert_close(a.eigenvector, b.eigenvector)
 
@@ -219,7 +212,7 @@ def test_secant_on_a_fixed_quadratic_raises_the_rayleigh_quotient_and_keeps_exac
     for _ in range(400):
         d = h @ torch.randn(D, generator=gen, dtype=torch.float64)
         d = d / d.norm()
-        new = rule.observe(v, d, h @ d, Plain())
+        new = rule.observe(v, d, h @ d, WholeVectors(D))
         v = v if new is None else new / new.norm()
         assert v is not None
         quotients.append(float(v @ h @ v))
@@ -295,11 +288,11 @@ def test_state_dict_resumes_bit_exactly(name: str) -> None:
             if rule.due(t):
                 start = random() if v is None else v
                 result = rule.refresh(
-                    start / start.norm(), v is None, Products(h.__matmul__, Plain(), random)
+                    start / start.norm(), v is None, Products(h.__matmul__, WholeVectors(D), random)
                 )
                 v = result.eigenvector / result.eigenvector.norm()
             d = h @ torch.randn(D, generator=gen, dtype=torch.float64)
-            new = rule.observe(v, d / d.norm(), h @ (d / d.norm()), Plain())
+            new = rule.observe(v, d / d.norm(), h @ (d / d.norm()), WholeVectors(D))
             v = v if new is None else new / new.norm()
         return v
 

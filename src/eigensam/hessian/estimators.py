@@ -116,7 +116,7 @@ class Estimator:
 
     def settings(self) -> tuple[Any, ...]:
         """What every replica must agree on (the products they run together)."""
-        return (self.name, self.interval, self.iters)
+        return (self.interval, self.iters, self.name)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
