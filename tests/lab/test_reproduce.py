@@ -137,7 +137,11 @@ def test_cli_reports_bad_input_before_training(tmp_path, capsys):
 
 def test_report_states_scales_rules_and_times(tmp_path):
     scale = make_scale("cpu", tmp_path)
-    generated = reproduce._generated("table2", scale, 600.0, 540.0, 2, (15, 1800.0), 1100.0)
+    invocation = reproduce._invocation("table2", scale, (0, 1), 2, 600.0)
+    assert (
+        invocation == "eigensam reproduce table2 --scale cpu --seeds 0,1 --jobs 2 --stop-after 10"
+    )
+    generated = reproduce._generated(invocation, 600.0, 540.0, 2, (15, 1800.0), 1100.0)
     claim = not_testable("ViT-B-16", "98.5", "needs a GPU")
     section = Section("table2", "Table 2", "eigensam reproduce table2", "body\n", [], [claim])
     report = tmp_path / "report.md"
