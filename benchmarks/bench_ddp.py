@@ -15,7 +15,9 @@ It also times one all-reduce of a gradient-sized float32 vector (SimpleCNN, and 
 steps, and reports (all-reduces per step × that time) / step time: the communication share if
 none of it overlapped with computation (an upper bound; DDP overlaps the gradient all-reduce
 with the backward pass). Times are medians over ``--rounds`` of ``--steps`` steps (Eigen-SAM
-refreshes every ``--eig-interval`` steps, so refreshes are averaged in). Run:
+refreshes every ``--eig-interval`` steps, so refreshes are averaged in). The table is printed
+and saved to ``benchmarks/results/ddp.json`` and ``.md`` (``--out``; see ``tables.py``), which
+docs/distributed.md includes. Run:
 
     python benchmarks/bench_ddp.py [--batch-size 128] [--steps 20] [--rounds 3]
 """
@@ -38,6 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from common import load_images
+from tables import RESULTS, new_report, publish
 from torch.nn.parallel import DistributedDataParallel
 
 from eigensam import SAM, EigenSAM
@@ -179,6 +182,27 @@ def run(world: int, threads: int, comm: bool, args: argparse.Namespace) -> dict[
     return result
 
 
+COLUMNS = {
+    "method": "method",
+    "one_two_threads_ms": "1 proc × 2 thr (ms/step)",
+    "one_one_thread_ms": "1 proc × 1 thr (ms/step)",
+    "ddp_ms": "2 gloo × 1 thr (ms/step)",
+    "over_two_threads": "2 gloo / (1 × 2 thr) samples/s",
+    "over_one_thread": "2 gloo / (1 × 1 thr) samples/s",
+    "local_ms": "2 local × 1 thr (ms/step)",
+    "exposed": "exposed communication share",
+    "allreduces": "gradient all-reduces per step",
+    "allreduce_share": "their time / step time",
+}
+FORMATS = {key: ".1f" for key in COLUMNS} | {
+    "over_two_threads": ".3f",
+    "over_one_thread": ".3f",
+    "exposed": ".1%",
+    "allreduces": "g",
+    "allreduce_share": ".2%",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=128, help="global batch")
@@ -187,43 +211,51 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eig-interval", type=int, default=10)
     parser.add_argument("--eig-iters", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS / "ddp.json")
     args = parser.parse_args()
+    start = time.perf_counter()
+    report = new_report(parser, args, threads="as in the column headers")
     one = run(1, 2, False, args)
     single = run(1, 1, False, args)
     ddp = run(2, 1, True, args)
     local = run(2, 1, False, args)
-    b = args.batch_size
-    print(
-        f"SimpleCNN width {args.width} ({one['params']} parameters), {one['source']}, "
-        f"global batch {b}, Eigen-SAM p={args.eig_interval} q={args.eig_iters}, "
-        f"medians of {args.rounds} rounds × {args.steps} steps, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f} at the end\n"
-    )
-    print(
-        "| method | 1 proc × 2 thr (ms/step) | 1 proc × 1 thr (ms/step) | 2 gloo × 1 thr "
-        "(ms/step) | 2 gloo / (1 × 2 thr) samples/s | 2 local × 1 thr (ms/step) | exposed "
-        "communication share | gradient all-reduces per step | their time / step time |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
     allreduce = ddp["allreduce_simplecnn"]
+    rows = []
     for method in METHODS:
         t1, t11, t2, t0 = one[method], single[method], ddp[method], local[method]
         count = ALLREDUCES[method] + (
             args.eig_iters / args.eig_interval if "eigen" in method else 0
         )
-        print(
-            f"| {method} | {1e3 * t1:.1f} | {1e3 * t11:.1f} | {1e3 * t2:.1f} | {t1 / t2:.3f} "
-            f"| {1e3 * t0:.1f} | {max(0.0, 1 - t0 / t2):.1%} | {count:g} "
-            f"| {count * allreduce / t2:.2%} |"
+        rows.append(
+            {
+                "method": method,
+                "one_two_threads_ms": 1e3 * t1,
+                "one_one_thread_ms": 1e3 * t11,
+                "ddp_ms": 1e3 * t2,
+                "over_two_threads": t1 / t2,
+                "over_one_thread": t11 / t2,
+                "local_ms": 1e3 * t0,
+                "exposed": max(0.0, 1 - t0 / t2),
+                "allreduces": float(count),
+                "allreduce_share": count * allreduce / t2,
+            }
         )
     mb_cnn = 4 * one["params"] / 1e6
     mb_r50 = 4 * RESNET50_PARAMS / 1e6
-    print(
-        f"\ngloo all-reduce, 2 processes: SimpleCNN gradient ({mb_cnn:.2f} MB) "
-        f"{1e3 * ddp['allreduce_simplecnn']:.2f} ms; ResNet-50 gradient ({mb_r50:.1f} MB) "
-        f"{1e3 * ddp['allreduce_resnet50']:.1f} ms "
-        f"({mb_r50 / ddp['allreduce_resnet50'] / 1e3:.2f} GB/s algorithm bandwidth)"
-    )
+    notes = {
+        "setting": (
+            f"SimpleCNN width {args.width} ({one['params']:,} parameters), {one['source']}, "
+            f"global batch {args.batch_size} in every column, Eigen-SAM p = {args.eig_interval}, "
+            f"q = {args.eig_iters}, medians of {args.rounds} rounds × {args.steps} steps."
+        ),
+        "allreduce": (
+            f"gloo all-reduce between the 2 processes: SimpleCNN gradient ({mb_cnn:.2f} MB) "
+            f"{1e3 * allreduce:.2f} ms; ResNet-50 gradient ({mb_r50:.1f} MB) "
+            f"{1e3 * ddp['allreduce_resnet50']:.1f} ms, "
+            f"{mb_r50 / ddp['allreduce_resnet50'] / 1e3:.2f} GB/s."
+        ),
+    }
+    publish(report, args.out, start, {"scaling": (COLUMNS, rows)}, FORMATS, notes)
 
 
 if __name__ == "__main__":

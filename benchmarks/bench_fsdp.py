@@ -17,7 +17,8 @@ themselves (its parameters, gradients, base optimizer state, SAM's saved ``w``, 
 its value before the step, sampled after every tensor operation of one step (an Eigen-SAM refresh
 step), so it includes the activations, DDP's gradient buckets and FSDP's gathered weights;
 *ms/step*: median over ``--rounds`` of ``--steps`` steps (refreshes averaged in), the slower
-rank's. Run:
+rank's. The table is printed and saved to ``benchmarks/results/fsdp.json`` and ``.md``
+(``--out``; see ``tables.py``), which docs/distributed.md includes. Run:
 
     python benchmarks/bench_fsdp.py [--dim 128] [--depth 4] [--batch-size 32] [--steps 10]
 """
@@ -42,6 +43,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from bench_ddp import make_optimizer
+from tables import RESULTS, new_report, publish
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -194,6 +196,20 @@ def worker(rank: int, world: int, folder: str, args: argparse.Namespace) -> None
     os._exit(0)  # skip gloo's teardown (see benchmarks/bench_ddp.py)
 
 
+COLUMNS = {
+    "method": "method",
+    "ddp_state": "DDP state (MB)",
+    "fsdp2_state": "FSDP2 state (MB)",
+    "state_ratio": "FSDP2 / DDP state",
+    "ddp_peak": "DDP peak (MB)",
+    "fsdp2_peak": "FSDP2 peak (MB)",
+    "ddp_ms": "DDP ms/step",
+    "fsdp2_ms": "FSDP2 ms/step",
+    "ms_ratio": "FSDP2 / DDP time",
+}
+FORMATS = {key: ".2f" for key in COLUMNS} | {"ddp_ms": ".1f", "fsdp2_ms": ".1f"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=128)
@@ -203,7 +219,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eig-interval", type=int, default=10)
     parser.add_argument("--eig-iters", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS / "fsdp.json")
     args = parser.parse_args()
+    start = time.perf_counter()
+    report = new_report(parser, args, threads=1)
     world = 2
     with tempfile.TemporaryDirectory() as folder:
         context = mp.get_context("spawn")
@@ -215,25 +234,31 @@ def main() -> None:
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError("a benchmark process failed")
         results = json.loads(Path(folder, "result.json").read_text())
-    params = results["ddp/sgd"]["params"]
-    print(
-        f"ViT dim {args.dim} depth {args.depth} ({params} parameters, float32), 32×32×3 random "
-        f"images, global batch {args.batch_size} on 2 gloo processes × 1 thread, Eigen-SAM "
-        f"p={args.eig_interval} q={args.eig_iters} ({FD_FALLBACK}), medians of {args.rounds} "
-        f"rounds × {args.steps} steps, {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.1f} at the end\n"
-    )
-    print(
-        "| method | DDP state (MB) | FSDP2 state (MB) | DDP peak (MB) | FSDP2 peak (MB) "
-        "| DDP ms/step | FSDP2 ms/step |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for method in METHODS:
         d, f = results[f"ddp/{method}"], results[f"fsdp2/{method}"]
-        print(
-            f"| {method} | {d['state'] / 1e6:.2f} | {f['state'] / 1e6:.2f} "
-            f"| {d['peak'] / 1e6:.2f} | {f['peak'] / 1e6:.2f} | {d['ms']:.1f} | {f['ms']:.1f} |"
+        rows.append(
+            {
+                "method": method,
+                "ddp_state": d["state"] / 1e6,
+                "fsdp2_state": f["state"] / 1e6,
+                "state_ratio": f["state"] / d["state"],
+                "ddp_peak": d["peak"] / 1e6,
+                "fsdp2_peak": f["peak"] / 1e6,
+                "ddp_ms": d["ms"],
+                "fsdp2_ms": f["ms"],
+                "ms_ratio": f["ms"] / d["ms"],
+            }
         )
+    setting = (
+        f"ViT dim {args.dim}, depth {args.depth} ({results['ddp/sgd']['params']:,} parameters, "
+        f"float32), 32×32×3 random images, global batch {args.batch_size} on 2 gloo processes × "
+        f"1 thread; Eigen-SAM p = {args.eig_interval}, q = {args.eig_iters} (`{FD_FALLBACK}` "
+        f"products under both strategies); ms/step: median of {args.rounds} round(s) × "
+        f"{args.steps} steps."
+    )
+    tables = {"strategies": (COLUMNS, rows)}
+    publish(report, args.out, start, tables, FORMATS, {"setting": setting})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ parameters ``× 4``), counted from the layout; *peak (MB)*: the largest growth o
 heap (``mallinfo2``) over its value before the solve, sampled after every tensor operation
 (basis, products' activations and FSDP's gathered weights), the largest rank's; *s/product*:
 wall time of the solve over m, the slower rank's; *λ₁* and its relative difference from the
-one-process value. Run:
+one-process value. The table is printed and saved to ``benchmarks/results/fsdp-hessian.json``
+and ``.md`` (``--out``; see ``tables.py``), which docs/distributed.md includes. Run:
 
     python benchmarks/bench_fsdp_hessian.py [--dim 128] [--depth 4] [--iters 40] [--worlds 2,4]
 """
@@ -35,6 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from bench_fsdp import PeakHeap
+from tables import RESULTS, new_report, publish
 
 from eigensam.hessian.analysis import top_eigenvalues
 from eigensam.hessian.hvp import FD_FALLBACK, HessianOperator
@@ -112,6 +114,27 @@ def run(world: int, args: argparse.Namespace) -> dict[str, Any]:
         return dict(json.loads(Path(folder, "result.json").read_text()))
 
 
+COLUMNS = {
+    "processes": "processes",
+    "basis_mb": "basis per rank (MB)",
+    "basis_share": "/ one process's",
+    "peak_mb": "peak per rank (MB)",
+    "peak_share": "/ one process's",
+    "s_per_product": "s/product",
+    "lambda1": "λ₁",
+    "vs_one": "vs one process",
+}
+FORMATS = {
+    "basis_mb": ".1f",
+    "basis_share": ".3f",
+    "peak_mb": ".1f",
+    "peak_share": ".3f",
+    "s_per_product": ".3f",
+    "lambda1": ".6g",
+    "vs_one": ".1e",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=128)
@@ -119,27 +142,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="global batch")
     parser.add_argument("--iters", type=int, default=40, help="Lanczos steps m")
     parser.add_argument("--worlds", default="2,4", help="process counts besides 1")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fsdp-hessian.json")
     args = parser.parse_args()
+    start = time.perf_counter()
+    report = new_report(parser, args, threads=1)
     worlds = [1, *(int(w) for w in args.worlds.split(","))]
     results = {world: run(world, args) for world in worlds}
     one = results[1]
-    print(
-        f"ViT dim {args.dim} depth {args.depth} ({one['params']} parameters, float32), 32×32×3 "
-        f"random images, global batch {args.batch_size}, {args.iters} Lanczos steps "
-        f"({FD_FALLBACK}), gloo processes × 1 thread, {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.1f} at the end\n"
+    rows = [
+        {
+            "processes": "1 (whole model)" if world == 1 else f"{world} (FSDP2)",
+            "basis_mb": r["basis"] / 1e6,
+            "basis_share": r["basis"] / one["basis"],
+            "peak_mb": r["peak"] / 1e6,
+            "peak_share": r["peak"] / one["peak"],
+            "s_per_product": r["seconds"],
+            "lambda1": r["lambda1"],
+            "vs_one": abs(r["lambda1"] - one["lambda1"]) / abs(one["lambda1"]),
+        }
+        for world, r in results.items()
+    ]
+    setting = (
+        f"ViT dim {args.dim}, depth {args.depth} ({one['params']:,} parameters, float32), "
+        f"32×32×3 random images, global batch {args.batch_size}, {args.iters} Lanczos steps "
+        f"with `{FD_FALLBACK}` products, gloo processes × 1 thread."
     )
-    print(
-        "| processes | basis per rank (MB) | peak per rank (MB) | s/product | λ₁ | vs one process |"
-    )
-    print("|---|---|---|---|---|---|")
-    for world, r in results.items():
-        name = "1 (whole model)" if world == 1 else f"{world} (FSDP2)"
-        diff = abs(r["lambda1"] - one["lambda1"]) / abs(one["lambda1"])
-        print(
-            f"| {name} | {r['basis'] / 1e6:.1f} | {r['peak'] / 1e6:.1f} | {r['seconds']:.3f} "
-            f"| {r['lambda1']:.6g} | {diff:.1e} |"
-        )
+    publish(report, args.out, start, {"lanczos": (COLUMNS, rows)}, FORMATS, {"setting": setting})
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -56,13 +55,12 @@ from typing import Any
 
 import torch
 from common import load_images
-from tables import HVP_COLUMNS, MEMORY_COLUMNS, TIME_COLUMNS, markdown, render
+from tables import HVP_COLUMNS, MEMORY_COLUMNS, TIME_COLUMNS, machine, markdown, save
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from eigensam import SAM, XSAM, EigenSAM
 from eigensam.allocator import USER_SETTINGS, keep_freed_memory
-from eigensam.atomic import atomic_write
 from eigensam.hessian.closures import split_closure
 from eigensam.hessian.eigen import power_iteration
 from eigensam.hessian.hvp import HessianOperator, flatten, unflatten
@@ -468,24 +466,6 @@ def hvp_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]
 # -- output ---------------------------------------------------------------------------------
 
 
-def machine(device: str) -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "loadavg_start": os.getloadavg(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -554,15 +534,10 @@ def main() -> None:
             continue
         report[name] = compute()
         print(f"\n{markdown(report[name], columns)}", flush=True)
-    report["machine"]["loadavg_end"] = os.getloadavg()
     report["seconds"] = time.perf_counter() - start
     suffix = "" if args.sections == "time,memory,hvp" else "-" + args.sections.replace(",", "-")
     path = args.out / f"cost-{args.device}{suffix}.json"
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=1) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
-    tables = render(json.loads(text))  # the docs include this file's sections
-    atomic_write(path.with_suffix(".md"), lambda f: f.write(tables.encode()))
+    save(report, path)
     print(f"\n{report['seconds']:.0f} s; wrote {path} and {path.with_suffix('.md')}")
 
 

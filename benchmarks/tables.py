@@ -1,21 +1,31 @@
-"""The Markdown tables of a saved cost report: the one source the docs include.
+"""The Markdown tables of saved benchmark reports: the one source the docs include.
 
-``bench_optimizers.py`` writes ``benchmarks/results/cost-<device>[-<sections>].json`` and, next to
-it, the ``.md`` this module renders from it. The ``.md`` holds snippet sections (``machine``,
-``summary``, ``time``, ``memory``, ``hvp``) that the docs include with
-``--8<-- "benchmarks/results/FILE.md:SECTION"``, so no figure is typed into a page.
-Re-render a saved report without measuring again:
+A benchmark saves its report with :func:`save`: ``benchmarks/results/<name>.json`` (the
+machine, the settings, the command line, the seconds it took and one list of rows per table)
+and, next to it, the ``.md`` that :func:`render` makes of it. The ``.md`` holds snippet sections
+(``machine``, one per table, one per text note, and for the cost reports of
+``bench_optimizers.py`` a ``summary``) that the docs include with
+``--8<-- "benchmarks/results/FILE.md:SECTION"``, so no figure is typed into a page. A report
+names its tables' columns (``columns``: section → key → header, ``formats``: key → format
+spec); the cost reports, saved before reports named them, use :data:`COLUMNS`. Re-render saved
+reports without measuring again:
 
     python benchmarks/tables.py benchmarks/results/cost-cpu-time.json [...]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import platform
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 TIME_COLUMNS = {
     "allocator": "CPU allocator",
@@ -49,13 +59,22 @@ COLUMNS = {"time": TIME_COLUMNS, "memory": MEMORY_COLUMNS, "hvp": HVP_COLUMNS}
 DEFAULT_SECTIONS = "time,memory,hvp"
 
 
-def markdown(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
+def markdown(
+    rows: list[dict[str, Any]], columns: dict[str, str], formats: dict[str, str] | None = None
+) -> str:
+    """A Markdown table of ``rows``, one column per key of ``columns`` (its header the value); a
+    number is written with ``formats[key]`` where the key has one, otherwise a float with
+    ``.3g``."""
+    formats = formats or {}
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
         for key in columns:
             value = row[key]
-            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+            if key in formats and isinstance(value, (int, float)):
+                cells.append(format(value, formats[key]))
+            else:
+                cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -74,14 +93,56 @@ DEFAULTS = {
 }
 
 
-def command(settings: dict[str, Any]) -> str:
-    """The command line that measured a report."""
-    words = ["python benchmarks/bench_optimizers.py"]
-    for key, default in DEFAULTS.items():
+def command_line(script: str, settings: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """``python benchmarks/SCRIPT`` with the options of ``settings`` that differ from
+    ``defaults`` (keys as argparse's destinations)."""
+    words = [f"python benchmarks/{script}"]
+    for key, default in defaults.items():
         if key in settings and settings[key] != default:
             value = str(settings[key])
             words.append(f"--{key.replace('_', '-')} {value if ';' not in value else repr(value)}")
     return " ".join(words)
+
+
+def command(settings: dict[str, Any]) -> str:
+    """The command line that measured a cost report."""
+    return command_line("bench_optimizers.py", settings, DEFAULTS)
+
+
+def machine(device: str = "cpu", threads: int | str | None = None) -> dict[str, Any]:
+    """The machine a report is measured on: CPU model and count, ``threads`` per process (torch's
+    setting in this process when None), torch and Python versions, load average now."""
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads() if threads is None else threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def new_report(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, **machine_args: Any
+) -> dict[str, Any]:
+    """A report's header for a benchmark run with ``args``: the machine (see :func:`machine`), the
+    settings and the command line (the options that differ from ``parser``'s defaults)."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    defaults = {k: v for k, v in vars(parser.parse_args([])).items() if k != "out"}
+    return {
+        "machine": machine(**machine_args),
+        "settings": settings,
+        "command": command_line(parser.prog, settings, defaults),
+    }
 
 
 def machine_line(report: dict[str, Any]) -> str:
@@ -91,9 +152,10 @@ def machine_line(report: dict[str, Any]) -> str:
         load += f", {m['loadavg_end'][0]:.1f} at the end"
     where = m["cpu"] if m["device"] == "cpu" else f"{m['device']} ({m['cpu']})"
     return (
-        f"Measured by `{command(report['settings'])}` on {where} ({m['cpu_count']} CPUs, torch "
-        f"threads: {m['torch_threads']}), torch {m['torch']}, Python {m['python']}; {load}; "
-        f"{seconds // 60:.0f} min {seconds % 60:.0f} s of wall time."
+        f"Measured by `{report.get('command') or command(report['settings'])}` on {where} "
+        f"({m['cpu_count']} CPUs, torch threads: {m['torch_threads']}), torch {m['torch']}, "
+        f"Python {m['python']}; {load}; {seconds // 60:.0f} min {seconds % 60:.0f} s of wall "
+        "time."
     )
 
 
@@ -154,20 +216,57 @@ def section(name: str, body: str) -> str:
 
 
 def render(report: dict[str, Any]) -> str:
-    """The ``.md`` of a report: machine line, summary, then each table it holds."""
+    """The ``.md`` of a report: machine line, summary (cost reports), each table it holds, then
+    its text notes."""
     parts = [
         "<!-- Generated by benchmarks/tables.py from the .json of this name: do not edit. -->\n",
         section("machine", machine_line(report)),
     ]
-    summary = summary_rows(report)
+    columns = report.get("columns", COLUMNS)
+    summary = summary_rows(report) if "columns" not in report else []
     if summary:
         table = "\n".join(["| figure | measured |", "|---|---|"])
         table += "".join(f"\n| {label} | {value} |" for label, value in summary)
         parts.append(section("summary", table))
-    for name, columns in COLUMNS.items():
+    for name, names in columns.items():
         if name in report:
-            parts.append(section(name, markdown(report[name], columns)))
+            parts.append(section(name, markdown(report[name], names, report.get("formats"))))
+    for name, text in report.get("notes", {}).items():
+        parts.append(section(name, text))
     return "\n".join(parts)
+
+
+def save(report: dict[str, Any], path: Path) -> Path:
+    """Write ``report`` to ``path`` (a ``.json``; the machine's load average now is its
+    ``loadavg_end``) and its rendering to the ``.md`` beside it, each atomically."""
+    from eigensam.atomic import atomic_write
+
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=1) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+    tables = render(json.loads(text))  # the docs include this file's sections
+    atomic_write(path.with_suffix(".md"), lambda f: f.write(tables.encode()))
+    return path.with_suffix(".md")
+
+
+def publish(
+    report: dict[str, Any],
+    path: Path,
+    start: float,
+    tables: dict[str, tuple[dict[str, str], list[dict[str, Any]]]],
+    formats: dict[str, str],
+    notes: dict[str, str],
+) -> None:
+    """Complete a benchmark's ``report`` (from :func:`new_report`; measured since the
+    ``time.perf_counter()`` value ``start``) with its ``tables`` (section → columns, rows), the
+    columns' ``formats`` and text ``notes`` (section → text), :func:`save` it to ``path`` and
+    print the ``.md``."""
+    report["columns"] = {name: columns for name, (columns, _) in tables.items()}
+    report.update({name: rows for name, (_, rows) in tables.items()})
+    report["formats"], report["notes"] = formats, notes
+    report["seconds"] = time.perf_counter() - start
+    print(save(report, path).read_text())
 
 
 def write(path: Path) -> Path:

@@ -166,3 +166,18 @@ def test_pages_speak_of_the_product_not_of_its_history():
         for match in history.finditer(page.read_text())
     ]
     assert not found, found
+
+
+def test_included_sections_exist():
+    """Every ``--8<-- "FILE:SECTION"`` include names a section that FILE marks (the snippets
+    extension would include nothing for a missing one); paths resolve as mkdocs.yml's
+    ``base_path`` does (the repository root, then docs/)."""
+    include = re.compile(r'^--8<-- "(?P<file>[^":]+):(?P<section>[A-Za-z][\w-]*)"$', re.M)
+    found = [(page, m) for page in PAGES for m in include.finditer(page.read_text())]
+    assert any(m["file"].startswith("benchmarks/results/") for _, m in found)
+    missing = []
+    for page, m in found:
+        file = next(p for p in (ROOT / m["file"], ROOT / "docs" / m["file"]) if p.is_file())
+        if f"[start:{m['section']}]" not in file.read_text():
+            missing.append(f"{page.relative_to(ROOT)}: {m['file']}:{m['section']}")
+    assert not missing, missing
