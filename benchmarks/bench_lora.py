@@ -13,7 +13,8 @@ For AdamW, SAM and EigenSAM (base AdamW; refresh every 5 steps with 5 products, 
 q = 5 at a short interval so the refresh shows in the mean): the trained parameters, the bytes
 of the optimizer's state (AdamW moments, plus v̂ for EigenSAM) and the mean seconds per step
 over ``--steps`` steps after 2 warm-up steps. The settings are interleaved per repeat; medians
-over ``--repeats``. Run:
+over ``--repeats``. The table is printed and saved to ``benchmarks/results/lora.json`` and
+``.md`` (``--out``; see ``tables.py``), which docs/transformers.md includes. Run:
 
     pip install "eigensam[hf]"
     python benchmarks/bench_lora.py [--steps 10] [--repeats 3]
@@ -24,9 +25,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import peft
 import torch
+from tables import RESULTS, new_report, publish
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from eigensam.optim import SAM, EigenSAM
@@ -106,32 +109,62 @@ def run(args: argparse.Namespace, lora: bool, name: str) -> dict[str, float]:
     return {"trained": trained, "moments": moments, "vector": vector, "seconds": seconds}
 
 
+COLUMNS = {
+    "model": "model",
+    "optimizer": "optimizer",
+    "trained": "trained params",
+    "moments_mib": "AdamW state (MiB)",
+    "vector_mib": "v̂ (MiB)",
+    "seconds": "s/step",
+    "vs_adamw": "/ AdamW's s/step",
+}
+FORMATS = {
+    "trained": ",",
+    "moments_mib": ".2f",
+    "vector_mib": ".3f",
+    "seconds": ".3f",
+    "vs_adamw": ".2f",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in [("--n-embd", 128), ("--n-layer", 4), ("--steps", 10), ("--repeats", 3)]:
         parser.add_argument(flag, type=int, default=default)
+    parser.add_argument("--out", type=Path, default=RESULTS / "lora.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    start = time.perf_counter()
+    report = new_report(parser, args, threads=1)
     settings = [(lora, name) for lora in (False, True) for name in ("AdamW", "SAM", "EigenSAM")]
     results: dict[tuple[bool, str], list[dict[str, float]]] = {s: [] for s in settings}
     for _ in range(args.repeats):
         for lora, name in settings:
             results[(lora, name)].append(run(args, lora, name))
-    total = sum(p.numel() for p in model(args, False).parameters())
-    print(f"GPT-2: {total:,} parameters; batch {BATCH} x {CONTEXT} tokens; float32, CPU")
-    print("| model | optimizer | trained params | AdamW state (MB) | v̂ (MB) | s/step | vs AdamW |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for lora in (False, True):
         adamw = statistics.median(r["seconds"] for r in results[(lora, "AdamW")])
         for name in ("AdamW", "SAM", "EigenSAM"):
-            rows = results[(lora, name)]
-            first = rows[0]
-            seconds = statistics.median(r["seconds"] for r in rows)
-            print(
-                f"| {'LoRA r=8' if lora else 'full'} | {name} | {first['trained']:,} | "
-                f"{first['moments'] / 2**20:.2f} | {first['vector'] / 2**20:.3f} | "
-                f"{seconds:.3f} | {seconds / adamw:.2f}x |"
+            first = results[(lora, name)][0]
+            seconds = statistics.median(r["seconds"] for r in results[(lora, name)])
+            rows.append(
+                {
+                    "model": "LoRA r=8" if lora else "full",
+                    "optimizer": name,
+                    "trained": first["trained"],
+                    "moments_mib": first["moments"] / 2**20,
+                    "vector_mib": first["vector"] / 2**20,
+                    "seconds": seconds,
+                    "vs_adamw": seconds / adamw,
+                }
             )
+    total = sum(p.numel() for p in model(args, False).parameters())
+    setting = (
+        f"GPT-2 of {args.n_embd} dimensions and {args.n_layer} layers ({total:,} parameters, "
+        f"float32), batch {BATCH} × {CONTEXT} tokens; mean s/step over {args.steps} steps, "
+        f"median of {args.repeats} repeats."
+    )
+    publish(report, args.out, start, {"lora": (COLUMNS, rows)}, FORMATS, {"setting": setting})
 
 
 if __name__ == "__main__":
