@@ -13,7 +13,10 @@ float32. The exact product is double backward with SDPA's math backend
 eigenvector (20 exact power steps), the relative error of the eigenvalue found by 20 power steps
 with that backend, and the time per product over the time of one gradient.
 
-Run: ``python benchmarks/bench_fd_transformer.py [--layers 2] [--width 64] [--vectors 5]``
+The table is printed and saved to ``benchmarks/results/fd-transformer-<layers>x<width>.json``
+and ``.md`` (``--out``; see ``tables.py``), which docs/cost.md includes. Run:
+
+    python benchmarks/bench_fd_transformer.py [--layers 2] [--width 64] [--vectors 5]
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
+from tables import RESULTS, new_report, publish
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -50,6 +55,17 @@ class TinyLM(nn.Module):
         return self.head(self.blocks(h, mask=self.mask[:n, :n], is_causal=True))
 
 
+COLUMNS = {
+    "backend": "backend",
+    "fd_scale": "fd_scale",
+    "random_error": "rel. error, random v (median)",
+    "top_error": "rel. error along v₁",
+    "eig_error": "λ₁ rel. error (20 power steps)",
+    "time_over_grad": "time / gradient",
+}
+FORMATS = {"random_error": ".2e", "top_error": ".2e", "eig_error": ".2e", "time_over_grad": ".2f"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -59,7 +75,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--vectors", type=int, default=5)
     parser.add_argument("--scales", default="1e-2,1e-3,1e-4,1e-5")
+    parser.add_argument("--out", type=Path, help="default: results/fd-transformer-LxW.json")
     args = parser.parse_args()
+    start = time.perf_counter()
+    report = new_report(parser, args)
     torch.manual_seed(0)
     vocab = 64
     model = TinyLM(vocab, args.width, args.layers, args.context)
@@ -93,31 +112,21 @@ def main() -> None:
         exact_products = [exact.matvec(v) for v in directions]
         top = power_iteration(exact.matvec, directions[0], 20)
         top_product = exact.matvec(top.eigenvector)
-    start = time.perf_counter()
+    timer = time.perf_counter()
     for _ in range(3):
         model.zero_grad()
         closure()
-    gradient_time = (time.perf_counter() - start) / 3
+    gradient_time = (time.perf_counter() - timer) / 3
     model.zero_grad()
-    print(
-        f"TinyLM: {args.layers} layers, width {args.width}, context {args.context}, "
-        f"batch {args.batch}, {dim} parameters, loss {float(loss):.3f} after {args.warmup} "
-        f"AdamW steps; λ₁ (exact, 20 power steps) = {top.eigenvalue:.4g}, "
-        f"relative residual {top.residual / abs(top.eigenvalue):.2g}\n"
-    )
-    print(
-        "| backend | fd_scale | rel. error, random v (median) | rel. error along v₁ "
-        "| λ₁ rel. error (20 power steps) | time / gradient |"
-    )
-    print("|---|---|---|---|---|---|")
+    rows = []
     for backend in ("fd-central", "fd-forward"):
         for scale in [float(s) for s in args.scales.split(",")]:
             with HessianOperator(
                 closure, params, backend=backend, model=model, mode="eval", fd_scale=scale
             ) as op:
-                start = time.perf_counter()
+                timer = time.perf_counter()
                 products = [op.matvec(v) for v in directions]
-                per_product = (time.perf_counter() - start) / len(directions)
+                per_product = (time.perf_counter() - timer) / len(directions)
                 errors = [
                     float((p - e).norm() / e.norm())
                     for p, e in zip(products, exact_products, strict=True)
@@ -126,12 +135,25 @@ def main() -> None:
                     (op.matvec(top.eigenvector) - top_product).norm() / top_product.norm()
                 )
                 found = power_iteration(op.matvec, directions[0], 20)
-            eig_error = abs(found.eigenvalue - top.eigenvalue) / abs(top.eigenvalue)
             default = " (default)" if FD_SCALE[backend] == scale else ""
-            print(
-                f"| {backend} | {scale:g}{default} | {statistics.median(errors):.2e} | "
-                f"{along:.2e} | {eig_error:.2e} | {per_product / gradient_time:.2f} |"
+            rows.append(
+                {
+                    "backend": backend,
+                    "fd_scale": f"{scale:g}{default}",
+                    "random_error": statistics.median(errors),
+                    "top_error": along,
+                    "eig_error": abs(found.eigenvalue - top.eigenvalue) / abs(top.eigenvalue),
+                    "time_over_grad": per_product / gradient_time,
+                }
             )
+    setting = (
+        f"TinyLM: {args.layers} layers, width {args.width}, context {args.context}, batch "
+        f"{args.batch}, {dim:,} parameters, float32, loss {float(loss):.3f} after {args.warmup} "
+        f"AdamW steps; λ₁ (exact, 20 power steps) = {top.eigenvalue:.4g}, relative residual "
+        f"{top.residual / abs(top.eigenvalue):.2g}."
+    )
+    out = args.out or RESULTS / f"fd-transformer-{args.layers}x{args.width}.json"
+    publish(report, out, start, {"accuracy": (COLUMNS, rows)}, FORMATS, {"setting": setting})
 
 
 if __name__ == "__main__":

@@ -27,11 +27,12 @@ cannot be differentiated twice (``torch.compile``, fused kernels such as every
 Step rule: ``h = fd_scale · (1 + ‖w‖) / ‖v‖`` with ``fd_scale`` defaulting to
 ``FD_SCALE[backend]``. The fallback (central differences, ``fd_scale = 1e-4``) was chosen on
 small causal transformers (``nn.TransformerEncoderLayer``, GeLU, SDPA) in float32 against the
-exact product with SDPA's math backend (``benchmarks/bench_fd_transformer.py``): relative error
-0.9-1.8e-3 for random directions and 0.6-1.2e-3 along the top eigenvector (λ₁ from 20 power steps
-within 0.06-0.12 %); ``fd_scale = 1e-3`` is 10x more accurate for random directions but 5-10 %
-off along the top eigenvector, where the third derivative is large; forward differences (half
-the cost) are 2x less accurate for random directions and 10x less along the top eigenvector.
+exact product with SDPA's math backend (``benchmarks/bench_fd_transformer.py``, whose tables
+docs/cost.md includes): a relative error of about 1e-3 for random directions, along the top
+eigenvector and in λ₁; ``fd_scale = 1e-3`` is about 10x more accurate for random directions but
+several percent off along the top eigenvector, where the third derivative is large; forward
+differences (half the cost) are about 2x less accurate for random directions and 10x less along
+the top eigenvector.
 In float64 on a smooth MLP the error is 1e-6 (central) and 1e-3 (forward)
 (``tests/hessian/test_hvp.py``).
 
