@@ -181,3 +181,13 @@ def test_included_sections_exist():
         if f"[start:{m['section']}]" not in file.read_text():
             missing.append(f"{page.relative_to(ROOT)}: {m['file']}:{m['section']}")
     assert not missing, missing
+
+
+def test_figure_tables_are_rendered_from_their_reports():
+    """docs/figures/spectrum_blocks.md, which docs/hessian.md includes, is the table that
+    ``eigensam spectrum --per-layer`` renders from the report beside it."""
+    from eigensam.lab.curvature_reports import blocks_table
+
+    folder = ROOT / "docs" / "figures"
+    report = json.loads((folder / "spectrum_blocks.json").read_text())
+    assert (folder / "spectrum_blocks.md").read_text() == blocks_table(report)

@@ -20,6 +20,7 @@ from eigensam.lab import experiments, sde
 from eigensam.lab.curvature_reports import (
     CURVATURES,
     block_spectrum_report,
+    blocks_table,
     power_convergence_report,
     spectrum_report,
 )
@@ -272,7 +273,7 @@ def _add_spectrum(subparsers: Any) -> None:
     parser.add_argument(
         "--per-layer",
         action="store_true",
-        help="λ₁ and trace of each layer's block instead (spectrum_blocks.json and .png)",
+        help="λ₁ and trace of each layer's block instead (spectrum_blocks.json, .md and .png)",
     )
     parser.add_argument(
         "--blocks",
@@ -304,8 +305,8 @@ def _run_spectrum(args: argparse.Namespace) -> int:
                 trained.model, batches, out, blocks=args.blocks, trace_matvecs=matvecs, **common
             )
         )
-        _print_blocks(blocks["blocks"])
-        print(f"wrote {Path(out) / 'spectrum_blocks.json'} and {Path(out) / 'spectrum_blocks.png'}")
+        print(blocks_table(blocks), end="")
+        print(f"wrote {Path(out) / 'spectrum_blocks'}.json, .md and .png")
         return 0
     matvecs = 99 if args.trace_matvecs is None else args.trace_matvecs
     report = _prepare(
@@ -325,19 +326,6 @@ def _run_spectrum(args: argparse.Namespace) -> int:
     print(f"trace: {trace['estimate']:.4g} ± {trace['std_error']:.2g} (standard error)")
     print(f"wrote {Path(out) / 'spectrum.json'} and {Path(out) / 'spectrum.png'}")
     return 0
-
-
-def _print_blocks(rows: list[dict[str, Any]]) -> None:
-    """One line per block: its name, size, λ₁ and trace with standard error."""
-    width = max(len(str(row["block"])) for row in rows)
-    print(f"{'block':<{width}}  {'params':>8}  {'λ₁':>10}  trace (± s.e.)")
-    for row in rows:
-        estimate, error = row["trace"]["estimate"], row["trace"]["std_error"]
-        print(
-            f"{str(row['block']):<{width}}  {row['dim']:>8}  "
-            f"{row['lambda_max']['eigenvalue']:>10.4g}  {estimate:.4g}"
-            + ("" if error is None else f" ± {error:.2g}")
-        )
 
 
 def _add_power_convergence(subparsers: Any) -> None:

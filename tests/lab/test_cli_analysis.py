@@ -5,7 +5,7 @@ import json
 import pytest
 
 from eigensam.cli import main
-from eigensam.lab.curvature_reports import power_convergence_report
+from eigensam.lab.curvature_reports import blocks_table, power_convergence_report
 from eigensam.lab.engine.trained_model import fixed_batches, load_trained
 
 
@@ -49,7 +49,9 @@ def test_spectrum_per_layer_gives_each_layers_lambda_and_trace(run_dir, tmp_path
     assert blocks[0] == "features.0" and blocks[-1].startswith("classifier")
     assert all(row["lambda_max"]["eigenvalue"] > 0 for row in report["blocks"])
     assert (tmp_path / "spectrum_blocks.png").stat().st_size > 0
-    assert "features.0" in capsys.readouterr().out
+    table = (tmp_path / "spectrum_blocks.md").read_text()
+    assert table == blocks_table(report) and table in capsys.readouterr().out
+    assert table.count("\n") == 2 + len(blocks) and "| features.0 | " in table
 
 
 def test_spectrum_per_layer_of_the_ggn_on_chosen_blocks(run_dir, tmp_path):

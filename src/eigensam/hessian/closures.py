@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 Closure = Callable[[], Tensor]
 AUTO = "auto"
-# hessian_parts="auto": one part's double-backward graph takes 2.6x (SimpleCNN) to about 3x
-# (ResNet-18) a gradient's memory, so 4 parts keep an eigenvector refresh's peak near SAM's step
-# (3 parts left ResNet-18 at batch 64 at 1.31x SAM, 4 at 1.16x, at the same refresh time on
-# SimpleCNN; benchmarks/bench_optimizers.py).
+# hessian_parts="auto": one part's double-backward graph takes a few times a gradient's memory,
+# so 4 parts keep an eigenvector refresh's peak near SAM's step (3 parts left ResNet-18 at batch
+# 64 well above it, at the same refresh time on SimpleCNN; the eigen-sam rows of the memory
+# table in docs/cost.md, from benchmarks/bench_optimizers.py, are 4 parts).
 AUTO_HESSIAN_PARTS = 4
 
 

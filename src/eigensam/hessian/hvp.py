@@ -43,13 +43,14 @@ and the model is put in the requested mode. On exit the buffers, RNG state, per-
 flags and the parameters' ``.grad`` are exactly as they were on entry.
 
 Memory: ``"autograd"`` keeps the graph of the gradient (activations plus the backward pass's saved
-tensors) alive while the operator is open, about 2.7x the peak memory of one gradient evaluation
-on the paper's SimpleCNN. A :class:`SplitClosure` (the batch's loss as a sum of micro-batch losses)
-makes it sum the products of the parts instead, ``H v = sum_k (d^2 L_k) v``, with one part's graph
-alive at a time: the same product (the Hessian is linear in the loss) at a fraction of the memory
-(4 parts: less than one gradient's), the graph rebuilt for every product. Forward-over-reverse
-(``torch.func.jvp`` of ``torch.func.grad``) was measured too and not adopted: on SimpleCNN it
-needed 1.4x the memory of the retained double-backward graph and no less time
+tensors) alive while the operator is open, a few times the peak memory of one gradient evaluation
+(the HVP table of docs/cost.md). A :class:`SplitClosure` (the batch's loss as a sum of
+micro-batch losses) makes it sum the products of the parts instead, ``H v = sum_k (d^2 L_k) v``,
+with one part's graph alive at a time: the same product (the Hessian is linear in the loss) at a
+fraction of the memory (4 parts: less than one gradient's), the graph rebuilt for every product.
+Forward-over-reverse
+(``torch.func.jvp`` of ``torch.func.grad``) was measured too and not adopted: it needed more
+memory than the retained double-backward graph, and on SimpleCNN no less time
 (``benchmarks/bench_optimizers.py``, docs/cost.md).
 """
 

@@ -7,7 +7,8 @@ only loads the model and the data; the estimates come from :mod:`eigensam.hessia
   written as ``spectrum.json`` and ``spectrum.png`` (log-scale density, like Figure 3 right of
   the Eigen-SAM paper);
 - :func:`block_spectrum_report`: λ₁ and trace of every block of parameters (one per layer by
-  default), written as ``spectrum_blocks.json`` and ``spectrum_blocks.png``;
+  default), written as ``spectrum_blocks.json``, ``spectrum_blocks.png`` and the Markdown table
+  of :func:`blocks_table` (``spectrum_blocks.md``);
 - :func:`power_convergence_report`: alignment of the top-eigenvector estimate with a converged
   ``v₁`` as a function of the number of Hessian-vector products, power iteration vs Lanczos, cold
   vs warm start (the paper's Figure 5), written as ``power_convergence.json`` and ``.png``.
@@ -323,7 +324,8 @@ def block_spectrum_report(
 ) -> dict[str, Any]:
     """λ₁ and trace of the curvature restricted to each block of parameters,
     ``H_BB = P_B H P_Bᵀ`` (:class:`~eigensam.hessian.blocks.BlockOperator`), written to
-    ``out_dir/spectrum_blocks.json`` and ``.png`` (one bar per block for each).
+    ``out_dir/spectrum_blocks.json``, ``.png`` (one bar per block for each) and ``.md``
+    (:func:`blocks_table`).
 
     ``blocks`` (default: :func:`~eigensam.hessian.blocks.layer_blocks`, one per layer) are
     module names, parameter names or glob patterns (a list entry may itself be a list: one block).
@@ -379,15 +381,39 @@ def block_spectrum_report(
         ),
         "num_matvecs": operator.num_matvecs,
         "seconds": time.perf_counter() - started,
-        "files": {"json": "spectrum_blocks.json", "png": "spectrum_blocks.png"},
+        "files": {
+            "json": "spectrum_blocks.json",
+            "png": "spectrum_blocks.png",
+            "md": "spectrum_blocks.md",
+        },
     }
     _save(directory, "spectrum_blocks", report, _blocks_figure(report))
+    table = blocks_table(_jsonable(report))
+    atomic_write(directory / "spectrum_blocks.md", lambda f: f.write(table.encode()))
     return report
+
+
+def _block_name(block: str | list[str]) -> str:
+    return block if isinstance(block, str) else "+".join(block)
+
+
+def blocks_table(report: dict[str, Any]) -> str:
+    """The Markdown table of a :func:`block_spectrum_report` (as saved in its JSON): one row per
+    block with its size, λ₁ and Hutch++ trace ± standard error."""
+    lines = ["| block | params | λ₁ | trace (± s.e.) |", "|---|---|---|---|"]
+    for row in report["blocks"]:
+        estimate, error = row["trace"]["estimate"], row["trace"]["std_error"]
+        trace_text = f"{estimate:.4g}" + ("" if error is None else f" ± {error:.2g}")
+        eigenvalue = row["lambda_max"]["eigenvalue"]
+        lines.append(
+            f"| {_block_name(row['block'])} | {row['dim']:,} | {eigenvalue:.4g} | {trace_text} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _blocks_figure(report: dict[str, Any]) -> Any:
     rows = report["blocks"]
-    names = [r["block"] if isinstance(r["block"], str) else "+".join(r["block"]) for r in rows]
+    names = [_block_name(r["block"]) for r in rows]
     figure = Figure(figsize=(max(6.0, 0.5 * len(rows) + 3), 5.0), dpi=120, layout="constrained")
     panels = [
         ("λ₁ of the block", [r["lambda_max"]["eigenvalue"] for r in rows], None),
