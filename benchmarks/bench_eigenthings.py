@@ -15,9 +15,14 @@ cross-entropy. Both libraries get exact double-backward products of the same los
   Gaussian-smoothed estimate and the smoothed exact spectrum (same σ, 2% of the spectrum's
   width, same grid), median over the repeats.
 
+The top-5 tables also give the largest absolute difference between the two libraries' Ritz
+values (same seed, same budget), the largest over the repeats.
+
 Time per product: mean seconds of 20 Lanczos steps (product plus reorthogonalization), the two
 libraries interleaved, median over the repeats, on the same MLP and on the paper's SimpleCNN
-(width 0.5, 128 random 28x28 images, float32). Ratios are within one run. Run:
+(width 0.5, 128 random 28x28 images, float32). Ratios are within one run. The tables are
+printed and saved to ``benchmarks/results/eigenthings.json`` and ``.md`` (``--out``; see
+``tables.py``), which docs/hessian.md includes. Run:
 
     pip install "hessian-eigenthings==1.0.0a5"   # the `bench` extra
     python benchmarks/bench_eigenthings.py [--repeats 5]
@@ -31,9 +36,12 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import hessian_eigenthings as he
 import torch
+from tables import RESULTS, new_report, publish
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -115,8 +123,33 @@ def near_degenerate_matrix() -> Tensor:
     return q @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ q.T
 
 
-def eigen_table(ours: object, theirs: he.CurvatureOperator, top: Tensor, repeats: int) -> None:
-    """Relative errors of the top-K Ritz values of both libraries at every budget."""
+EIGEN_COLUMNS = {
+    "products": "products",
+    "ours_top": f"eigensam: max rel. error, top {K}",
+    "theirs_top": "hessian-eigenthings",
+    "ours_first": "eigensam: λ₁ rel. error",
+    "theirs_first": "hessian-eigenthings",
+    "difference": "max abs. difference of the two libraries' Ritz values",
+}
+ESTIMATE_COLUMNS = {"estimate": "estimate", "ours": "eigensam", "theirs": "hessian-eigenthings"}
+SPEED_COLUMNS = {
+    "model": "model",
+    "ours_seconds": "eigensam s/product",
+    "theirs_seconds": "hessian-eigenthings s/product",
+    "ratio": "ratio",
+}
+FORMATS = {
+    **dict.fromkeys(["ours_top", "theirs_top", "ours_first", "theirs_first"], ".1e"),
+    "difference": ".1e",
+}
+SPEED_FORMATS = {"ours_seconds": ".4f", "theirs_seconds": ".4f", "ratio": ".2f"}
+
+
+def eigen_rows(
+    ours: object, theirs: he.CurvatureOperator, top: Tensor, repeats: int
+) -> list[dict[str, Any]]:
+    """Relative errors of the top-K Ritz values of both libraries at every budget (medians over
+    the seeds) and the largest difference between the two libraries' Ritz values."""
     rows: dict[str, list[list[float]]] = {}
     for seed in range(repeats):
         for m in BUDGETS:
@@ -130,35 +163,44 @@ def eigen_table(ours: object, theirs: he.CurvatureOperator, top: Tensor, repeats
                     relative_errors(other, top),
                     relative_errors(mine[:1], top[:1]),
                     relative_errors(other[:1], top[:1]),
+                    max(abs(a - b) for a, b in zip(mine, other, strict=True)),
                 ]
             )
         default = top_eigenvalues(ours, K, num_iters=40, seed=seed)
         rows.setdefault("default", []).append(
             [relative_errors([r.eigenvalue for r in default], top), default[0].num_matvecs]
         )
-    print(
-        f"| products | eigensam: max rel. error, top {K} | hessian-eigenthings | "
-        "eigensam: λ₁ rel. error | hessian-eigenthings |"
-    )
-    print("|---|---|---|---|---|")
+    table = []
     for m in BUDGETS:
-        columns = [statistics.median(c) for c in zip(*rows[f"{m}"], strict=True)]
-        print(f"| {m} | " + " | ".join(f"{c:.1e}" for c in columns) + " |")
+        *medians, _ = (statistics.median(c) for c in zip(*rows[f"{m}"], strict=True))
+        difference = max(r[-1] for r in rows[f"{m}"])
+        keys = ["ours_top", "theirs_top", "ours_first", "theirs_first"]
+        table.append(
+            {"products": m, **dict(zip(keys, medians, strict=True)), "difference": difference}
+        )
     errors, used = zip(*rows["default"], strict=True)
-    print(
-        f"| eigensam default tol=1e-3 (≤ 40; used {statistics.median(used):.0f}) | "
-        f"{statistics.median(errors):.1e} | | | |"
+    table.append(
+        {
+            "products": f"eigensam default tol=1e-3 (≤ 40; used {statistics.median(used):.0f})",
+            "ours_top": statistics.median(errors),
+            **dict.fromkeys(["theirs_top", "ours_first", "theirs_first", "difference"], ""),
+        }
     )
-    print()
+    return table
 
 
-def accuracy(repeats: int) -> None:
+def top_note(what: str, top: Tensor) -> str:
+    return f"{what}; top-{K} eigenvalues " + ", ".join(f"{v:.4g}" for v in top) + "."
+
+
+def accuracy(repeats: int) -> tuple[dict[str, tuple[dict[str, str], list]], dict[str, str]]:
+    """The top-K tables of the matrix and the MLP and the trace/density table, and the notes
+    that give their exact spectra."""
     matrix = near_degenerate_matrix()
     top = torch.linalg.eigvalsh(matrix).flip(0)[:K]
-    print("Matrix, 2,058 dims, float64; top-5 eigenvalues", [f"{v:.4g}" for v in top])
-    print()
+    notes = {"matrix_setting": top_note("Matrix of 2,058 dimensions, float64", top)}
     theirs = he.LambdaOperator(lambda v: matrix @ v, 2058, dtype=torch.float64)
-    eigen_table(matrix, theirs, top, repeats)
+    tables = {"matrix": (EIGEN_COLUMNS, eigen_rows(matrix, theirs, top, repeats))}
 
     model, x, y = mlp_problem()
     h = dense_hessian(model, x, y)
@@ -166,10 +208,11 @@ def accuracy(repeats: int) -> None:
     top = spectrum.flip(0)[:K]
     ops = Operators(model, x, y)
     dim = h.shape[0]
-    print(f"MLP: {dim} parameters, float64; top-{K} eigenvalues", [f"{v:.4g}" for v in top])
-    print()
-    eigen_table(ops.ours, ops.theirs, top, repeats)
     exact_trace = float(spectrum.sum())
+    notes["mlp_setting"] = top_note(
+        f"MLP Hessian of {dim:,} parameters, float64 (exact trace {exact_trace:.4g})", top
+    )
+    tables["mlp"] = (EIGEN_COLUMNS, eigen_rows(ops.ours, ops.theirs, top, repeats))
     sigma = 0.02 * float(spectrum[-1] - spectrum[0])
     grid = torch.linspace(
         float(spectrum[0]) - 5 * sigma, float(spectrum[-1]) + 5 * sigma, 4000, dtype=torch.float64
@@ -200,15 +243,15 @@ def accuracy(repeats: int) -> None:
                 float((theirs_density - exact_density).abs().sum()) * step,
             )
         )
-    print(f"| estimate (exact trace {exact_trace:.4g}) | eigensam | hessian-eigenthings |")
-    print("|---|---|---|")
-    for label, errors, digits in [
-        ("trace, Hutch++ 99 products: rel. error", trace_errors, ".1e"),
-        ("density, SLQ 4 x 20 products: L1 distance", density_errors, ".3f"),
+    estimates = []
+    for label, errors in [
+        ("trace, Hutch++ 99 products: rel. error", trace_errors),
+        ("density, SLQ 4 x 20 products: L1 distance", density_errors),
     ]:
         ours, theirs = (statistics.median(column) for column in zip(*errors, strict=True))
-        print(f"| {label} | {ours:{digits}} | {theirs:{digits}} |")
-    print()
+        estimates.append({"estimate": label, "ours": ours, "theirs": theirs})
+    tables["estimates"] = (ESTIMATE_COLUMNS, estimates)
+    return tables, notes
 
 
 def seconds_per_product(run: Callable[[], object], products: int) -> float:
@@ -217,9 +260,9 @@ def seconds_per_product(run: Callable[[], object], products: int) -> float:
     return (time.perf_counter() - start) / products
 
 
-def speed(repeats: int) -> None:
-    print("| model | eigensam s/product | hessian-eigenthings s/product | ratio |")
-    print("|---|---|---|---|")
+def speed(repeats: int) -> list[dict[str, Any]]:
+    """Seconds per product of both libraries inside Lanczos, interleaved, and their ratio."""
+    rows = []
     for name, build in [
         ("MLP, 2,058 params, float64", mlp_problem),
         ("SimpleCNN width 0.5, batch 128, float32", cnn_problem),
@@ -239,17 +282,28 @@ def speed(repeats: int) -> None:
                 )
             )
         ours, theirs = statistics.median(ours_times), statistics.median(theirs_times)
-        print(f"| {name} | {ours:.4f} | {theirs:.4f} | {ours / theirs:.2f} |")
+        rows.append(
+            {"model": name, "ours_seconds": ours, "theirs_seconds": theirs, "ratio": ours / theirs}
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS / "eigenthings.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"hessian-eigenthings {he.__version__}, torch {torch.__version__}")
-    accuracy(args.repeats)
-    speed(args.repeats)
+    start = time.perf_counter()
+    report = new_report(parser, args, threads=1)
+    tables, notes = accuracy(args.repeats)
+    tables["speed"] = (SPEED_COLUMNS, speed(args.repeats))
+    notes["setting"] = (
+        f"hessian-eigenthings {he.__version__}; errors are medians over {args.repeats} seeds, "
+        "the difference of the Ritz values the largest over them; seconds per product are "
+        f"medians over {args.repeats} repeats of 20 Lanczos steps, the libraries interleaved."
+    )
+    publish(report, args.out, start, tables, {**FORMATS, **SPEED_FORMATS}, notes)
 
 
 if __name__ == "__main__":

@@ -136,8 +136,11 @@ def new_report(
 ) -> dict[str, Any]:
     """A report's header for a benchmark run with ``args``: the machine (see :func:`machine`), the
     settings and the command line (the options that differ from ``parser``'s defaults)."""
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    defaults = {k: v for k, v in vars(parser.parse_args([])).items() if k != "out"}
+    def plain(values: argparse.Namespace) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(values).items()}
+
+    settings = plain(args)
+    defaults = {k: v for k, v in plain(parser.parse_args([])).items() if k != "out"}
     return {
         "machine": machine(**machine_args),
         "settings": settings,
