@@ -136,6 +136,7 @@ def new_report(
 ) -> dict[str, Any]:
     """A report's header for a benchmark run with ``args``: the machine (see :func:`machine`), the
     settings and the command line (the options that differ from ``parser``'s defaults)."""
+
     def plain(values: argparse.Namespace) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in vars(values).items()}
 
