@@ -1,8 +1,7 @@
 """What each eigenvector estimator costs: Eigen-SAM's step time over SAM's, per estimator.
 
 The tracking study's estimators (:data:`eigensam.lab.experiments.targets.tracking.ESTIMATORS`,
-each a rule of :mod:`eigensam.hessian.estimators` with its interval and products; on the ViT
-the study's subset) drive
+each a rule of :mod:`eigensam.hessian.estimators` with its interval and products) drive
 Eigen-SAM (α = 0.2, ``opt.step(closure, batch=(x, y))``: eval-mode exact products,
 ``hessian_parts="auto"``) on the headline's SimpleCNN (quarter width) or the small ViT (half
 width), batch 128 of Fashion-MNIST. All optimizers start from the same weights and take
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from eigensam.lab.experiments.runs import make_scale
-from eigensam.lab.experiments.targets.tracking import ESTIMATORS, MODELS, labels_of, measure_timing
+from eigensam.lab.experiments.targets.tracking import ESTIMATORS, MODELS, measure_timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,7 +45,7 @@ def main() -> None:
         f"robin, CPU seconds of one thread (SAM: {1000 * ratios['sam']:.1f} ms/step)\n"
     )
     print("| estimator | nominal products per 100 steps | step time / SAM |\n|---|---|---|")
-    for label in labels_of(args.model):
+    for label in ESTIMATORS:
         name, interval, iters, _ = ESTIMATORS[label]
         products = 0.0 if name == "secant-only" else 100 * iters / interval
         print(f"| {label} | {products:.1f} | {ratios[label]:.3f} |")

@@ -228,6 +228,12 @@ def fill_headline(readme: Path, headline: str) -> None:
     tracking.write_text(readme, f"{before}\n{headline.strip()}\n{after}")
 
 
+def snippet(name: str, body: str) -> str:
+    """``body`` between the snippet section markers ``name``: a docs page includes it with
+    ``--8<-- "FILE.md:NAME"``, and an include of the whole file drops the markers."""
+    return f"<!-- --8<-- [start:{name}] -->\n{body}\n<!-- --8<-- [end:{name}] -->"
+
+
 def section_folder(page: Path) -> Path:
     """Where the sections of the report ``page`` lie: ``<folder of page>/<page's stem>/``."""
     return page.parent / page.stem
