@@ -308,9 +308,10 @@ def _tracking_table(model: str, entry: dict[str, Any]) -> str:
             f"| {label} | {values['products_per_step']:.3f} | "
             f"{'—' if ratio is None else f'{ratio:.3f}'} | {values['abs_cos']:.3f} | {capture} |"
         )
-    gaps = entry["gaps"]
+    gaps, settings = entry["gaps"], MODELS[model]
     return (
-        f"**{model}** ({entry['steps']} steps, v₁ from {entry['sample']} training images every "
+        f"**{model}** (width {settings['width']}, SAM at lr {settings['lr']}, {entry['steps']} "
+        f"steps, v₁ from {entry['sample']} training images every "
         f"{entry['every']} steps; λ₂/λ₁ from {min(gaps):.2f} to {max(gaps):.2f}, mean "
         f"{sum(gaps) / len(gaps):.2f}; SAM {1000 * entry['timing']['sam']:.0f} ms/step)\n\n"
         + "\n".join(rows)
@@ -398,8 +399,8 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
         "1e-3); means over the measurements after the first. Step time: Eigen-SAM (α = 0.2) "
         "with each estimator over SAM, CPU seconds, round robin in one run "
         f"({TIMING_STEPS} steps from the first, so a rule's first refresh, a burst from a random "
-        "start, is in the window; `python benchmarks/bench_estimators.py` prints the same "
-        f"table). The library's default estimator: **{DEFAULT_LABEL}**.\n\n"
+        "start, is in the window; `python benchmarks/bench_estimators.py [--model vit-small]` "
+        f"prints the same table). The library's default estimator: **{DEFAULT_LABEL}**.\n\n"
         + "\n\n".join(
             _tracking_table(model, entry) + "\n\n" + snippet(model, decisions(entry))
             for model, entry in summaries.items()
