@@ -11,6 +11,7 @@ import torch
 from tiny_runs import tiny
 
 from eigensam.cli import main
+from eigensam.lab.engine import run_folder as tracking
 from eigensam.lab.engine.train import Trainer
 from eigensam.lab.experiments import pilot, reproduce
 from eigensam.lab.experiments.runs import make_scale
@@ -99,7 +100,11 @@ def test_finetune_replaces_the_head_and_is_deterministic():
         finetune.finetune(pretrained, data, run),
         finetune.finetune(pretrained, data, run),
     )
-    assert first == second and first["steps"] == 2 and first["method"] == "sam"
+    timing = ("cpu_seconds",)
+    assert {k: v for k, v in first.items() if k not in timing} == {
+        k: v for k, v in second.items() if k not in timing
+    }
+    assert first["steps"] == 2 and first["method"] == "sam" and first["cpu_seconds"] > 0
     assert 0 <= first["test_acc"] <= 1 and first["train_loss"] > 0
     tuned = finetune.new_head(pretrained, 10, seed=3)
     assert tuned.head.out_features == 10 and pretrained.head.out_features == 3
@@ -122,3 +127,33 @@ def test_finetune_pilot_records_in_a_folder_it_creates(tmp_path, monkeypatch):
     record = pilot.run_finetune_pilot(out, config.run_dir, steps=2)
     assert record["steps"] == 2 and 0.0 <= record["test_acc"] <= 1.0
     assert (out / pilot.PILOT_FILE).read_text(encoding="utf-8").count("\n") == 1
+    # Cached as table2 caches its fine-tunings: a second pilot of the same N reuses it.
+    assert (out / "finetune" / "sgd-steps2-seed0.json").is_file()
+    monkeypatch.setattr(finetune, "finetune", lambda *a: pytest.fail("not reused"))
+    assert pilot.run_finetune_pilot(out, config.run_dir, steps=2) == record
+
+
+def test_table2_section_shows_the_pilot_and_the_n_it_picks(tmp_path):
+    def record(method, steps, acc):
+        return {
+            "kind": "finetune-pilot",
+            "method": method,
+            "steps": steps,
+            "train_acc": acc,
+            "test_acc": 0.9,
+            "cpu_seconds": 100.0,
+        }
+
+    path = tmp_path / pilot.PILOT_FILE
+    assert table2._pilot(path) == ""
+    for r in (
+        record("sam", 600, 0.95),
+        record("sam", 1200, 0.991),
+        record("eigen-sam", 1200, 0.97),
+    ):
+        tracking.append_record(path, r)
+    assert "N by the pilot rule: none measured." in table2._pilot(path)
+    tracking.append_record(path, record("eigen-sam", 1200, 0.993))  # the last record counts
+    text = table2._pilot(path)
+    assert "N by the pilot rule: 1200." in text and "| 1200 | eigen-sam | 1200 | 99.30 |" in text
+    assert text.count("| 1200 | eigen-sam |") == 1

@@ -11,10 +11,11 @@ Run it one setting at a time, on one thread::
     OMP_NUM_THREADS=1 python -m eigensam.lab.experiments.pilot --out runs/pilot \\
         --subset 2048 --epochs 15 --width 0.5 --no-augment
 
-``--finetune-from RUN --steps 600,1200,1800 --method sam,eigen-sam`` instead fine-tunes table2's
+``--finetune-from RUN --steps 1200,1800 --method sam,eigen-sam`` instead fine-tunes table2's
 pretrained ViT on the digits at each candidate N and prints the N that
 :func:`choose_finetune_steps` picks: the smallest at which SAM and Eigen-SAM (not only SGD at
-2N) reach 99% train accuracy.
+2N) reach 99% train accuracy. With ``--out`` = table2's folder (``runs/reproduce-cpu/table2``)
+table2 reuses those seed-0 fine-tunings and its section shows the pilot.
 """
 
 from __future__ import annotations
@@ -94,20 +95,21 @@ def run_finetune_pilot(
 ) -> dict[str, Any]:
     """Fine-tune table2's pretrained ViT (run folder ``pretrained``) on the digits for ``steps``
     steps (seed 0) and append the train/test accuracy and CPU seconds to ``<out>/pilot.jsonl``:
-    the measurement that sets table2's N."""
+    the measurement that sets table2's N. The fine-tuning is cached as table2 caches its own
+    (``<out>/finetune``), so with ``out`` = table2's folder (``<reproduce out>/table2``) the
+    target reuses seed 0's fine-tunings at the N chosen, and table2's section shows the pilot."""
     from eigensam.lab.engine.trained_model import load_trained
-    from eigensam.lab.experiments.targets.finetune import Finetune, finetune, load_digits
+    from eigensam.lab.experiments.targets.finetune import Finetune, cached_finetune, load_digits
 
     model, data = load_trained(pretrained).model, load_digits()
-    cpu0 = time.process_time()
-    result = finetune(model, data, Finetune(method, 0, steps))
+    result = cached_finetune(model, data, Finetune(method, 0, steps), out / "finetune")
     record = {
         "kind": "finetune-pilot",
         "method": method,
         "steps": steps,
         "train_acc": result["train_acc"],
         "test_acc": result["test_acc"],
-        "cpu_seconds": time.process_time() - cpu0,
+        "cpu_seconds": result["cpu_seconds"],
     }
     out.mkdir(parents=True, exist_ok=True)
     tracking.append_record(out / PILOT_FILE, record)

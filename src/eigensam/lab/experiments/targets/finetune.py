@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,10 @@ def new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
 
 def finetune(pretrained: nn.Module, data: DataSplits, run: Finetune) -> dict[str, Any]:
     """Fine-tune a copy of ``pretrained`` (new head) on ``data.train`` as ``run`` says, and
-    return its train and test loss and accuracy. Batches are drawn from seeded permutations of
-    the training set (one per epoch)."""
+    return its train and test loss and accuracy and the CPU seconds it took (this process,
+    ``time.process_time``). Batches are drawn from seeded permutations of the training set (one
+    per epoch)."""
+    cpu0 = time.process_time()
     model = new_head(pretrained, data.num_classes, run.seed)
     model.train()
     optimizer = build_optimizer(run.settings(), model)
@@ -177,15 +180,16 @@ def finetune(pretrained: nn.Module, data: DataSplits, run: Finetune) -> dict[str
         "train_acc": train_acc,
         "test_loss": test_loss,
         "test_acc": test_acc,
+        "cpu_seconds": time.process_time() - cpu0,
     }
 
 
 def cached_finetune(
     pretrained: nn.Module, data: DataSplits, run: Finetune, folder: Path
 ) -> dict[str, Any]:
-    """:func:`finetune`, cached in ``<folder>/<method>-seed<seed>.json`` (reused when its
-    settings are the same)."""
-    path = folder / f"{run.method}-seed{run.seed}.json"
+    """:func:`finetune`, cached in ``<folder>/<method>-steps<steps>-seed<seed>.json`` (reused
+    when its settings are the same)."""
+    path = folder / f"{run.method}-steps{run.steps}-seed{run.seed}.json"
     if path.is_file():
         cached = json.loads(path.read_text(encoding="utf-8"))
         if all(cached.get(k) == v for k, v in asdict(run).items()):

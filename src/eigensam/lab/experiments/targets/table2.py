@@ -24,6 +24,7 @@ from eigensam.lab.experiments.claims import (
 )
 from eigensam.lab.experiments.common import Plan, Target, command
 from eigensam.lab.experiments.convergence import CONVERGED_TRAIN_ACC
+from eigensam.lab.experiments.pilot import PILOT_FILE, choose_finetune_steps
 from eigensam.lab.experiments.report import Section, fmt
 from eigensam.lab.experiments.runs import Scale, load_summary
 from eigensam.lab.experiments.targets.finetune import (
@@ -115,15 +116,17 @@ SPECS: tuple[Spec, ...] = (
 
 def finetunes(scale: Scale, plan: Plan, out: Path) -> dict[str, list[dict[str, Any]]]:
     """Every method's fine-tuning results, one per seed (cached under ``out/finetune``), from
-    the finished pretraining run (none when it did not finish)."""
+    the finished pretraining run (none when it did not finish). Seed by seed, so that an
+    interrupted invocation leaves whole seeds cached."""
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     if load_summary(plan["pretrain"][0]).get("status") != "finished":
         return results
     model, data = load_trained(plan["pretrain"][0].run_dir).model, load_digits()
-    for method, runs in plan_finetunes(STEPS, list(scale.seeds)).items():
-        for run in runs:
-            print(f"table2: fine-tuning {method} seed {run.seed}", file=sys.stderr, flush=True)
-            results[method].append(cached_finetune(model, data, run, out / "finetune"))
+    runs = plan_finetunes(STEPS, list(scale.seeds))
+    for i, seed in enumerate(scale.seeds):
+        for method in METHODS:
+            print(f"table2: fine-tuning {method} seed {seed}", file=sys.stderr, flush=True)
+            results[method].append(cached_finetune(model, data, runs[method][i], out / "finetune"))
     return results
 
 
@@ -147,25 +150,59 @@ def analyze(scale: Scale, plan: Plan, out: Path) -> Section:
         f"), then fine-tuned, all weights and a new head, on scikit-learn's 8×8 digits "
         "(upsampled to 28×28; 1,258 train, 539 test images) with lr 0.01 (momentum 0.9, "
         f"cosine to 0, batch 64): SAM and Eigen-SAM for N = {STEPS} steps, SGD for 2N. Mean ± "
-        "95% CI over seeds. N should be the smallest at which SAM and Eigen-SAM, not only "
-        "SGD at 2N, reach 99% train accuracy (`python -m eigensam.lab.experiments.pilot "
-        "--finetune-from RUN --steps 600,1200,1800 --method sam,eigen-sam`). The paper's "
-        "ViT-B-16 row is not testable here: it "
-        f"{WHY}.\n\n" + _table(results) + "\n"
+        f"95% CI over {len(scale.seeds)} seeds. N is the smallest measured at which SAM and "
+        "Eigen-SAM, not only SGD at 2N, reach 99% train accuracy (seed 0; the pilot below). "
+        "The paper's ViT-B-16 row is not testable here: it "
+        f"{WHY}.\n\n" + _pilot(out / PILOT_FILE) + _table(results) + "\n"
     )
     return Section("table2", "Table 2: fine-tuning", command("table2", scale), body, [], claims)
+
+
+def _pilot(path: Path) -> str:
+    """The pilot that chose N (``python -m eigensam.lab.experiments.pilot --finetune-from``
+    records in ``path``, the last per method and N): train and test accuracy and CPU seconds
+    of seed 0, and the N the pilot rule picks; empty when no pilot ran in this folder."""
+    if not path.is_file():
+        return ""
+    records = tracking.read_records(path)
+    latest = {
+        (r["method"], int(r["steps"])): r for r in records if r.get("kind") == "finetune-pilot"
+    }
+    if not latest:
+        return ""
+    rows = [
+        "Pilot (seed 0, `python -m eigensam.lab.experiments.pilot --out OUT/table2 "
+        "--finetune-from PRETRAINING_RUN --steps N --method sam,eigen-sam`):",
+        "",
+        "| N | method | steps | train acc (%) | test acc (%) | CPU-s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (method, steps), r in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        n = steps // 2 if method == "sgd" else steps
+        rows.append(
+            f"| {n} | {method} | {steps} | {100 * r['train_acc']:.2f} | "
+            f"{100 * r['test_acc']:.2f} | {r['cpu_seconds']:.0f} |"
+        )
+    chosen = choose_finetune_steps(list(latest.values()))
+    rows += ["", f"N by the pilot rule: {chosen if chosen is not None else 'none measured'}.", ""]
+    return "\n".join(rows) + "\n"
 
 
 def _table(results: dict[str, list[dict[str, Any]]]) -> str:
     """One row per method (steps, runs, train and test accuracy), and whether every method
     reached the convergence criterion on every seed."""
-    rows = ["| method | steps | runs | train acc (%) | test acc (%) |", "|---|---|---|---|---|"]
+    rows = [
+        "| method | steps | runs | train acc (%) | test acc (%) | CPU-s per run |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in METHODS:
         done = results[m]
+        cpu = [r["cpu_seconds"] for r in done if "cpu_seconds" in r]
         rows.append(
             f"| {m} | {done[0]['steps'] if done else '–'} | {len(done)} | "
             f"{fmt([r['train_acc'] for r in done], 2, 100)} | "
-            f"{fmt([r['test_acc'] for r in done], 2, 100)} |"
+            f"{fmt([r['test_acc'] for r in done], 2, 100)} | "
+            f"{f'{sum(cpu) / len(cpu):.0f}' if cpu else '–'} |"
         )
     short = {m: min(r["train_acc"] for r in runs) for m, runs in results.items() if runs}
     short = {m: acc for m, acc in short.items() if acc < CONVERGED_TRAIN_ACC}
