@@ -107,3 +107,14 @@ def test_the_readme_headline_comes_from_the_decided_comparisons(tmp_path, capsys
     code = main(["reproduce", "decide", "--out", str(tmp_path / "o"), "--readme", str(readme)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--readme" in err
+
+
+def test_decide_plans_from_the_sds_the_report_measured_on_the_headline():
+    """decide.PILOT is the headline's measured paired SDs (its report section, two digits)."""
+    import json
+    from pathlib import Path
+
+    report = json.loads((Path(__file__).parents[2] / "docs/reproduction/headline.json").read_text())
+    sds = {c["claim"]: round(c["power"]["sd"], 2) for c in report["claims"]}
+    assert sds[decide.SPECS[0].claim] == decide.PILOT["sam-sgd"]
+    assert sds[decide.SPECS[1].claim] == decide.PILOT["eigen-sam-sam"]
