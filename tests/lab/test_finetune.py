@@ -157,3 +157,13 @@ def test_table2_section_shows_the_pilot_and_the_n_it_picks(tmp_path):
     text = table2._pilot(path)
     assert "N by the pilot rule: 1200." in text and "| 1200 | eigen-sam | 1200 | 99.30 |" in text
     assert text.count("| 1200 | eigen-sam |") == 1
+
+
+def test_table2_budget_sentence_sums_the_methods_mean_cpu_seconds():
+    def runs(*cpu):
+        return [{"cpu_seconds": c} for c in cpu]
+
+    results = {"sgd": runs(100.0, 120.0), "sam": runs(200.0, 200.0), "eigen-sam": runs(300.0)}
+    text = table2._budget(results)
+    assert text.startswith("\n2 seeds") and "take 610 CPU-seconds" in text
+    assert table2._budget({"sgd": [{"train_acc": 1.0}], "sam": [], "eigen-sam": []}) == ""
