@@ -3,6 +3,9 @@ convergence criterion, the claims with power and three-way verdicts."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from eigensam.lab.engine import run_folder as tracking
@@ -111,9 +114,6 @@ def test_the_readme_headline_comes_from_the_decided_comparisons(tmp_path, capsys
 
 def test_decide_plans_from_the_sds_the_report_measured_on_the_headline():
     """decide.PILOT is the headline's measured paired SDs (its report section, two digits)."""
-    import json
-    from pathlib import Path
-
     report = json.loads((Path(__file__).parents[2] / "docs/reproduction/headline.json").read_text())
     sds = {c["claim"]: round(c["power"]["sd"], 2) for c in report["claims"]}
     assert sds[decide.SPECS[0].claim] == decide.PILOT["sam-sgd"]
