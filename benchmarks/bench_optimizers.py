@@ -4,8 +4,9 @@ Three tables, printed as Markdown and written to ``benchmarks/results/cost-<devi
 the machine description (CPU model, threads, torch version, load average), and rendered by
 ``tables.py`` into the ``.md`` beside it, whose sections the docs include:
 
-1. **Step time** at ``p = --interval``, ``q = 5``: per round, every method runs one refresh step
-   and ``--plain-steps`` steps without a refresh; the per-step time averaged over the interval
+1. **Step time** at ``p = --interval``, ``q = 5`` (the default rule: its own ``p``, ``q``): per
+   round, every method runs one refresh step and ``--plain-steps`` steps without a refresh;
+   the per-step time averaged over the interval
    is ``(t_refresh + (p − 1)·t_plain) / p``. Plain steps run round robin (one step of each
    method in turn) and ratios are medians of per-cycle ratios, so load from other jobs on a
    shared machine hits all methods alike. ``time outside the closure`` is the share of a plain
@@ -27,9 +28,11 @@ the machine description (CPU model, threads, torch version, load average), and r
    backward with the graph kept across products, the same part by part (``SplitClosure``),
    forward-over-reverse (``torch.func``, measured here only), and finite differences.
 
-Method names: ``eigen-sam`` and ``x-sam`` run the defaults the way the README documents them,
-``opt.step(closure, batch=(x, y))`` (eval-mode products, ``hvp="auto"``,
-``hessian_parts="auto"``: exact products summed over 4 micro-batches); ``/whole`` passes a
+Method names: ``eigen-sam`` and ``x-sam`` run the paper's rule (5 warm power products every
+``--interval`` steps) the way the README documents the step, ``opt.step(closure, batch=(x, y))``
+(eval-mode products, ``hvp="auto"``, ``hessian_parts="auto"``: exact products summed over 4
+micro-batches); ``/default`` is the library's default rule (warm power iteration, 2 products every
+40 steps, its own interval in the average below); ``/whole`` passes a
 plain closure instead (whole-batch products); ``/train`` is ``hessian_mode="train"`` with a plain
 closure (the defaults before 0.6: whole-batch products, the refresh's gradient reused as the first
 pass); ``/lanczos4`` is ``eig_method="lanczos", eig_iters=4``; ``/fd-forward`` uses
@@ -67,7 +70,15 @@ from eigensam.hessian.hvp import HessianOperator, flatten, unflatten
 from eigensam.lab.workloads.models import build_model
 
 PARTS = 4  # micro-batches of the memory-lean exact products in the HVP table
-CNN_TIME = ("sgd", "sam", "eigen-sam", "eigen-sam/whole", "eigen-sam/lanczos4", "x-sam")
+CNN_TIME = (
+    "sgd",
+    "sam",
+    "eigen-sam",
+    "eigen-sam/default",
+    "eigen-sam/whole",
+    "eigen-sam/lanczos4",
+    "x-sam",
+)
 TIME_METHODS = {
     "simplecnn": (*CNN_TIME, "eigen-sam/train"),
     "gelu-cnn": ("sgd", "sam", "eigen-sam", "eigen-sam/fd-forward"),
@@ -127,21 +138,25 @@ def make_batches(model: str, batch_size: int, count: int, device: str) -> list[t
 
 def make_optimizer(method: str, model: nn.Module, interval: int) -> torch.optim.Optimizer:
     """The method's optimizer: ``name/variant`` with the variant's options on top of the
-    defaults (``/train``: ``hessian_mode="train"``; ``/lanczos4``; ``/fd-forward``)."""
+    paper's rule (``eig_method="power"``, 5 products every ``interval`` steps; ``/train``:
+    ``hessian_mode="train"``; ``/lanczos4``; ``/fd-forward``), or ``/default``: the library's
+    defaults (warm power iteration, 2 products every 40 steps; ``interval`` unused)."""
     sgd = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), **sgd)
     if method == "sam":
         return SAM(model, torch.optim.SGD, rho=0.05, **sgd)
     name, _, variant = method.partition("/")
-    options: dict[str, Any] = {"eig_iters": 5}
+    cls = EigenSAM if name == "eigen-sam" else XSAM
+    if variant == "default":
+        return cls(model, torch.optim.SGD, rho=0.05, **sgd)
+    options: dict[str, Any] = {"eig_method": "power", "eig_iters": 5}
     if variant == "fd-forward":
         options["hvp"] = "fd-forward"
     elif variant == "train":
         options["hessian_mode"] = "train"
     elif variant.startswith("lanczos"):
         options.update(eig_method="lanczos", eig_iters=int(variant.removeprefix("lanczos")))
-    cls = EigenSAM if name == "eigen-sam" else XSAM
     return cls(model, torch.optim.SGD, rho=0.05, eig_interval=interval, **options, **sgd)
 
 
@@ -235,8 +250,12 @@ def time_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]
                 plain[m].append(
                     clock.time(lambda s=s, x=x, y=y, m=m: inside[m].append(s.step(x, y)))
                 )
-    p = args.interval
     per_round = args.plain_steps
+
+    def interval(m: str) -> int:
+        """``m``'s steps per refresh (``--interval``, or the library default's own)."""
+        tracker = getattr(steppers[m].opt, "tracker", None)
+        return args.interval if tracker is None else tracker.interval
 
     def round_median(m: str, r: int) -> float:
         return statistics.median(plain[m][r * per_round : (r + 1) * per_round])
@@ -248,6 +267,7 @@ def time_table(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]
         refresh_ratio = statistics.median(
             refresh[m][r] / round_median(base, r) for r in range(args.rounds)
         )
+        p = interval(m)
         return ((p - 1) * plain_ratio + refresh_ratio) / p
 
     def refresh_cost(m: str) -> float:
@@ -324,7 +344,8 @@ def child(
     ``memory_batch_size``), the rows of a time child."""
     command = [sys.executable, __file__, "--child", kind, name, model_name, "--device", args.device]
     batch = args.memory_batch_size.get(model_name) if batch is None else batch
-    command += ["--memory-batch-size", str(batch)]
+    if batch is not None:  # a time child of a model without an HVP-table batch needs none
+        command += ["--memory-batch-size", str(batch)]
     for option in ("batch_size", "interval", "plain_steps", "rounds"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     # glibc's default whatever the caller's environment says; live memory for the peaks.

@@ -19,14 +19,16 @@ bench = pytest.importorskip("bench_optimizers")
         ("eigen-sam/fd-forward", "power", 5, "eval", "fd-forward", True),
         ("eigen-sam/whole", "power", 5, "eval", "auto", False),
         ("eigen-sam/train", "power", 5, "train", "auto", False),
+        ("eigen-sam/default", "power", 2, "eval", "auto", True),  # the library's default
     ],
 )
 def test_method_variants(method, method_attr, iters, mode, backend, batch):
     model = torch.nn.Linear(3, 2)
     opt = bench.make_optimizer(method, model, interval=100)
-    assert opt.tracker.method == method_attr and opt.tracker.iters == iters
+    assert opt.tracker.rule.name == method_attr and opt.tracker.iters == iters
     assert opt.tracker.mode == mode and opt.tracker.requested_backend == backend
-    assert opt.tracker.interval == 100 and opt.hessian_parts == "auto"
+    interval = 40 if method.endswith("/default") else 100
+    assert opt.tracker.interval == interval and opt.hessian_parts == "auto"
     assert bench.takes_batch(method) is batch
 
 

@@ -41,6 +41,8 @@ from eigensam.hessian.estimators import (
     AdaptiveRefresh,
     AveragedPower,
     BlockPower,
+    BurstLanczos,
+    BurstPower,
     Estimator,
     Products,
     Secant,
@@ -270,6 +272,31 @@ def test_bad_argument_types_and_options() -> None:
         EigenTracker(estimator=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="names the rule"):
         EigenTracker(estimator="averaged", method="lanczos")
+    with pytest.raises(ValueError, match="eig_schedule='spread' needs eig_method='power'"):
+        EigenTracker(method="lanczos", schedule="spread")
+    with pytest.raises(ValueError, match="eig_method must be one of"):
+        EigenTracker(method="arnoldi")
+
+
+@pytest.mark.parametrize(
+    ("options", "rule", "budget"),
+    [
+        ({}, "power", (40, 2)),  # the library's default: warm power, 2 products / 40 steps
+        ({"estimator": "paper"}, "power", (100, 5)),  # the paper's rule, one argument away
+        ({"method": "power"}, "power", (100, 5)),  # the paper's family: the paper's budget
+        ({"method": "power", "schedule": "burst", "estimator": "paper"}, "power", (100, 5)),
+        ({"estimator": "power", "interval": 20, "iters": 5}, "power", (20, 5)),
+        ({"method": "lanczos"}, "lanczos", (100, 5)),
+        ({"schedule": "spread"}, "spread", (100, 5)),
+        ({"estimator": "block", "interval": 20}, "block", (20, 5)),
+        ({"estimator": "lanczos", "iters": 4}, "lanczos", (100, 4)),
+    ],
+)
+def test_rule_and_budget_resolution(options: dict, rule: str, budget: tuple[int, int]) -> None:
+    tracker = EigenTracker(**options)
+    assert (tracker.rule.name, (tracker.interval, tracker.iters)) == (rule, budget)
+    expected = {"power": BurstPower, "lanczos": BurstLanczos}.get(rule)
+    assert expected is None or type(tracker.rule) is expected
 
 
 @pytest.mark.parametrize("name", ESTIMATORS)

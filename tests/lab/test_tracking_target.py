@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from eigensam.hessian.estimators import AveragedPower, BurstPower, make_estimator
+from eigensam.hessian.estimators import (
+    DEFAULT_ESTIMATOR,
+    AveragedPower,
+    BurstPower,
+    default_budget,
+    make_estimator,
+)
 from eigensam.hessian.tracker import EigenTracker
 from eigensam.lab.engine.config import TrainConfig
 from eigensam.lab.engine.optimizers import build_optimizer
@@ -47,7 +53,9 @@ def test_every_listed_estimator_builds_and_the_paper_rows_are_the_papers_rule() 
         assert 1 + rule.extra_vectors + int(rule.uses_free_products) <= 4  # memory budget
     paper = tracking.make_rule(tracking.PAPER)
     assert isinstance(paper, BurstPower) and (paper.interval, paper.iters) == (20, 5)
-    assert tracking.DEFAULT_LABEL in tracking.ESTIMATORS
+    name, interval, iters, options = tracking.ESTIMATORS[tracking.DEFAULT_LABEL]
+    # the row labelled as the library's default is its rule at its own budget
+    assert (name, (interval, iters), options) == (DEFAULT_ESTIMATOR, default_budget(name), {})
 
 
 def test_plan_runs_sam_the_papers_eigen_sam_and_the_best_tracker(tmp_path) -> None:

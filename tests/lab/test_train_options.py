@@ -53,7 +53,7 @@ def test_auto_alpha_and_spread_schedule_reach_the_optimizer(tmp_path):
     opt = build_optimizer(config.optimizer, Trainer(config).model)
     assert isinstance(opt, EigenSAM)
     assert opt.param_groups[0]["alpha"] == "auto" and opt.target_align == 0.3
-    assert opt.tracker.schedule == "spread"
+    assert opt.tracker.rule.name == "spread"
 
 
 @pytest.mark.parametrize(

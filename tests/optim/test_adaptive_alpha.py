@@ -99,7 +99,7 @@ def test_auto_alpha_cannot_mix_with_numeric_group_alpha():
 
 def test_spread_schedule_spends_the_same_products_per_interval():
     _, _, w, closure, q = quadratic([5.0, 2.0, 1.0, 0.5])
-    burst = EigenTracker(interval=20, iters=5)
+    burst = EigenTracker(interval=20, iters=5, method="power")
     spread = EigenTracker(interval=20, iters=5, schedule="spread")
     counts = {"burst": 0, "spread": 0}
     for step in range(60):

@@ -93,7 +93,7 @@ def test_negative_dominant_eigenvalue_is_reported_with_sign():
     """Power iteration locks on λ = −8 (largest magnitude) and says so; Lanczos finds +3."""
     spectrum = [3.0, 1.0, 0.5, -8.0]
     _, _, w, closure, q = quadratic(spectrum)
-    opt = EigenSAM([w], torch.optim.SGD, rho=RHO, eig_iters=60, lr=LR)
+    opt = EigenSAM([w], torch.optim.SGD, rho=RHO, eig_estimator="power", eig_iters=60, lr=LR)
     opt.step(closure)
     assert opt.tracker.eigenvalue == pytest.approx(-8.0, rel=1e-6)
     assert abs(float(opt.tracker.vector @ q[:, 3])) > 1 - 1e-8

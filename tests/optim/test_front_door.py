@@ -234,7 +234,7 @@ def test_signatures_forward_every_option_with_the_cores_default(cls):
         lr=0.2,
     )
     t = opt.tracker
-    assert (t.interval, t.iters, t.method, t.requested_backend, t.mode) == (
+    assert (t.interval, t.iters, t.rule.name, t.requested_backend, t.mode) == (
         7,
         3,
         "lanczos",

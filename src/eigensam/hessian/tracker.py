@@ -15,10 +15,9 @@ from eigensam.hessian.eigen import EigenResult, check_positive_int
 from eigensam.hessian.estimators import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
-    BurstLanczos,
+    PAPER_ESTIMATOR,
     Estimator,
     Products,
-    SpreadPower,
     make_estimator,
 )
 from eigensam.hessian.hvp import (
@@ -89,22 +88,61 @@ def run_with_backend(
         return run(backend), backend
 
 
+def rule_name(estimator: str | Estimator | None, method: str | None, schedule: str | None) -> str:
+    """The name of the rule that ``eig_estimator``, or ``eig_method`` and ``eig_schedule`` (the
+    paper's family, :data:`METHODS` x :data:`SCHEDULES`, at the paper's budget: ``"power"`` and
+    ``"burst"`` are ``"paper"``), describe; with none of them,
+    :data:`~eigensam.hessian.estimators.DEFAULT_ESTIMATOR`."""
+    if method is not None and method not in METHODS:
+        raise ValueError(f"eig_method must be one of {METHODS}, got {method!r}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"eig_schedule must be one of {SCHEDULES}, got {schedule!r}")
+    family = (method or "power", schedule or "burst")
+    if estimator is not None:
+        if not isinstance(estimator, str | Estimator):
+            raise TypeError(
+                f"eig_estimator must be a name in {ESTIMATORS} or an Estimator, got {estimator!r}"
+            )
+        if family != ("power", "burst"):
+            raise ValueError(
+                f"eig_estimator={estimator!r} names the rule; eig_method={method!r} and "
+                f"eig_schedule={schedule!r} describe the paper's family and must be None (or "
+                "'power' and 'burst') with it"
+            )
+        return estimator if isinstance(estimator, str) else estimator.name
+    if method is None and schedule is None:
+        return DEFAULT_ESTIMATOR
+    if family[0] == "lanczos":
+        if family[1] == "spread":
+            raise ValueError(
+                "eig_schedule='spread' needs eig_method='power' (a Lanczos basis cannot span "
+                "several Hessians), got eig_method='lanczos'"
+            )
+        return "lanczos"
+    return "spread" if family[1] == "spread" else PAPER_ESTIMATOR
+
+
 class EigenTracker:
     """Warm-started estimate ``v̂`` of the top Hessian eigenvector (paper Algorithm 2, line 3-4),
     kept up to date by a rule from :mod:`eigensam.hessian.estimators`.
 
     The rule is ``estimator``: an :class:`~eigensam.hessian.estimators.Estimator`, or the name
     of one (:data:`~eigensam.hessian.estimators.ESTIMATORS`) spending ``iters`` products every
-    ``interval`` steps. Without it, ``method`` and ``schedule`` name the paper's family:
+    ``interval`` steps (None: the rule's :func:`~eigensam.hessian.estimators.default_budget`).
+    ``method`` and ``schedule`` name the paper's family at the paper's budget (give them or
+    ``estimator``, not both kinds):
 
-    - ``method="power"``, ``schedule="burst"`` (the paper): every ``interval`` optimizer steps,
-      ``iters`` power-iteration products (paper Algorithm 1) on the current mini-batch, starting
-      from the previous ``v̂``; finds the eigenvalue of largest magnitude, which can be negative
-      early in training (``eigenvalue`` keeps the sign);
-    - ``method="lanczos"``: Lanczos with the same number of products (algebraically largest);
-    - ``schedule="spread"``: the same number of products per interval one at a time: after a
-      first full refresh, one warm power step every ``stride = max(1, interval // iters)``
-      steps, each on the batch of its own step (power method only).
+    - ``method="power"``, ``schedule="burst"``: ``"paper"``, every ``interval`` optimizer steps
+      ``iters`` power-iteration products (paper Algorithm 1) on the current mini-batch,
+      starting from the previous ``v̂``; finds the eigenvalue of largest magnitude, which can be
+      negative early in training (``eigenvalue`` keeps the sign);
+    - ``method="lanczos"``: ``"lanczos"``, warm Lanczos (algebraically largest);
+    - ``schedule="spread"``: ``"spread"``, one warm power step every
+      ``stride = max(1, interval // iters)`` steps after a first full refresh, each on the
+      batch of its own step (power method only).
+
+    With none of them, the rule is :data:`~eigensam.hessian.estimators.DEFAULT_ESTIMATOR`: the
+    paper's warm power iteration at 2 products every 40 steps.
 
     The first start vector is a random unit vector drawn from a private generator seeded with
     ``seed`` (the global RNG is not touched). ``backend`` is the Hessian-vector-product backend;
@@ -127,36 +165,22 @@ class EigenTracker:
 
     def __init__(
         self,
-        interval: int = 100,
-        iters: int = 5,
+        interval: int | None = None,
+        iters: int | None = None,
         *,
-        method: str = "power",
+        method: str | None = None,
         backend: str = AUTO,
         mode: str | None = "eval",
         seed: int = 0,
         reduce: Callable[[Tensor], Tensor] | None = None,
-        schedule: str = "burst",
+        schedule: str | None = None,
         estimator: str | Estimator | None = None,
     ):
         self.reduce = reduce
-        if method not in METHODS:
-            raise ValueError(f"eig_method must be one of {METHODS}, got {method!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"eig_schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if schedule == "spread" and method != "power":
-            raise ValueError(
-                f"eig_schedule='spread' needs eig_method='power' (a Lanczos basis cannot span "
-                f"several Hessians), got eig_method={method!r}"
-            )
-        if estimator is not None and (method, schedule) != ("power", "burst"):
-            raise ValueError(
-                f"eig_estimator={estimator!r} names the rule; eig_method={method!r} and "
-                f"eig_schedule={schedule!r} describe the paper's family and must keep their "
-                "defaults ('power', 'burst') with it"
-            )
-        self.method = method
-        self.schedule = schedule
-        self.rule = self._rule(estimator, interval, iters)
+        name = rule_name(estimator, method, schedule)
+        self.rule = (
+            estimator if isinstance(estimator, Estimator) else make_estimator(name, interval, iters)
+        )
         self.requested_backend = check_tracker_backend(backend)
         # "auto" until the first update decides (see choose_backend), then the concrete one.
         self.backend = self.requested_backend
@@ -167,22 +191,6 @@ class EigenTracker:
         self.residual: float | None = None
         self.evaluation: Evaluation | None = None
         self.num_updates = 0
-
-    def _rule(self, estimator: str | Estimator | None, interval: int, iters: int) -> Estimator:
-        if isinstance(estimator, Estimator):
-            return estimator
-        if estimator is not None:
-            if not isinstance(estimator, str):
-                raise TypeError(
-                    f"eig_estimator must be a name in {ESTIMATORS} or an Estimator, got "
-                    f"{estimator!r}"
-                )
-            return make_estimator(estimator, interval, iters)
-        if self.method == "lanczos":
-            return BurstLanczos(interval, iters)
-        if self.schedule == "spread":
-            return SpreadPower(interval, iters)
-        return make_estimator(DEFAULT_ESTIMATOR, interval, iters)
 
     @property
     def interval(self) -> int:

@@ -30,29 +30,32 @@ FREE_PRODUCTS_LOCAL = (
 
 
 class TrackedSAM(SAM):
-    """SAM plus an :class:`EigenTracker` refreshed every ``eig_interval`` steps on the current
-    batch, before the first pass (so the estimate and the step see the same dropout masks).
+    """SAM plus an :class:`EigenTracker` whose rule refreshes ``v̂`` on the current batch, before
+    the first pass (so the estimate and the step see the same dropout masks).
 
     ``hvp`` picks the Hessian-vector-product backend: ``"auto"`` (default: exact double
     backward when the model supports it, else finite differences, decided once at the first
     refresh with a warning, kept in ``state_dict``; the choice is ``tracker.backend``),
     ``"autograd"``, ``"fd-central"`` or ``"fd-forward"`` (see :mod:`eigensam.hessian.hvp`).
-    ``eig_method`` is the solver (``"power"`` as in the paper, or ``"lanczos"`` for the
-    algebraically largest eigenvalue at the same cost), ``eig_schedule`` how the products are
-    spent (``"burst"``: all every ``eig_interval`` steps, as the paper; ``"spread"``: one every
-    ``eig_interval // eig_iters`` steps), and ``hessian_mode`` the mode of ``model`` during the
-    products: ``"eval"`` (default, as the official Eigen-SAM code: the products only estimate
-    ``v̂``, and in eval mode a BatchNorm network's loss is a sum of per-sample terms, so they can
-    be summed over micro-batches) or ``"train"``. Without ``model`` the products run in whatever
-    mode the model is in and cannot protect its BatchNorm statistics.
-
     ``eig_estimator`` names the rule that keeps ``v̂`` up to date (a name from
-    :data:`~eigensam.hessian.estimators.ESTIMATORS`, spending ``eig_iters`` products every
-    ``eig_interval`` steps on average, or an :class:`~eigensam.hessian.estimators.Estimator`);
-    None (default) is the rule ``eig_method`` and ``eig_schedule`` describe (the paper's burst
-    power iteration by default). A rule on free products (``"secant"``) is handed, after every
-    second pass, ``(g(w + ε) − g(w))/‖ε‖ = H·ε̂`` (exact on a quadratic; the Hessian of the
-    passes' loss, in the model's mode during them), keeping ``g(w)`` between the passes.
+    :data:`~eigensam.hessian.estimators.ESTIMATORS` or an
+    :class:`~eigensam.hessian.estimators.Estimator`), spending ``eig_iters`` products every
+    ``eig_interval`` steps on average (None: the rule's own budget,
+    :func:`~eigensam.hessian.estimators.default_budget`). The default is the paper's rule, warm
+    power iteration on the current batch, at a shorter cycle: 2 products every 40 steps
+    (``"power"``, chosen by ``eigensam reproduce tracking``: it follows the training loss's top
+    eigenvector better than the paper's budget at fewer products); ``eig_estimator="paper"`` is
+    the paper's rule at the paper's budget, 5 products every 100 steps (Algorithm 2).
+    ``eig_method`` (``"power"``, ``"lanczos"``) and ``eig_schedule`` (``"burst"``,
+    ``"spread"``) name the paper's family at the paper's budget. A
+    rule on free products (``"secant"``) is handed, after every second pass,
+    ``(g(w + ε) − g(w))/‖ε‖ = H·ε̂`` (exact on a quadratic; the Hessian of the passes' loss, in
+    the model's mode during them), keeping ``g(w)`` between the passes. ``hessian_mode`` is the
+    mode of ``model`` during the products: ``"eval"`` (default, as the official Eigen-SAM code:
+    the products only estimate ``v̂``, and in eval mode a BatchNorm network's loss is a sum of
+    per-sample terms, so they can be summed over micro-batches) or ``"train"``. Without
+    ``model`` the products run in whatever mode the model is in and cannot protect its
+    BatchNorm statistics.
 
     ``hessian_parts`` (memory-lean exact products): when ``step(closure, batch=(x, y))`` is
     given the batch, a refresh sums the exact products of ``hessian_parts`` micro-batches
@@ -89,10 +92,10 @@ class TrackedSAM(SAM):
         rho: float = 0.05,
         alpha: float | str = 0.2,
         *,
-        eig_interval: int = 100,
-        eig_iters: int = 5,
-        eig_method: str = "power",
-        eig_schedule: str = "burst",
+        eig_interval: int | None = None,
+        eig_iters: int | None = None,
+        eig_method: str | None = None,
+        eig_schedule: str | None = None,
         eig_estimator: str | Estimator | None = None,
         hvp: str = AUTO,
         hessian_mode: str = "eval",
