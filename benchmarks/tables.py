@@ -150,16 +150,18 @@ def new_report(
 
 
 def machine_line(report: dict[str, Any]) -> str:
-    m, seconds = report["machine"], report["seconds"]
+    """Where and how a report was measured; its wall time where the report has one (a report
+    rebuilt from printed tables has none)."""
+    m, seconds = report["machine"], report.get("seconds")
     load = f"load average {m['loadavg_start'][0]:.1f} at the start"
     if "loadavg_end" in m:
         load += f", {m['loadavg_end'][0]:.1f} at the end"
     where = m["cpu"] if m["device"] == "cpu" else f"{m['device']} ({m['cpu']})"
+    wall = "" if seconds is None else f"; {seconds // 60:.0f} min {seconds % 60:.0f} s of wall time"
     return (
         f"Measured by `{report.get('command') or command(report['settings'])}` on {where} "
         f"({m['cpu_count']} CPUs, torch threads: {m['torch_threads']}), torch {m['torch']}, "
-        f"Python {m['python']}; {load}; {seconds // 60:.0f} min {seconds % 60:.0f} s of wall "
-        "time."
+        f"Python {m['python']}; {load}{wall}."
     )
 
 
