@@ -51,8 +51,9 @@ def test_every_listed_estimator_builds_and_the_paper_rows_are_the_papers_rule() 
     for label in tracking.ESTIMATORS:
         rule = tracking.make_rule(label)
         assert 1 + rule.extra_vectors + int(rule.uses_free_products) <= 4  # memory budget
-    paper = tracking.make_rule(tracking.PAPER)
-    assert isinstance(paper, BurstPower) and (paper.interval, paper.iters) == (20, 5)
+    for label, interval in zip(tracking.AGAINST, (100, 20), strict=True):
+        paper = tracking.make_rule(label)
+        assert isinstance(paper, BurstPower) and (paper.interval, paper.iters) == (interval, 5)
     name, interval, iters, options = tracking.ESTIMATORS[tracking.DEFAULT_LABEL]
     # the row labelled as the library's default is its rule at its own budget
     assert (name, (interval, iters), options) == (DEFAULT_ESTIMATOR, default_budget(name), {})
