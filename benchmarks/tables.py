@@ -177,8 +177,9 @@ def pick(rows: list[dict[str, Any]], keep: Callable[[dict[str, Any]], bool], key
 
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """The figures the guide pages quote, computed from the report's tables (SimpleCNN, the
-    paper's model; ``eigen-sam`` is the documented ``step(closure, batch=...)`` path and
-    ``/whole`` a plain closure)."""
+    paper's model; ``eigen-sam`` is the paper's rule on the documented
+    ``step(closure, batch=...)`` path, ``/whole`` the same with a plain closure and ``/default``
+    the library's default rule on the documented path)."""
     rows: list[tuple[str, str]] = []
 
     def add(label: str, values: list[float], unit: str = "×", decimals: int = 2) -> None:
@@ -197,6 +198,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         add("refresh of q = 5 products, `batch=` (4 parts)", parts, " SGD steps", 1)
         longer = [100 * (p / w - 1) for p, w in zip(parts, whole, strict=True)]
         add("refresh with `batch=` longer than with a plain closure by", longer, " %", 0)
+    if {"eigen-sam/default", "sam"} <= methods:
+        default = pick(time, lambda r: r["method"] == "eigen-sam/default", "over_sam")
+        refresh = pick(time, lambda r: r["method"] == "eigen-sam/default", "refresh_in_sgd_steps")
+        add("Eigen-SAM / SAM step time over p = 40, q = 2, the default (`batch=`)", default)
+        add("refresh of q = 2 products, the default, `batch=` (4 parts)", refresh, " SGD steps", 1)
     memory = report.get("memory", [])
     if memory:
         whole = pick(memory, lambda r: r["method"] == "eigen-sam/whole", "over_sam")

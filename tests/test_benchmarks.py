@@ -61,6 +61,7 @@ def test_summary_spans_the_rows_it_names():
             ("sam", 1.0, 0.0),
             ("eigen-sam", 1.081, 15.0),
             ("eigen-sam/whole", 1.04, 10.0),
+            ("eigen-sam/default", 1.034, 6.0),
         ]
     ]
     rows += [{**rows[1], "over_sam": 1.069, "refresh_in_sgd_steps": 12.0}]
@@ -68,3 +69,6 @@ def test_summary_spans_the_rows_it_names():
     summary = dict(tables.summary_rows({"time": rows}))
     assert summary["Eigen-SAM / SAM step time over p = 100, q = 5 (`batch=`)"] == "1.07-1.08×"
     assert summary["refresh with `batch=` longer than with a plain closure by"] == "20-50 %"
+    default = "Eigen-SAM / SAM step time over p = 40, q = 2, the default (`batch=`)"
+    assert summary[default] == "1.03×"  # one row: one value, no span
+    assert summary["refresh of q = 2 products, the default, `batch=` (4 parts)"] == "6.0 SGD steps"
