@@ -46,6 +46,7 @@ from eigensam.hessian.estimators import (
     Estimator,
     Products,
     Secant,
+    default_budget,
     make_estimator,
 )
 from eigensam.hessian.tracker import EigenTracker
@@ -276,6 +277,8 @@ def test_bad_argument_types_and_options() -> None:
         EigenTracker(method="lanczos", schedule="spread")
     with pytest.raises(ValueError, match="eig_method must be one of"):
         EigenTracker(method="arnoldi")
+    with pytest.raises(ValueError, match="eig_estimator must be one of .* got 'oja'"):
+        default_budget("oja")
 
 
 @pytest.mark.parametrize(

@@ -416,7 +416,10 @@ BUDGETS = {DEFAULT_ESTIMATOR: (40, 2)}
 
 
 def default_budget(name: str) -> tuple[int, int]:
-    """``(interval, iters)`` of the rule ``name`` when they are not given."""
+    """``(interval, iters)`` of the rule ``name`` (one of :data:`ESTIMATORS`) when they are not
+    given."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"eig_estimator must be one of {ESTIMATORS}, got {name!r}")
     return BUDGETS.get(name, PAPER_BUDGET)
 
 
@@ -438,8 +441,6 @@ def make_estimator(
         "secant-only": lambda i, q, **o: Secant(None, q, **o),
         "adaptive": AdaptiveRefresh,
     }
-    if name not in rules:
-        raise ValueError(f"eig_estimator must be one of {ESTIMATORS}, got {name!r}")
     default_interval, default_iters = default_budget(name)
     interval = default_interval if interval is None else interval
     iters = default_iters if iters is None else iters
